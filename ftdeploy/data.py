@@ -1,0 +1,242 @@
+"""Datasets (a registry): the embedded ``digits``, the user's ``imagefolder``, torchvision's built-in
+datasets as ``torchvision:<Class>`` and ``synthetic`` for tests.
+
+Every builder returns :class:`DatasetSplits` whose items are ``(float tensor C×H×W, label)``,
+preprocessed by :func:`ftdeploy.preprocessing.preprocess`, the same function the server uses.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import DataConfig
+from .errors import DataError
+from .preprocessing import Preprocessing, preprocess, to_mode
+from .registry import Registry
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+datasets: Registry[Callable[[DataConfig, Preprocessing], "DatasetSplits"]] = Registry("dataset", DataError)
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Images produced by ``load(i)`` and preprocessed on access (or once, when ``cache`` is set)."""
+
+    def __init__(self, load: Callable[[int], Image.Image], labels: list[int], spec: Preprocessing,
+                 augment: bool = False, cache: bool = False):
+        self.load, self.labels, self.spec = load, list(labels), spec
+        self.augment = _augmentation(spec) if augment else None
+        self.cached = None
+        if cache and not augment:
+            self.cached = torch.from_numpy(np.stack([self._array(i) for i in range(len(self.labels))]))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def _array(self, i: int) -> np.ndarray:
+        img = self.load(i)
+        if self.augment is not None:
+            img = self.augment(to_mode(img, self.spec.channels))
+        return preprocess(img, self.spec)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        x = self.cached[i] if self.cached is not None else torch.from_numpy(self._array(i))
+        return x, self.labels[i]
+
+
+def _augmentation(spec: Preprocessing):
+    from torchvision.transforms import v2
+
+    return v2.Compose([v2.RandomResizedCrop(spec.input_size, scale=(0.35, 1.0), antialias=True),
+                       v2.RandomHorizontalFlip()])
+
+
+@dataclass
+class DatasetSplits:
+    train: ImageDataset
+    val: ImageDataset
+    classes: list[str]
+    name: str
+    skipped: list[str] = field(default_factory=list)  # unreadable files left out (on_corrupt=skip)
+
+
+def build_datasets(cfg: DataConfig, spec: Preprocessing) -> DatasetSplits:
+    """Build the train/val splits named by ``cfg.name``.
+
+    >>> from ftdeploy.config import DataConfig
+    >>> spec = Preprocessing(16, 16, 3, (0.5,) * 3, (0.5,) * 3)
+    >>> splits = build_datasets(DataConfig(name="synthetic", num_samples=20), spec)
+    >>> len(splits.train) + len(splits.val), splits.train[0][0].shape
+    (20, torch.Size([3, 16, 16]))
+    """
+    builder = datasets.get("torchvision" if cfg.name.startswith("torchvision:") else cfg.name)
+    return builder(cfg, spec)
+
+
+def stratified_split(labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(labels))
+    try:
+        train, val = train_test_split(idx, test_size=fraction, stratify=labels, random_state=seed)
+    except ValueError:  # a class too small to stratify: fall back to a plain seeded split
+        train, val = train_test_split(idx, test_size=fraction, random_state=seed)
+    return sorted(train.tolist()), sorted(val.tolist())
+
+
+def _split_in_memory(images: list[Image.Image], labels: list[int], classes: list[str], cfg: DataConfig,
+                     spec: Preprocessing) -> DatasetSplits:
+    train_idx, val_idx = stratified_split(labels, cfg.val_fraction, cfg.split_seed)
+
+    def part(idx: list[int], augment: bool) -> ImageDataset:
+        return ImageDataset(lambda i: images[idx[i]], [labels[i] for i in idx], spec, augment=augment, cache=True)
+
+    return DatasetSplits(part(train_idx, cfg.augment), part(val_idx, False), classes, cfg.name)
+
+
+@datasets.register("digits")
+def digits(cfg: DataConfig, spec: Preprocessing) -> DatasetSplits:
+    """scikit-learn's bundled handwritten digits: 1,797 real 8×8 grayscale images, 10 classes."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = [Image.fromarray((a * (255 / 16)).round().astype(np.uint8), mode="L") for a in bunch.images]
+    return _split_in_memory(images, bunch.target.tolist(), [str(c) for c in range(10)], cfg, spec)
+
+
+@datasets.register("synthetic")
+def synthetic(cfg: DataConfig, spec: Preprocessing) -> DatasetSplits:
+    """Noisy images whose mean colour depends on the class: learnable in a few steps, every image unique."""
+    rng = np.random.default_rng(cfg.split_seed)
+    centers = rng.uniform(40, 215, size=(cfg.num_classes, 3))
+    labels = [i % cfg.num_classes for i in range(cfg.num_samples)]
+    images = []
+    for label in labels:
+        pixels = centers[label] + rng.normal(0, 25, size=(cfg.image_size, cfg.image_size, 3))
+        images.append(Image.fromarray(pixels.clip(0, 255).astype(np.uint8), mode="RGB"))
+    classes = [f"class_{i}" for i in range(cfg.num_classes)]
+    return _split_in_memory(images, labels, classes, cfg, spec)
+
+
+def _scan_folder(root: Path, classes: list[str] | None = None) -> tuple[list[Path], list[int], list[str]]:
+    if not root.is_dir():
+        raise DataError(f"dataset folder {str(root)!r} does not exist",
+                        "set data.root to a folder laid out as root/<class>/<image>.png")
+    found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    classes = classes or found
+    if not classes:
+        raise DataError(f"{root} has no class sub-folders", "lay the images out as root/<class>/<image>.png")
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise DataError(f"{root} has classes that the training folder lacks: {', '.join(unknown)}")
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        for p in sorted((root / name).rglob("*")):
+            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
+                paths.append(p)
+                labels.append(label)
+    if not paths:
+        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+    return paths, labels, classes
+
+
+def load_image(path: Path) -> Image.Image:
+    """Open and fully decode one image, or raise a DataError naming the file."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"cannot read image {path}: {e}",
+                        "fix or delete the file, or set data.on_corrupt=skip to leave unreadable files out") from None
+
+
+def _verify(paths: list[Path], labels: list[int], on_corrupt: str) -> tuple[list[Path], list[int], list[str]]:
+    """Decode every file once up front so that a bad file stops the run before training, not mid-epoch."""
+    from tqdm.auto import tqdm
+
+    good_paths, good_labels, skipped = [], [], []
+    for path, label in zip(tqdm(paths, desc="checking images", unit="img", leave=False, mininterval=1), labels):
+        try:
+            load_image(path)
+        except DataError:
+            if on_corrupt == "error":
+                raise
+            skipped.append(str(path))
+            continue
+        good_paths.append(path)
+        good_labels.append(label)
+    return good_paths, good_labels, skipped
+
+
+@datasets.register("imagefolder")
+def imagefolder(cfg: DataConfig, spec: Preprocessing) -> DatasetSplits:
+    """The user's own images: ``root/<class>/*.png`` with a split, or a separate ``val_root``."""
+    paths, labels, classes = _scan_folder(Path(cfg.root))
+    paths, labels, skipped = _verify(paths, labels, cfg.on_corrupt)
+    if cfg.val_root is not None:
+        val_paths, val_labels, _ = _scan_folder(Path(cfg.val_root), classes)
+        val_paths, val_labels, val_skipped = _verify(val_paths, val_labels, cfg.on_corrupt)
+        skipped += val_skipped
+        train_idx, val_idx = list(range(len(paths))), None
+    else:
+        train_idx, val_idx = stratified_split(labels, cfg.val_fraction, cfg.split_seed)
+        val_paths, val_labels = [paths[i] for i in val_idx], [labels[i] for i in val_idx]
+    train_paths = [paths[i] for i in train_idx]
+    train = ImageDataset(lambda i: load_image(train_paths[i]), [labels[i] for i in train_idx], spec, cfg.augment)
+    val = ImageDataset(lambda i: load_image(val_paths[i]), val_labels, spec)
+    return DatasetSplits(train, val, classes, cfg.name, skipped)
+
+
+@datasets.register("torchvision")
+def torchvision_dataset(cfg: DataConfig, spec: Preprocessing) -> DatasetSplits:
+    """``torchvision:<Class>`` for torchvision's built-in datasets (CIFAR10, MNIST, FashionMNIST, ...)."""
+    import torchvision.datasets as tvd
+
+    cls_name = cfg.name.split(":", 1)[1]
+    known = sorted(n for n in getattr(tvd, "__all__", dir(tvd)) if n[:1].isupper())
+    cls = getattr(tvd, cls_name, None)
+    if cls is None:
+        from .registry import suggest
+
+        raise DataError(f"unknown torchvision dataset {cls_name!r}", suggest(cls_name, known))
+    root = Path(cfg.root or "data")
+    params = inspect.signature(cls).parameters
+
+    def split(train: bool):
+        kwargs = {"download": cfg.download} if "download" in params else {}
+        if "train" in params:
+            kwargs["train"] = train
+        elif "split" in params:
+            kwargs["split"] = "train" if train else "test"
+        try:
+            return cls(str(root), **kwargs)
+        except RuntimeError as e:  # torchvision: "Dataset not found or corrupted ..."
+            raise DataError(f"{cls_name} not found under {root}: {e}",
+                            "set data.download=true (needs network) or put the files in data.root") from None
+        except OSError as e:  # URLError and socket errors when downloading offline
+            raise DataError(f"could not download {cls_name} to {root}: {e}",
+                            "check the network, or download the files elsewhere and put them in data.root") from None
+
+    train_set, val_set = split(True), split(False)
+    classes = [str(c) for c in getattr(train_set, "classes", [])] or [
+        str(c) for c in sorted(set(int(t) for t in _targets(train_set)))]
+
+    def part(ds, augment: bool) -> ImageDataset:
+        return ImageDataset(lambda i: ds[i][0], [int(t) for t in _targets(ds)], spec, augment=augment)
+
+    return DatasetSplits(part(train_set, cfg.augment), part(val_set, False), classes, cfg.name)
+
+
+def _targets(ds) -> list:
+    for attr in ("targets", "labels", "_labels"):
+        if hasattr(ds, attr):
+            return list(getattr(ds, attr))
+    return [ds[i][1] for i in range(len(ds))]

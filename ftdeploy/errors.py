@@ -1,0 +1,46 @@
+"""Typed errors. Each carries what went wrong and how to fix it; the CLI prints one line for them."""
+
+
+class FtdeployError(Exception):
+    """Base class for errors caused by user input or the environment, not by a bug."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+class ConfigError(FtdeployError):
+    """A config file or override is invalid."""
+
+
+class DataError(FtdeployError):
+    """A dataset cannot be found, read or decoded."""
+
+
+class ModelError(FtdeployError):
+    """A model or its weights cannot be built or loaded."""
+
+
+class RunDirError(FtdeployError):
+    """A run directory is missing or incomplete."""
+
+
+class DependencyError(FtdeployError):
+    """An optional dependency is not installed."""
+
+
+class ExportError(FtdeployError):
+    """A model cannot be exported to ONNX."""
+
+
+class GateError(FtdeployError):
+    """A validation gate failed; ``failures`` lists every failed check."""
+
+    def __init__(self, failures: list[str], report_path: str | None = None):
+        where = f"; report written to {report_path}" if report_path else ""
+        super().__init__(f"{len(failures)} gate check(s) failed{where}:\n  " + "\n  ".join(failures))
+        self.failures = failures

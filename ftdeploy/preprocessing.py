@@ -1,0 +1,72 @@
+"""Image preprocessing shared by training, validation, export and serving.
+
+It depends on numpy and Pillow only, so the torch-free server applies exactly the transform the
+model was trained with: the spec is stored in the run directory and in the ONNX metadata.
+
+>>> from PIL import Image
+>>> spec = Preprocessing(input_size=32, resize_size=32, channels=3, mean=(0.5,) * 3, std=(0.5,) * 3)
+>>> preprocess(Image.new("L", (8, 8), 255), spec).shape
+(3, 32, 32)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_RESAMPLE = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Resize the shorter side to ``resize_size``, center-crop ``input_size``, scale to [0, 1], normalize."""
+
+    input_size: int
+    resize_size: int
+    channels: Literal[1, 3]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str = "bilinear"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "Preprocessing":
+        d = json.loads(text)
+        return cls(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.input_size, self.input_size)
+
+
+def to_mode(img: Image.Image, channels: int) -> Image.Image:
+    """Grayscale, palette and alpha images become ``channels``-channel images; alpha is composited on white."""
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("L" if channels == 1 else "RGB")
+
+
+def preprocess(img: Image.Image, spec: Preprocessing) -> np.ndarray:
+    """One PIL image -> a float32 array of shape ``spec.input_shape``."""
+    img = to_mode(img, spec.channels)
+    w, h = img.size
+    scale = spec.resize_size / min(w, h)
+    new_w, new_h = max(spec.input_size, round(w * scale)), max(spec.input_size, round(h * scale))
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), _RESAMPLE[spec.interpolation])
+    left, top = (new_w - spec.input_size) // 2, (new_h - spec.input_size) // 2
+    img = img.crop((left, top, left + spec.input_size, top + spec.input_size))
+    x = np.asarray(img, dtype=np.float32) / 255.0
+    x = x[:, :, None] if x.ndim == 2 else x
+    x = (x - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
