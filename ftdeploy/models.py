@@ -30,6 +30,16 @@ class BuiltModel:
     model: nn.Module
     head_name: str  # dotted path of the classifier layer that was replaced
     defaults: dict  # preprocessing that matches the weights: mean, std, input_size, resize_size, interpolation
+    checkpoint_head: dict | None = None  # head tensors of a local checkpoint, kept for set_classes
+
+    def set_classes(self, num_classes: int) -> None:
+        """Give the model a ``num_classes``-way head: the checkpoint's when it fits, else a fresh one."""
+        replace_head(self.model, self.head_name, num_classes)
+        if self.checkpoint_head:
+            head = self.model.get_submodule(self.head_name)
+            own = head.state_dict()
+            if all(k in own and own[k].shape == v.shape for k, v in self.checkpoint_head.items()):
+                head.load_state_dict(self.checkpoint_head)
 
 
 families: Registry[Callable[[str, str], BuiltModel]] = Registry("model family", ModelError)
@@ -52,7 +62,7 @@ def build_model(cfg: ModelConfig, num_classes: int | None) -> BuiltModel:
     if local:
         _load_checkpoint(built, local)
     if num_classes is not None:
-        replace_head(built.model, built.head_name, num_classes)
+        built.set_classes(num_classes)
     return built
 
 
@@ -96,8 +106,9 @@ def _load_checkpoint(built: BuiltModel, path: Path) -> None:
                                               ("unexpected", unexpected)) if keys)
         raise ModelError(f"checkpoint {path} does not fit the model ({detail})",
                          "pass a checkpoint of the same architecture as model.name")
-    head_sd = {k: v for k, v in sd.items() if k.startswith(head) and own.get(k) is not None and own[k].shape == v.shape}
-    built.model.load_state_dict({**body, **head_sd}, strict=False)
+    built.model.load_state_dict(body, strict=False)
+    built.checkpoint_head = {k[len(head):]: v for k, v in sd.items() if k.startswith(head)}
+    built.set_classes(_head_outputs(built.model.get_submodule(built.head_name)))
 
 
 def replace_head(model: nn.Module, head_name: str, num_classes: int) -> None:
@@ -167,8 +178,11 @@ def torchvision_model(arch: str, weights: str) -> BuiltModel:
 
 
 def _num_outputs(model: nn.Module) -> int:
-    last = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
-    return last.out_features if isinstance(last, nn.Linear) else last.out_channels
+    return _head_outputs([m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1])
+
+
+def _head_outputs(layer: nn.Module) -> int:
+    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
 
 
 @families.register("timm")

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from .config import PipelineConfig, PreprocessingConfig
 from .data import DatasetSplits, build_datasets
 from .errors import ConfigError, DependencyError
-from .models import BuiltModel, build_model, replace_head, split_parameters
+from .models import BuiltModel, build_model, split_parameters
 from .preprocessing import Preprocessing
 from .rundir import WEIGHTS, manifest, write_json, write_run_files
 
@@ -189,7 +189,7 @@ def train(cfg: PipelineConfig, resume: bool = False, callbacks: Iterable[Callbac
         built = build_model(cfg.model, num_classes=None)
     spec = resolve_preprocessing(cfg.preprocessing, built.defaults)
     splits = build_datasets(cfg.data, spec)
-    replace_head(built.model, built.head_name, len(splits.classes))
+    built.set_classes(len(splits.classes))
     if splits.skipped:
         accelerator.print(f"skipped {len(splits.skipped)} unreadable image(s), e.g. {splits.skipped[0]}")
     if accelerator.is_main_process:
@@ -244,7 +244,7 @@ def train(cfg: PipelineConfig, resume: bool = False, callbacks: Iterable[Callbac
         train_seconds = time.perf_counter() - t0
         val_accuracy = evaluate(accelerator, trained, val_loader)
         record = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, seen), "val_accuracy": val_accuracy,
-                  "lr": scheduler.get_last_lr()[0],
+                  "lr": scheduler.get_last_lr()[0], "train_seconds": train_seconds,
                   "train_images_per_second": seen * accelerator.num_processes / train_seconds}
         state.history.append(record)
         state.epoch = epoch
