@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import click
 import typer
 
 from .errors import FtdeployError
@@ -51,6 +50,87 @@ def run(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = Set
     run_pipeline(_config(config, overrides, output_dir), resume=resume)
 
 
+def _csv_ints(value: Optional[str], option: str) -> Optional[list[int]]:
+    if value is None:
+        return None
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{option} takes comma-separated integers, e.g. 1,8,32, not {value!r}") from None
+
+
+def _export_config(**given):
+    from .config import ExportConfig, validate_section
+
+    return validate_section(ExportConfig, {k: v for k, v in given.items() if v is not None}, "export options")
+
+
+ThreadsOpt = typer.Option(None, "--threads", help="intra-op threads for latency (default: physical cores)")
+AtolOpt = typer.Option(None, "--atol", help="FP32 parity gate: max |logit diff| vs PyTorch [default: 1e-4]")
+BatchOpt = typer.Option(None, "--batch-sizes", help="latency batch sizes, comma-separated [default: 1,32]")
+
+
+@app.command()
+def export(run_dir: Path = typer.Argument(..., help="a run directory written by train or prune"),
+           output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="[default: RUN_DIR/export]"),
+           opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset [default: 18]"),
+           exporter: Optional[str] = typer.Option(None, "--exporter", help="auto | dynamo | torchscript [default: auto]"),
+           atol: Optional[float] = AtolOpt, batch_sizes: Optional[str] = BatchOpt, threads: Optional[int] = ThreadsOpt,
+           parity_batch_sizes: Optional[str] = typer.Option(None, "--parity-batch-sizes", help="[default: 1,7]")) -> None:
+    """Export RUN_DIR to ONNX, check parity with PyTorch on its validation data, measure latency."""
+    from .export import export_run
+
+    cfg = _export_config(opset=opset, exporter=exporter, atol=atol, threads=threads,
+                         batch_sizes=_csv_ints(batch_sizes, "--batch-sizes"),
+                         parity_batch_sizes=_csv_ints(parity_batch_sizes, "--parity-batch-sizes"))
+    out = output_dir or Path(run_dir) / "export"
+    export_run(run_dir, out, cfg)
+    typer.echo((out / "report.md").read_text())
+    typer.echo(f"ONNX file: {out / 'model.onnx'}\nreport: {out / 'report.json'}")
+
+
+@app.command()
+def validate(model: Path = typer.Argument(..., help="an ONNX file written by ftdeploy export"),
+             run_dir: Path = typer.Option(..., "--run", help="the run directory it was exported from"),
+             output_dir: Path = typer.Option(..., "--output-dir", "-o", help="where report.json/.md go"),
+             atol: Optional[float] = AtolOpt, batch_sizes: Optional[str] = BatchOpt,
+             threads: Optional[int] = ThreadsOpt) -> None:
+    """Re-run the parity and latency gates on an existing ONNX file."""
+    from .export import revalidate
+
+    revalidate(model, run_dir, output_dir, _export_config(atol=atol, threads=threads,
+                                                          batch_sizes=_csv_ints(batch_sizes, "--batch-sizes")))
+    typer.echo((Path(output_dir) / "report.md").read_text())
+
+
+@app.command()
+def bench(model: Path = typer.Argument(..., help="an ONNX file"),
+          batch_sizes: str = typer.Option("1,8,32", "--batch-sizes", help="comma-separated batch sizes"),
+          threads: Optional[str] = typer.Option(None, "--threads", help="comma-separated thread counts [default: physical cores]"),
+          seconds: float = typer.Option(1.5, "--seconds", help="timed seconds per cell, after warm-up"),
+          as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table")) -> None:
+    """ONNX Runtime latency (p50/p90/p99) and throughput over a batch-size x threads grid."""
+    import json
+
+    from .latency import bench_grid, format_table
+    from .machine import machine_info, physical_cores
+
+    if not model.is_file():
+        raise typer.BadParameter(f"{model} does not exist", param_hint="MODEL")
+    thread_list = _csv_ints(threads, "--threads") or [physical_cores()]
+    rows = bench_grid(model, _csv_ints(batch_sizes, "--batch-sizes"), thread_list, min_seconds=seconds)
+    if as_json:
+        typer.echo(json.dumps({"model": str(model), "machine": machine_info(), "results": rows}, indent=2))
+        return
+    typer.echo(format_table(rows, [("threads", "threads", "d"), ("batch_size", "batch", "d"), ("p50", "p50 ms", ".2f"),
+                                   ("p90", "p90 ms", ".2f"), ("p99", "p99 ms", ".2f"), ("throughput", "items/s", ".1f"),
+                                   ("iterations", "iterations", "d")]))
+
+
+# Recent typer vendors click under its own name; older ones use click itself. Catch whichever is live.
+_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
 def main(argv: list[str] | None = None) -> None:
     command = typer.main.get_command(app)
     try:
@@ -58,10 +138,10 @@ def main(argv: list[str] | None = None) -> None:
     except FtdeployError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
-    except click.exceptions.Abort:
+    except typer.Abort:
         typer.echo("aborted", err=True)
         sys.exit(130)
-    except click.ClickException as e:
+    except _CLICK_ERROR as e:
         e.show()
         sys.exit(e.exit_code)
     except KeyboardInterrupt:

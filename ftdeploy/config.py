@@ -11,7 +11,7 @@ A stage runs in ``ftdeploy run`` when its section is present in the config.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -80,6 +80,23 @@ class TrainConfig(Section):
     progress: bool = True
 
 
+class ExportConfig(Section):
+    """ONNX export and its validation gates (``ftdeploy export``; in ``ftdeploy run`` when present)."""
+
+    output_dir: Path | None = Field(None, description="where model.onnx and report.* go (default: <run>/export)")
+    opset: int = Field(18, ge=13, le=23)
+    exporter: Literal["auto", "dynamo", "torchscript"] = Field(
+        "auto", description="auto: the dynamo exporter, falling back to TorchScript when it fails")
+    optimization: Literal["none", "basic", "extended"] = Field(
+        "extended", description="onnxruntime graph optimizations applied offline to the shipped file")
+    atol: float = Field(1e-4, gt=0, description="FP32 gate: max |logit difference| against PyTorch")
+    parity_batch_sizes: list[int] = Field([1, 7], min_length=1, description="batch sizes the parity runs at")
+    parity_samples: int = Field(2000, ge=1, description="validation images compared (at most)")
+    batch_sizes: list[int] = Field([1, 32], min_length=1, description="latency batch sizes")
+    threads: int | None = Field(None, ge=1, description="intra-op threads (default: physical cores)")
+    latency_seconds: float = Field(1.5, gt=0, description="timed seconds per measurement (after warm-up)")
+
+
 class PipelineConfig(Section):
     name: str = "run"
     output_dir: Path = Path("runs/run")
@@ -87,6 +104,7 @@ class PipelineConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     preprocessing: PreprocessingConfig = Field(default_factory=PreprocessingConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    export: ExportConfig | None = None
 
     @model_validator(mode="after")
     def _check_data(self) -> "PipelineConfig":
@@ -114,8 +132,13 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 
 def validate_config(raw: dict[str, Any], source: str = "config") -> PipelineConfig:
+    return validate_section(PipelineConfig, raw, source)
+
+
+def validate_section(model: type[BaseModel], raw: dict[str, Any], source: str) -> Any:
+    """Validate one section (e.g. from command-line options) with the same error messages."""
     try:
-        return PipelineConfig.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(f"invalid {source}: " + "; ".join(describe_error(err) for err in e.errors())) from None
 
@@ -150,9 +173,11 @@ def section_fields(loc: tuple) -> list[str]:
     for part in loc:
         field = model.model_fields.get(str(part))
         annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        candidates = [annotation, *get_args(annotation)]  # Optional sections: Section | None
+        section = next((a for a in candidates if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if section is None:
             break
-        model = annotation
+        model = section
     return list(model.model_fields)
 
 

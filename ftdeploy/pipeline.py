@@ -13,4 +13,22 @@ def run_pipeline(cfg: PipelineConfig, resume: bool = False) -> dict[str, Path]:
 
     artifacts = {"train": train(cfg, resume=resume)}
     print(f"fine-tuned run: {artifacts['train']}")
+    if cfg.export is not None and _is_main_process():
+        from .export import export_run
+
+        out = cfg.export.output_dir or artifacts["train"] / "export"
+        try:
+            export_run(artifacts["train"], out, cfg.export)
+        finally:  # the report is written even when a gate fails: show it
+            if (out / "report.md").is_file():
+                print((out / "report.md").read_text())
+        artifacts["onnx"] = out / "model.onnx"
+        print(f"ONNX file: {artifacts['onnx']}\nreport: {out / 'report.json'}")
     return artifacts
+
+
+def _is_main_process() -> bool:
+    """Under accelerate launch/torchrun, only rank 0 runs the single-process stages."""
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0

@@ -39,3 +39,14 @@ def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "tiny"
     train(tiny_config(out))
     return out
+
+
+FAST_EXPORT = {"batch_sizes": [1, 4], "latency_seconds": 0.05, "parity_samples": 64}
+
+
+def make_run(out: Path, model: str = "torchvision:resnet18", *overrides: str) -> Path:
+    """One epoch of a real model on synthetic 32×32 images: a run directory to export."""
+    from ftdeploy.train import train
+
+    return train(tiny_config(out, f"model.name={model}", "preprocessing.input_size=32", "data.image_size=32",
+                             "train.epochs=1", *overrides))

@@ -1,0 +1,254 @@
+"""Export a run to ONNX and validate it in onnxruntime: parity with PyTorch on real data, latency.
+
+``export_run`` writes ``OUT/model.onnx`` (checked, shape-inferred, optimized offline by
+onnxruntime, carrying class names and preprocessing in its metadata), then ``OUT/report.json`` and
+``OUT/report.md``. Every gate failure is collected, the report is written, then one
+:class:`~ftdeploy.errors.GateError` lists them all.
+
+>>> report = export_run("runs/digits", "runs/digits/export")  # doctest: +SKIP
+>>> report["gates"]["passed"]  # doctest: +SKIP
+True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__
+from .config import ExportConfig
+from .errors import ExportError, GateError
+from .latency import LatencyStats, measure, ort_runner, ort_session, tile_batch
+from .machine import machine_info, physical_cores
+from .onnx_model import write_metadata
+from .rundir import Run, load_run, write_json
+
+TWO_GB = 2**31 - 2**24  # protobuf's hard limit, less a margin for the graph itself
+INPUT, OUTPUT = "input", "logits"
+
+
+def export_onnx(model: torch.nn.Module, sample: torch.Tensor, path: Path, opset: int = 18,
+                exporter: str = "auto") -> tuple[str, str | None]:
+    """Export with a dynamic batch axis; returns (exporter used, why dynamo was not used)."""
+    model = model.eval()
+    dynamo_error = None
+    if exporter in ("auto", "dynamo"):
+        try:
+            _quiet(lambda: torch.onnx.export(
+                model, (sample,), str(path), dynamo=True, opset_version=opset, input_names=[INPUT],
+                output_names=[OUTPUT], dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},),
+                external_data=_too_big(model)))
+            return "dynamo", None
+        except Exception as e:  # the dynamo exporter raises many types; the fallback decides
+            dynamo_error = e
+            if exporter == "dynamo":
+                raise _export_error(model, e) from None
+    try:
+        _quiet(lambda: torch.onnx.export(
+            model, (sample,), str(path), dynamo=False, opset_version=opset, input_names=[INPUT],
+            output_names=[OUTPUT], dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}}))
+    except Exception as e:
+        raise _export_error(model, e, dynamo_error) from None
+    return "torchscript", _first_line(dynamo_error) if dynamo_error else None
+
+
+def _quiet(fn) -> None:
+    """The exporters print progress and deprecation chatter; keep it out of the user's terminal."""
+    import warnings
+
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fn()
+
+
+def _too_big(model: torch.nn.Module) -> bool:
+    return sum(p.numel() * p.element_size() for p in model.state_dict().values()) > TWO_GB
+
+
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
+
+
+_OP_PATTERNS = (r"No ONNX function found for <OpOverload\(op='([\w.:]+)'", r"target=torch\.ops\.([\w.]+?)\.default",
+                r"unrecognized namespace ([\w:]+)", r"Exporting the operator '?([\w:]+)'? to ONNX")
+
+
+def _export_error(model: torch.nn.Module, *errors: BaseException | None) -> ExportError:
+    text = "\n".join(str(e) for e in errors if e is not None)
+    ops = sorted({m for pattern in _OP_PATTERNS for m in re.findall(pattern, text)})
+    name = type(model).__name__
+    if ops:
+        return ExportError(f"cannot export {name} to ONNX: no ONNX translation for operator(s) {', '.join(ops)}",
+                           "replace the op with supported ones, or register an ONNX translation for it")
+    return ExportError(f"cannot export {name} to ONNX: " + "; ".join(_first_line(e) for e in errors if e is not None))
+
+
+def finalize(raw: Path, out: Path, metadata: dict[str, Any], optimization: str = "extended") -> None:
+    """Check the raw export, apply onnxruntime's graph optimizations offline, store the metadata."""
+    import onnx
+    import onnxruntime as ort
+
+    try:
+        onnx.checker.check_model(str(raw), full_check=True)
+        onnx.shape_inference.infer_shapes_path(str(raw))
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise ExportError(f"the exported graph is not valid ONNX: {_first_line(e)}") from None
+    large = sum(f.stat().st_size for f in raw.parent.iterdir()) > TWO_GB
+    optimized = raw.with_name("optimized.onnx")
+    if optimization == "none":
+        shutil.copy(raw, optimized)
+    else:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                                         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED}[optimization]
+        opts.optimized_model_filepath = str(optimized)
+        if large:
+            opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.onnx.data")
+        ort.InferenceSession(str(raw), opts, providers=["CPUExecutionProvider"])
+    model = onnx.load(str(optimized))
+    write_metadata(model, metadata)
+    for stale in (out, out.with_name(out.name + ".data")):
+        stale.unlink(missing_ok=True)
+    onnx.save_model(model, str(out), save_as_external_data=large, all_tensors_to_one_file=True,
+                    location=out.name + ".data")
+
+
+def onnx_metadata(run: Run, variant: str) -> dict[str, Any]:
+    return {"classes": run.classes, "preprocessing": run.preprocessing.__dict__, "variant": variant,
+            "source_run": str(run.path), "model": run.architecture["name"], "version": __version__,
+            "val_accuracy": run.metrics.get("val_accuracy")}
+
+
+def validation_arrays(run: Run, limit: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """The run's validation images, preprocessed as in training, as (inputs, labels, split name)."""
+    from .data import build_datasets
+
+    val = build_datasets(run.config.data, run.preprocessing).val
+    n = min(limit, len(val))
+    xs, ys = zip(*(val[i] for i in range(n)))
+    return torch.stack(xs).numpy(), np.asarray(ys), "val"
+
+
+def batched(fn, inputs: np.ndarray, batch_size: int) -> np.ndarray:
+    return np.concatenate([fn(inputs[i:i + batch_size]) for i in range(0, len(inputs), batch_size)])
+
+
+def torch_predictor(model: torch.nn.Module):
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.from_numpy(x)).numpy()
+
+    return run
+
+
+def onnx_predictor(session):
+    name = session.get_inputs()[0].name
+    return lambda x: session.run(None, {name: x})[0]
+
+
+def parity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
+    """Logit agreement of two models on the same inputs."""
+    diff = np.abs(reference.astype(np.float64) - candidate.astype(np.float64))
+    num = (reference * candidate).sum(-1)
+    den = np.linalg.norm(reference, axis=-1) * np.linalg.norm(candidate, axis=-1)
+    cosine = num / np.maximum(den, 1e-12)
+    return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()), "cosine": float(cosine.mean()),
+            "min_cosine": float(cosine.min()),
+            "top1_agreement": float((reference.argmax(-1) == candidate.argmax(-1)).mean())}
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float((logits.argmax(-1) == labels).mean())
+
+
+def latency(runner_for_batch, samples: np.ndarray, cfg: ExportConfig) -> dict[str, Any]:
+    stats: dict[str, LatencyStats] = {}
+    for bs in cfg.batch_sizes:
+        stats[str(bs)] = measure(runner_for_batch(tile_batch(samples, bs)), bs, min_seconds=cfg.latency_seconds)
+    return {"latency_ms": {k: {"p50": s.p50, "p90": s.p90, "p99": s.p99} for k, s in stats.items()},
+            "throughput": {k: s.throughput for k, s in stats.items()},
+            "iterations": {k: s.iterations for k, s in stats.items()}}
+
+
+def logits_at_batch_sizes(predict, inputs: np.ndarray, batch_sizes: list[int]) -> list[np.ndarray]:
+    return [batched(predict, inputs, bs) for bs in batch_sizes]
+
+
+def validate(onnx_path: Path, run: Run, out: Path, cfg: ExportConfig, exporter: str | None = None,
+             fallback_reason: str | None = None) -> dict[str, Any]:
+    """Parity and latency of ``onnx_path`` against the run's PyTorch model; writes report.json/.md."""
+    from .report import write_report
+
+    threads = cfg.threads or physical_cores()
+    torch.set_num_threads(threads)
+    inputs, labels, split = validation_arrays(run, cfg.parity_samples)
+    model = run.load_model()
+    session = ort_session(onnx_path, threads)
+
+    torch_logits = logits_at_batch_sizes(torch_predictor(model), inputs, cfg.parity_batch_sizes)
+    onnx_logits = logits_at_batch_sizes(onnx_predictor(session), inputs, cfg.parity_batch_sizes)
+    fp32_parity = parity(np.concatenate(torch_logits), np.concatenate(onnx_logits))
+    fp32_parity.update(reference="torch", batch_sizes=cfg.parity_batch_sizes)
+
+    samples = inputs[: max(cfg.batch_sizes)]
+    torch_run = torch_predictor(model)
+    report = {
+        "source_run": str(run.path),
+        "dataset": {"name": run.config.data.name, "split": split, "num_samples": int(len(labels))},
+        "machine": machine_info(threads),
+        "variants": {
+            "torch": {"accuracy": accuracy(torch_logits[0], labels),
+                      **latency(lambda batch: (lambda: torch_run(batch)), samples, cfg)},
+            "fp32": {"path": str(onnx_path), "size_bytes": onnx_size(onnx_path), "accuracy": accuracy(onnx_logits[0], labels),
+                     "exporter": exporter, "exporter_fallback_reason": fallback_reason, "opset": cfg.opset,
+                     "optimization": cfg.optimization, "parity": fp32_parity,
+                     **latency(lambda batch: ort_runner(session, batch), samples, cfg)},
+        },
+    }
+    failures = []
+    if fp32_parity["max_abs_diff"] > cfg.atol:
+        failures.append(f"fp32 parity: max |logit diff| {fp32_parity['max_abs_diff']:.3g} > atol {cfg.atol:g} (vs torch)")
+    if fp32_parity["top1_agreement"] < 1.0:
+        failures.append(f"fp32 parity: top-1 agreement {fp32_parity['top1_agreement']:.2%} < 100% (vs torch)")
+    report["gates"] = {"passed": not failures, "failures": failures}
+    write_report(report, out)
+    if failures:
+        raise GateError(failures, str(out / "report.json"))
+    return report
+
+
+def onnx_size(path: Path) -> int:
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+
+
+def export_run(run_dir: str | Path, output_dir: str | Path, cfg: ExportConfig | None = None) -> dict[str, Any]:
+    """Export ``run_dir``'s model to ``output_dir/model.onnx``, validate it and write the report."""
+    cfg = cfg or ExportConfig()
+    run = load_run(run_dir)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = run.load_model()
+    # Batch 2 for the trace: batch 1 invites the exporter to specialize the batch dimension.
+    sample = torch.zeros(2, *run.preprocessing.input_shape)
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "model.onnx"
+        exporter, reason = export_onnx(model, sample, raw, cfg.opset, cfg.exporter)
+        finalize(raw, out / "model.onnx", onnx_metadata(run, "fp32"), cfg.optimization)
+    return validate(out / "model.onnx", run, out, cfg, exporter, reason)
+
+
+def revalidate(onnx_path: str | Path, run_dir: str | Path, output_dir: str | Path,
+               cfg: ExportConfig | None = None) -> dict[str, Any]:
+    """Validate an existing ONNX file (e.g. one edited or copied since) against its run."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return validate(Path(onnx_path), load_run(run_dir), out, cfg or ExportConfig())

@@ -1,0 +1,73 @@
+"""The exported ONNX file as a self-contained classifier: weights, class names and preprocessing.
+
+Torch-free: serving and the metadata round-trip need nothing but this file.
+
+>>> clf = OnnxClassifier("out/model.onnx")  # doctest: +SKIP
+>>> clf.classes[:3], clf.predict([Image.open("cat.png")])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .errors import FtdeployError
+from .preprocessing import Preprocessing, preprocess
+
+PREFIX = "ftdeploy."
+
+
+def write_metadata(model, metadata: dict[str, object]) -> None:
+    """Store ``metadata`` (JSON-encoded values) in an ``onnx.ModelProto``'s metadata_props."""
+    keep = [p for p in model.metadata_props if not p.key.startswith(PREFIX)]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    for key, value in metadata.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = PREFIX + key, json.dumps(value)
+
+
+def read_metadata(session) -> dict[str, object]:
+    """ftdeploy's metadata from an onnxruntime session (the file as shipped)."""
+    props = session.get_modelmeta().custom_metadata_map
+    return {k[len(PREFIX):]: json.loads(v) for k, v in props.items() if k.startswith(PREFIX)}
+
+
+class OnnxClassifier:
+    """An onnxruntime session plus what the file says about its input and classes."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        from .latency import ort_session
+        from .machine import physical_cores
+
+        path = Path(path)
+        if not path.is_file():
+            raise FtdeployError(f"ONNX file {str(path)!r} not found", "pass the model.onnx written by ftdeploy export")
+        try:
+            self.session = ort_session(path, threads or physical_cores())
+        except Exception as e:  # onnxruntime raises its own exception types for unreadable files
+            raise FtdeployError(f"onnxruntime cannot load {path}: {e}") from None
+        self.path = path
+        self.metadata = read_metadata(self.session)
+        missing = [k for k in ("classes", "preprocessing") if k not in self.metadata]
+        if missing:
+            raise FtdeployError(f"{path} lacks ftdeploy metadata ({', '.join(missing)})",
+                                "export it with ftdeploy export, which stores class names and preprocessing in the file")
+        self.classes: list[str] = list(self.metadata["classes"])
+        self.preprocessing = Preprocessing(**{**self.metadata["preprocessing"],
+                                              "mean": tuple(self.metadata["preprocessing"]["mean"]),
+                                              "std": tuple(self.metadata["preprocessing"]["std"])})
+        self.input_name = self.session.get_inputs()[0].name
+
+    def preprocess(self, images: list[Image.Image]) -> np.ndarray:
+        return np.stack([preprocess(img, self.preprocessing) for img in images])
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: batch})[0]
+
+    def predict(self, images: list[Image.Image]) -> np.ndarray:
+        """Class indices for PIL images, preprocessed exactly as in training."""
+        return self.logits(self.preprocess(images)).argmax(-1)
