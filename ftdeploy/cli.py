@@ -127,6 +127,24 @@ def bench(model: Path = typer.Argument(..., help="an ONNX file"),
                                    ("iterations", "iterations", "d")]))
 
 
+@app.command()
+def serve(model: Path = typer.Argument(..., help="an ONNX file written by ftdeploy export"),
+          host: str = typer.Option("127.0.0.1", "--host", help="interface to bind (0.0.0.0 to expose it)"),
+          port: int = typer.Option(8000, "--port"),
+          threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime intra-op threads [default: physical cores]"),
+          max_batch_size: int = typer.Option(16, "--max-batch-size", min=1, help="micro-batch cap (1 turns batching off)"),
+          max_wait_ms: float = typer.Option(2.0, "--max-wait-ms", min=0, help="how long a batch waits to fill"),
+          max_image_bytes: int = typer.Option(10 * 2**20, "--max-image-bytes", min=1),
+          max_image_pixels: int = typer.Option(40_000_000, "--max-image-pixels", min=1),
+          max_images: int = typer.Option(32, "--max-images", min=1, help="images per request"),
+          warmup_runs: int = typer.Option(3, "--warmup-runs", min=1, help="inferences before /readyz turns ready")) -> None:
+    """Serve an ONNX classifier over HTTP (FastAPI + uvicorn); needs only the file."""
+    from .serve import Limits, serve as run_server
+
+    run_server(model, host, port, threads, max_batch_size, max_wait_ms,
+               Limits(max_image_bytes, max_image_pixels, max_images), warmup_runs)
+
+
 # Recent typer vendors click under its own name; older ones use click itself. Catch whichever is live.
 _CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 

@@ -163,7 +163,7 @@ def _verify(paths: list[Path], labels: list[int], on_corrupt: str) -> tuple[list
     from tqdm.auto import tqdm
 
     good_paths, good_labels, skipped = [], [], []
-    for path, label in zip(tqdm(paths, desc="checking images", unit="img", leave=False, mininterval=1), labels):
+    for path, label in zip(tqdm(paths, desc="checking images", unit="img", leave=False, mininterval=1, disable=None), labels):
         try:
             load_image(path)
         except DataError:

@@ -227,7 +227,8 @@ def train(cfg: PipelineConfig, resume: bool = False, callbacks: Iterable[Callbac
         if cfg.train.mode == "head" and trained is not built.model:
             built.model.eval()
         seen, loss_sum, t0 = 0, 0.0, time.perf_counter()
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=not show, leave=False, mininterval=1)
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+                   disable=None if show else True, leave=False, mininterval=1)  # None: off when not a terminal
         for x, y in bar:
             with accelerator.accumulate(trained):
                 with accelerator.autocast():

@@ -1,0 +1,317 @@
+"""``ftdeploy serve MODEL.onnx``: FastAPI on uvicorn over one onnxruntime session.
+
+The ONNX file alone carries what serving needs (class names, preprocessing). Concurrent requests are
+gathered into micro-batches. Bad input gets a 4xx JSON error and never disturbs other requests.
+Torch-free: installs with ``pip install 'ftdeploy[serve]'``.
+
+>>> app = create_app("runs/digits/export/model.onnx")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import time
+import warnings
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .errors import DependencyError
+from .onnx_model import OnnxClassifier
+
+try:
+    from fastapi import FastAPI, Query, Request
+    from fastapi.responses import JSONResponse, PlainTextResponse
+except ImportError:  # pragma: no cover - exercised by users without the extra
+    raise DependencyError("serving needs FastAPI and uvicorn", "pip install 'ftdeploy[serve]'") from None
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_image_bytes: int = 10 * 2**20
+    max_image_pixels: int = 40_000_000  # Pillow's own bomb guard is 89M; a classifier never needs that much
+    max_images: int = 32
+
+
+class BadInput(Exception):
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def decode_image(data: bytes, limits: Limits) -> Image.Image:
+    """Bytes -> a fully decoded image, or a BadInput saying what is wrong with them."""
+    if not data:
+        raise BadInput(400, "empty_image", "an image is empty (0 bytes)")
+    if len(data) > limits.max_image_bytes:
+        raise BadInput(413, "image_too_large", f"an image has {len(data)} bytes; the limit is {limits.max_image_bytes}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > limits.max_image_pixels:  # checked from the header, before decoding anything
+                raise BadInput(413, "too_many_pixels", f"an image is {w}x{h} = {w * h} pixels; the limit is {limits.max_image_pixels}")
+            img.load()
+    except BadInput:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise BadInput(413, "decompression_bomb", "an image decompresses to too many pixels") from None
+    except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError... for bad files
+        raise BadInput(400, "invalid_image", f"not a decodable image ({type(e).__name__}: {e})") from None
+    return img
+
+
+class Metrics:
+    """Counters and histograms in Prometheus' text format (no client library: the extra stays small)."""
+
+    LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+    def __init__(self, max_batch_size: int):
+        self.requests: dict[tuple[str, int], int] = {}
+        self.latency_counts = [0] * (len(self.LATENCY_BUCKETS) + 1)
+        self.latency_sum = 0.0
+        self.batch_buckets = sorted({1, 2, 4, 8, 16, 32, 64, max_batch_size})
+        self.batch_counts = [0] * (len(self.batch_buckets) + 1)
+        self.batch_sum = 0
+        self.images = 0
+
+    def observe_request(self, path: str, status: int, seconds: float) -> None:
+        self.requests[(path, status)] = self.requests.get((path, status), 0) + 1
+        self.latency_sum += seconds
+        self.latency_counts[_bucket(self.LATENCY_BUCKETS, seconds)] += 1
+
+    def observe_batch(self, size: int) -> None:
+        self.batch_counts[_bucket(self.batch_buckets, size)] += 1
+        self.batch_sum += size
+        self.images += size
+
+    def render(self) -> str:
+        lines = ["# HELP ftdeploy_requests_total HTTP requests by path and status.",
+                 "# TYPE ftdeploy_requests_total counter"]
+        lines += [f'ftdeploy_requests_total{{path="{p}",status="{s}"}} {n}' for (p, s), n in sorted(self.requests.items())]
+        lines += _histogram("ftdeploy_request_duration_seconds", "Request latency.", self.LATENCY_BUCKETS,
+                            self.latency_counts, self.latency_sum)
+        lines += _histogram("ftdeploy_batch_size", "Images per onnxruntime run.", self.batch_buckets,
+                            self.batch_counts, self.batch_sum)
+        lines += ["# HELP ftdeploy_images_total Images classified.", "# TYPE ftdeploy_images_total counter",
+                  f"ftdeploy_images_total {self.images}"]
+        return "\n".join(lines) + "\n"
+
+
+def _bucket(bounds, value) -> int:
+    return next((i for i, b in enumerate(bounds) if value <= b), len(bounds))
+
+
+def _histogram(name, help_text, bounds, counts, total) -> list[str]:
+    lines, running = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"], 0
+    for bound, count in zip(list(bounds) + ["+Inf"], counts):
+        running += count
+        lines.append(f'{name}_bucket{{le="{bound}"}} {running}')
+    return lines + [f"{name}_sum {total}", f"{name}_count {running}"]
+
+
+class MicroBatcher:
+    """Gathers concurrent requests into one onnxruntime run of up to ``max_batch_size`` images,
+    waiting at most ``max_wait_ms`` for a batch to fill; results go back to each caller."""
+
+    def __init__(self, model: OnnxClassifier, metrics: Metrics, max_batch_size: int, max_wait_ms: float):
+        self.model, self.metrics = model, metrics
+        self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.task: asyncio.Task | None = None
+        # Requests still decoding. A batch only waits while some are on their way: a lone request
+        # at low load runs at once instead of paying max_wait_ms for company that is not coming.
+        self.incoming = 0
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self.task:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+
+    async def infer(self, arrays: np.ndarray) -> np.ndarray:
+        """Logits for one request's images (possibly run together with other requests')."""
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put((arrays, future))
+        return await future
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            items = [await self.queue.get()]
+            count = len(items[0][0])
+            deadline = loop.time() + self.max_wait
+            while count < self.max_batch_size:
+                timeout = deadline - loop.time()
+                try:
+                    if self.queue.empty() and (timeout <= 0 or self.incoming == 0):
+                        break
+                    item = self.queue.get_nowait() if not self.queue.empty() else await asyncio.wait_for(self.queue.get(), timeout)
+                except (asyncio.QueueEmpty, asyncio.TimeoutError):
+                    break
+                if count + len(item[0]) > self.max_batch_size:
+                    await self._run(items)  # keep the batch under the cap; the newcomer starts the next one
+                    items, count = [], 0
+                items.append(item)
+                count += len(item[0])
+            await self._run(items)
+
+    async def _run(self, items) -> None:
+        if not items:
+            return
+        batch = np.concatenate([a for a, _ in items])
+        try:
+            logits = await asyncio.get_running_loop().run_in_executor(None, self.model.logits, batch)
+        except Exception as e:  # an inference failure must reach the callers, not kill the loop
+            for _, future in items:
+                if not future.done():
+                    future.set_exception(e)
+            return
+        self.metrics.observe_batch(len(batch))
+        start = 0
+        for arrays, future in items:
+            if not future.done():
+                future.set_result(logits[start:start + len(arrays)])
+            start += len(arrays)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits - logits.max(-1, keepdims=True))
+    return z / z.sum(-1, keepdims=True)
+
+
+def create_app(model_path: str | Path, threads: int | None = None, max_batch_size: int = 16, max_wait_ms: float = 2.0,
+               limits: Limits = Limits(), warmup_runs: int = 3) -> FastAPI:
+    """The serving app for one ONNX file (loaded now, so a bad file fails before the server binds)."""
+    from . import __version__
+
+    model = OnnxClassifier(model_path, threads)
+    metrics = Metrics(max_batch_size)
+    batcher = MicroBatcher(model, metrics, max_batch_size, max_wait_ms)
+    state = {"ready": False}
+    info = {"classes": model.classes, "input_size": model.preprocessing.input_size,
+            "preprocessing": model.preprocessing.__dict__, "variant": model.metadata.get("variant"),
+            "source_run": model.metadata.get("source_run"), "model": model.metadata.get("model"),
+            "exported_by": model.metadata.get("version"), "server_version": __version__, "file": str(model.path),
+            "max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms, "limits": limits.__dict__}
+
+    async def warm_up() -> None:
+        dummy = np.zeros((1, *model.preprocessing.input_shape), np.float32)
+        for _ in range(warmup_runs):
+            await batcher.infer(dummy)
+        state["ready"] = True
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        batcher.start()
+        warmup = asyncio.get_running_loop().create_task(warm_up())
+        yield
+        warmup.cancel()
+        await batcher.stop()
+
+    app = FastAPI(title="ftdeploy model server", version=__version__, lifespan=lifespan,
+                  description=f"Image classification with {model.path.name} ({len(model.classes)} classes).")
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        start = time.perf_counter()
+        response = await call_next(request)
+        metrics.observe_request(request.url.path, response.status_code, time.perf_counter() - start)
+        return response
+
+    @app.exception_handler(BadInput)
+    async def bad_input(_request: Request, exc: BadInput):
+        return JSONResponse({"error": {"code": exc.code, "message": exc.message}}, status_code=exc.status)
+
+    @app.get("/healthz")
+    async def healthz():
+        """Alive: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz():
+        """Ready: the model is loaded and has answered its warm-up requests."""
+        return JSONResponse({"ready": state["ready"]}, status_code=200 if state["ready"] else 503)
+
+    @app.get("/v1/model")
+    async def model_info():
+        return info
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def prometheus():
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/predict")
+    async def predict(request: Request, k: int = Query(5, ge=1, description="labels to return per image")):
+        """Multipart upload (one or more files) or JSON ``{"images": ["<base64>", ...]}`` -> top-k labels per image."""
+        blobs = await read_images(request, limits)
+        loop = asyncio.get_running_loop()
+        batcher.incoming += 1
+        try:
+            arrays = await loop.run_in_executor(None, lambda: model.preprocess([decode_image(b, limits) for b in blobs]))
+        finally:
+            batcher.incoming -= 1
+        probs = softmax(await batcher.infer(arrays))
+        k_ = min(k, len(model.classes))
+        top = np.argsort(-probs, axis=-1)[:, :k_]
+        return {"predictions": [{"top_k": [{"label": model.classes[i], "index": int(i), "probability": float(p[i])}
+                                           for i in row]} for row, p in zip(top, probs)]}
+
+    return app
+
+
+async def read_images(request: Request, limits: Limits) -> list[bytes]:
+    """The request's image bytes, whatever the accepted encoding; a BadInput for anything else."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    declared = int(request.headers.get("content-length") or 0)
+    budget = limits.max_images * limits.max_image_bytes * 4 // 3 + 65536  # base64 inflates by 4/3
+    if declared > budget:
+        raise BadInput(413, "request_too_large", f"the request has {declared} bytes; the limit is {budget}")
+    try:
+        if ctype == "multipart/form-data":
+            form = await request.form(max_files=limits.max_images + 1)
+            blobs = [await f.read() for _, f in form.multi_items() if hasattr(f, "read")]
+        elif ctype == "application/json":
+            payload = await request.json()
+            images = payload.get("images") if isinstance(payload, dict) else None
+            if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+                raise BadInput(400, "invalid_json", 'JSON bodies must be {"images": ["<base64>", ...]}')
+            blobs = [base64.b64decode(i, validate=True) for i in images]
+        elif ctype in ("image/png", "image/jpeg", "image/webp", "image/bmp", "image/gif", "image/tiff",
+                       "application/octet-stream"):
+            blobs = [await request.body()]
+        else:
+            raise BadInput(415, "unsupported_media_type",
+                           f"content type {ctype or '(none)'!r} is not accepted; send multipart/form-data, "
+                           "application/json with base64 images, or a raw image body")
+    except BadInput:
+        raise
+    except binascii.Error:
+        raise BadInput(400, "invalid_base64", "an image in the JSON body is not valid base64") from None
+    except ValueError as e:  # broken JSON
+        raise BadInput(400, "invalid_body", f"the request body cannot be parsed: {e}") from None
+    except Exception as e:  # a truncated or malformed multipart stream, a client that went away
+        raise BadInput(400, "invalid_body", f"the request body cannot be read ({type(e).__name__}: {e})") from None
+    if not blobs:
+        raise BadInput(400, "no_images", "the request holds no image")
+    if len(blobs) > limits.max_images:
+        raise BadInput(413, "too_many_images", f"the request holds {len(blobs)} images; the limit is {limits.max_images}")
+    return blobs
+
+
+def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, threads: int | None = None,
+          max_batch_size: int = 16, max_wait_ms: float = 2.0, limits: Limits = Limits(), warmup_runs: int = 3) -> None:
+    """Run the server until interrupted; SIGTERM/SIGINT finish in-flight requests first."""
+    import uvicorn
+
+    app = create_app(model_path, threads, max_batch_size, max_wait_ms, limits, warmup_runs)
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=30, access_log=False)

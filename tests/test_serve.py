@@ -1,0 +1,205 @@
+"""A real uvicorn process on a loopback port, driven over HTTP."""
+
+import base64
+import concurrent.futures
+import io
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import FAST_EXPORT, REPO, make_run
+
+LIMITS = ["--max-image-bytes", "60000", "--max-image-pixels", "1000000", "--max-images", "4"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def png(seed: int, size=(24, 24)) -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class Server:
+    def __init__(self, model, *args, env=None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "ftdeploy", "serve", str(model), "--port", str(self.port), *args],
+                                     cwd=REPO, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+        self.client = httpx.Client(base_url=self.url, timeout=30)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.proc.stdout.read()}")
+            try:
+                if self.client.get("/healthz").status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.05)
+        raise RuntimeError("server did not start")
+
+    def wait_ready(self):
+        deadline = time.time() + 60
+        while self.client.get("/readyz").status_code != 200:
+            assert time.time() < deadline
+            time.sleep(0.05)
+
+    def stop(self) -> str:
+        """SIGTERM, as an orchestrator sends it; returns the server's log."""
+        self.proc.send_signal(signal.SIGTERM)
+        out, _ = self.proc.communicate(timeout=30)
+        # uvicorn finishes in-flight requests, runs the shutdown, then re-raises the signal
+        assert self.proc.returncode in (0, -signal.SIGTERM), out
+        return out
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    from ftdeploy.config import ExportConfig
+    from ftdeploy.export import export_run
+
+    tmp = tmp_path_factory.mktemp("serve")
+    run = make_run(tmp / "run")
+    export_run(run, tmp / "onnx", ExportConfig(**FAST_EXPORT))
+    return tmp / "onnx" / "model.onnx"
+
+
+@pytest.fixture(scope="module")
+def server(model_file):
+    srv = Server(model_file, *LIMITS)
+    srv.wait_ready()
+    yield srv
+    assert "Application shutdown complete" in srv.stop()
+
+
+def offline(model_file, blobs):
+    from ftdeploy.onnx_model import OnnxClassifier
+
+    clf = OnnxClassifier(model_file, threads=1)
+    return [clf.classes[i] for i in clf.predict([Image.open(io.BytesIO(b)) for b in blobs])]
+
+
+def test_predict_multipart_and_json_match_offline(server, model_file):
+    blobs = [png(i) for i in range(3)]
+    r = server.client.post("/v1/predict?k=2", files=[("files", (f"{i}.png", b, "image/png")) for i, b in enumerate(blobs)])
+    assert r.status_code == 200, r.text
+    preds = r.json()["predictions"]
+    assert len(preds) == 3 and all(len(p["top_k"]) == 2 for p in preds)
+    assert [p["top_k"][0]["label"] for p in preds] == offline(model_file, blobs)
+    assert all(1 >= p["top_k"][0]["probability"] >= p["top_k"][1]["probability"] > 0 for p in preds)
+    r = server.client.post("/v1/predict", json={"images": [base64.b64encode(b).decode() for b in blobs]})
+    assert r.status_code == 200
+    assert [p["top_k"][0]["label"] for p in r.json()["predictions"]] == offline(model_file, blobs)
+
+
+def test_model_info_and_openapi(server):
+    info = server.client.get("/v1/model").json()
+    assert info["classes"] == ["class_0", "class_1", "class_2"]
+    assert info["input_size"] == 32 and info["variant"] == "fp32" and info["source_run"].endswith("run")
+    assert server.client.get("/docs").status_code == 200
+    assert "/v1/predict" in server.client.get("/openapi.json").json()["paths"]
+
+
+def bomb() -> bytes:
+    buf = io.BytesIO()
+    Image.new("1", (12000, 12000)).save(buf, format="PNG")  # 144 M pixels in a few KB
+    return buf.getvalue()
+
+
+def big_uniform_png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (1100, 1000), (10, 20, 30)).save(buf, format="PNG")  # 1.1 M pixels, few bytes
+    return buf.getvalue()
+
+
+BAD = [
+    ("not an image", {"files": [("files", ("x.png", b"hello, I am text", "image/png"))]}, 400, "invalid_image"),
+    ("empty file", {"files": [("files", ("x.png", b"", "image/png"))]}, 400, "empty_image"),
+    ("empty body", {"content": b"", "headers": {"content-type": "image/png"}}, 400, "empty_image"),
+    ("no images", {"json": {"images": []}}, 400, "no_images"),
+    ("wrong content type", {"content": b"abc", "headers": {"content-type": "text/plain"}}, 415, "unsupported_media_type"),
+    ("bad json", {"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, "invalid_body"),
+    ("bad base64", {"json": {"images": ["***"]}}, 400, "invalid_base64"),
+    ("too many bytes", {"files": [("files", ("big.png", png(1, (200, 200)), "image/png"))]}, 413, "image_too_large"),
+    ("too many pixels", {"files": [("files", ("wide.png", big_uniform_png(), "image/png"))]}, 413, "too_many_pixels"),
+    ("decompression bomb", {"files": [("files", ("bomb.png", bomb(), "image/png"))]}, 413, "decompression_bomb"),
+    ("too many images", {"files": [("files", (f"{i}.png", png(i), "image/png")) for i in range(5)]}, 413, "too_many_images"),
+    ("truncated image", {"files": [("files", ("t.png", png(3)[:300], "image/png"))]}, 400, "invalid_image"),
+    ("truncated multipart", {"content": b"--XYZ\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.png\"\r\n"
+                             b"Content-Type: image/png\r\n\r\n\x89PNG", "headers": {"content-type": "multipart/form-data; boundary=XYZ"}},
+     400, None),
+]
+
+
+@pytest.mark.parametrize("name,kwargs,status,code", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_gets_a_4xx_and_the_next_request_succeeds(server, name, kwargs, status, code):
+    r = server.client.post("/v1/predict", **kwargs)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["message"] and (code is None or error["code"] == code)
+    good = server.client.post("/v1/predict", files=[("files", ("ok.png", png(9), "image/png"))])
+    assert good.status_code == 200
+
+
+def test_metrics_count_requests_and_concurrent_requests_are_batched(model_file):
+    srv = Server(model_file, "--max-batch-size", "8", "--max-wait-ms", "20", "--threads", "1")
+    try:
+        srv.wait_ready()
+        blobs = [png(100 + i) for i in range(24)]
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            responses = list(pool.map(lambda b: httpx.post(srv.url + "/v1/predict", files={"f": ("a.png", b, "image/png")},
+                                                           timeout=30), blobs))
+        assert all(r.status_code == 200 for r in responses)
+        assert [r.json()["predictions"][0]["top_k"][0]["label"] for r in responses] == offline(model_file, blobs)
+        srv.client.post("/v1/predict", content=b"nope", headers={"content-type": "text/plain"})
+        text = srv.client.get("/metrics").text
+        assert 'ftdeploy_requests_total{path="/v1/predict",status="200"} 24' in text
+        assert 'ftdeploy_requests_total{path="/v1/predict",status="415"} 1' in text
+        count = int(re.search(r"^ftdeploy_batch_size_count (\d+)$", text, re.M).group(1))
+        total = int(float(re.search(r"^ftdeploy_batch_size_sum (\S+)$", text, re.M).group(1)))
+        assert total == 24 + 3  # 24 images plus the 3 warm-up runs
+        assert count < 24 + 3  # some requests shared an onnxruntime run
+    finally:
+        srv.stop()
+
+
+def test_readyz_is_false_until_the_warmup_has_run(model_file):
+    srv = Server(model_file, "--warmup-runs", "3000", "--threads", "1")
+    try:
+        first = srv.client.get("/readyz")
+        assert first.status_code == 503 and first.json() == {"ready": False}
+        srv.wait_ready()
+        assert srv.client.get("/readyz").json() == {"ready": True}
+    finally:
+        srv.stop()
+
+
+def test_serving_works_where_importing_torch_fails(model_file, tmp_path):
+    blocker = tmp_path / "blocked" / "torch"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('torch is not installed in this environment')\n")
+    check = subprocess.run([sys.executable, "-c", "import torch"], env={**os.environ, "PYTHONPATH": str(blocker.parent)},
+                           capture_output=True, text=True)
+    assert "torch is not installed" in check.stderr
+    srv = Server(model_file, env={"PYTHONPATH": str(blocker.parent)})
+    try:
+        srv.wait_ready()
+        r = srv.client.post("/v1/predict", files={"f": ("a.png", png(5), "image/png")})
+        assert r.status_code == 200 and r.json()["predictions"][0]["top_k"]
+    finally:
+        srv.stop()
