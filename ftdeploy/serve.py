@@ -39,6 +39,9 @@ class Limits:
     max_images: int = 32
 
 
+INLINE_DECODE_BYTES = 64 * 1024  # smaller uploads are decoded on the event loop, larger ones in a thread
+
+
 class BadInput(Exception):
     def __init__(self, status: int, code: str, message: str):
         super().__init__(message)
@@ -115,6 +118,28 @@ def _histogram(name, help_text, bounds, counts, total) -> list[str]:
         running += count
         lines.append(f'{name}_bucket{{le="{bound}"}} {running}')
     return lines + [f"{name}_sum {total}", f"{name}_count {running}"]
+
+
+class RequestMetrics:
+    """Pure ASGI middleware (Starlette's BaseHTTPMiddleware costs about a millisecond a request)."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), [500]
+
+        async def record_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record_status)
+        finally:
+            self.metrics.observe_request(scope["path"], status[0], time.perf_counter() - start)
 
 
 class MicroBatcher:
@@ -221,12 +246,7 @@ def create_app(model_path: str | Path, threads: int | None = None, max_batch_siz
     app = FastAPI(title="ftdeploy model server", version=__version__, lifespan=lifespan,
                   description=f"Image classification with {model.path.name} ({len(model.classes)} classes).")
 
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        start = time.perf_counter()
-        response = await call_next(request)
-        metrics.observe_request(request.url.path, response.status_code, time.perf_counter() - start)
-        return response
+    app.add_middleware(RequestMetrics, metrics=metrics)
 
     @app.exception_handler(BadInput)
     async def bad_input(_request: Request, exc: BadInput):
@@ -255,16 +275,22 @@ def create_app(model_path: str | Path, threads: int | None = None, max_batch_siz
         """Multipart upload (one or more files) or JSON ``{"images": ["<base64>", ...]}`` -> top-k labels per image."""
         blobs = await read_images(request, limits)
         loop = asyncio.get_running_loop()
-        batcher.incoming += 1
-        try:
-            arrays = await loop.run_in_executor(None, lambda: model.preprocess([decode_image(b, limits) for b in blobs]))
-        finally:
-            batcher.incoming -= 1
+        decode = lambda: model.preprocess([decode_image(b, limits) for b in blobs])  # noqa: E731
+        if sum(map(len, blobs)) <= INLINE_DECODE_BYTES:
+            arrays = decode()  # a thread hop costs more than decoding a small image
+        else:
+            batcher.incoming += 1
+            try:
+                arrays = await loop.run_in_executor(None, decode)
+            finally:
+                batcher.incoming -= 1
         probs = softmax(await batcher.infer(arrays))
         k_ = min(k, len(model.classes))
         top = np.argsort(-probs, axis=-1)[:, :k_]
-        return {"predictions": [{"top_k": [{"label": model.classes[i], "index": int(i), "probability": float(p[i])}
-                                           for i in row]} for row, p in zip(top, probs)]}
+        # A plain JSONResponse: FastAPI's encoder walk over the result costs more than the model at this size.
+        return JSONResponse({"predictions": [{"top_k": [{"label": model.classes[i], "index": int(i),
+                                                         "probability": float(p[i])} for i in row]}
+                                             for row, p in zip(top, probs)]})
 
     return app
 

@@ -1,0 +1,201 @@
+"""Load test of ``ftdeploy serve`` on loopback, against the raw onnxruntime path on the same images.
+
+Starts the server itself (micro-batching on, then off), sends N requests at concurrency C from an
+async HTTP client, and checks every answer against the ONNX file run offline. Reports throughput,
+p50/p99 latency, errors and the batch sizes the server formed.
+
+    python benchmarks/load_test.py runs/digits/export/model.onnx --requests 2000 --concurrency 16 \
+        --json benchmarks/results/load_test.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from ftdeploy.latency import format_table, measure
+from ftdeploy.machine import machine_info
+from ftdeploy.onnx_model import OnnxClassifier
+
+
+def digits_pngs() -> list[bytes]:
+    """Real images: scikit-learn's handwritten digits, encoded as the PNG files a client would send."""
+    from sklearn.datasets import load_digits
+
+    out = []
+    for a in load_digits().images:
+        buf = io.BytesIO()
+        Image.fromarray((a * 255 / 16).round().astype(np.uint8)).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model: Path, *args: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "ftdeploy", "serve", str(model), "--port", str(self.port), *args],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(self.url + "/readyz").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("server did not become ready")
+
+    def batch_sizes(self) -> dict[str, float]:
+        text = httpx.get(self.url + "/metrics").text
+        count = float(re.search(r"^ftdeploy_batch_size_count (\S+)$", text, re.M).group(1))
+        total = float(re.search(r"^ftdeploy_batch_size_sum (\S+)$", text, re.M).group(1))
+        buckets = {m[0]: float(m[1]) for m in re.findall(r'^ftdeploy_batch_size_bucket\{le="([^"]+)"\} (\S+)$', text, re.M)}
+        return {"runs": count, "mean": total / count, "cumulative_buckets": buckets}
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=30)
+
+
+class Connection:
+    """A minimal keep-alive HTTP/1.1 client on asyncio streams: a general-purpose client spends
+    milliseconds of the same two cores per request, which would be charged to the server."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.reader = self.writer = None
+
+    async def post(self, path: str, body: bytes, content_type: str) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        self.writer.write(head + body)
+        await self.writer.drain()
+        status_line = await self.reader.readline()
+        length = 0
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        return int(status_line.split()[1]), await self.reader.readexactly(length)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def multipart(blob: bytes, boundary: str = "ftdeploy-load-test") -> tuple[bytes, str]:
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"digit.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + blob + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+async def load(port: int, images: list[bytes], expected: list[str], n: int, concurrency: int) -> dict:
+    latencies, errors, wrong = [], 0, 0
+    queue = iter(range(n))
+    bodies = [multipart(b) for b in images]
+
+    async def worker() -> None:
+        nonlocal errors, wrong
+        conn = Connection(port)
+        try:
+            for i in queue:
+                body, ctype = bodies[i % len(images)]
+                t0 = time.perf_counter()
+                try:
+                    status, payload = await conn.post("/v1/predict?k=1", body, ctype)
+                except (OSError, asyncio.IncompleteReadError, ValueError, IndexError):
+                    errors += 1
+                    conn.close()
+                    conn = Connection(port)
+                    continue
+                latencies.append(time.perf_counter() - t0)
+                if status != 200:
+                    errors += 1
+                elif json.loads(payload)["predictions"][0]["top_k"][0]["label"] != expected[i % len(images)]:
+                    wrong += 1
+        finally:
+            conn.close()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - start
+    ms = np.asarray(latencies) * 1000
+    return {"requests": n, "concurrency": concurrency, "errors": errors, "mismatched_predictions": wrong,
+            "throughput": n / wall, "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", type=Path)
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1, help="onnxruntime threads (the client needs a core too)")
+    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--max-wait-ms", type=float, default=2.0)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+
+    images = digits_pngs()
+    clf = OnnxClassifier(args.model, threads=args.threads)
+    expected = [clf.classes[i] for i in np.concatenate([clf.predict([Image.open(io.BytesIO(b)) for b in images[j:j + 64]])
+                                                        for j in range(0, len(images), 64)])]
+    # The raw path a server cannot beat: decode + preprocess + one session run, in-process.
+    raw = measure(lambda: clf.predict([Image.open(io.BytesIO(images[0]))]), 1, min_seconds=3)
+
+    common = ["--threads", str(args.threads), "--max-wait-ms", str(args.max_wait_ms)]
+    results = {}
+    for mode, batch in (("batching_on", args.max_batch_size), ("batching_off", 1)):
+        server = Server(args.model, *common, "--max-batch-size", str(batch))
+        try:
+            if mode == "batching_on":
+                results["c1"] = asyncio.run(load(server.port, images, expected, max(200, args.requests // 5), 1))
+            results[mode] = asyncio.run(load(server.port, images, expected, args.requests, args.concurrency))
+            results[mode]["batch_sizes"] = server.batch_sizes()
+        finally:
+            server.stop()
+
+    c1, on, off = results["c1"], results["batching_on"], results["batching_off"]
+    budget = raw.p50 * 1.2 + 2
+    summary = {
+        "raw_p50_ms": raw.p50, "server_c1_p50_ms": c1["p50_ms"], "overhead_budget_ms": budget,
+        "overhead_ok": c1["p50_ms"] <= budget,
+        "throughput_ratio_c16_to_c1": on["throughput"] / c1["throughput"],
+        "batching_on_to_off": on["throughput"] / off["throughput"],
+        "zero_errors": all(r["errors"] == 0 and r["mismatched_predictions"] == 0 for r in (c1, on, off)),
+    }
+    rows = [{"run": name, **r} for name, r in (("concurrency 1", c1), (f"c{args.concurrency} batching on", on),
+                                                 (f"c{args.concurrency} batching off", off))]
+    print(format_table(rows, [("run", "run", ""), ("requests", "requests", "d"), ("errors", "errors", "d"),
+                              ("mismatched_predictions", "wrong", "d"), ("throughput", "req/s", ".1f"),
+                              ("p50_ms", "p50 ms", ".2f"), ("p99_ms", "p99 ms", ".2f")]))
+    print(f"\nraw path p50 {raw.p50:.2f} ms; server p50 at c1 {c1['p50_ms']:.2f} ms (budget {budget:.2f} ms)")
+    print(f"throughput c{args.concurrency}/c1: {summary['throughput_ratio_c16_to_c1']:.2f}x; "
+          f"batching on/off: {summary['batching_on_to_off']:.2f}x; mean batch formed: {on['batch_sizes']['mean']:.2f}")
+    if args.json:
+        args.json.write_text(json.dumps({"model": str(args.model), "machine": machine_info(args.threads),
+                                         "results": results, "summary": summary}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
