@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from functools import partial
 import tempfile
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def main() -> None:
             torch_run, onnx_run = torch_predictor(model), ort_runner(session, batch)
             torch_p50, onnx_p50 = [], []
             for _ in range(args.rounds):
-                torch_p50.append(measure(lambda: torch_run(batch), bs, min_seconds=args.seconds).p50)
+                torch_p50.append(measure(partial(torch_run, batch), bs, min_seconds=args.seconds).p50)
                 onnx_p50.append(measure(onnx_run, bs, min_seconds=args.seconds).p50)
             t, o = statistics.median(torch_p50), statistics.median(onnx_p50)
             results[str(bs)] = {"torch_p50_ms": torch_p50, "onnx_fp32_p50_ms": onnx_p50, "speedup": t / o}

@@ -29,7 +29,7 @@ from .errors import ExportError, GateError
 from .latency import LatencyStats, measure, ort_runner, ort_session, tile_batch
 from .machine import machine_info, physical_cores
 from .onnx_model import write_metadata
-from .rundir import Run, load_run, write_json
+from .rundir import Run, load_run
 
 TWO_GB = 2**31 - 2**24  # protobuf's hard limit, less a margin for the graph itself
 INPUT, OUTPUT = "input", "logits"
