@@ -97,6 +97,20 @@ class ExportConfig(Section):
     latency_seconds: float = Field(1.5, gt=0, description="timed seconds per measurement (after warm-up)")
 
 
+class QuantizeConfig(Section):
+    """INT8 (``ftdeploy export --quantize``; in ``ftdeploy run`` when present). Types and reduce_range
+    follow the CPU preflight; a file ships only when it is measured faster and within the budget."""
+
+    mode: Literal["auto", "static", "dynamic"] = Field(
+        "auto", description="auto: static for convolutional models, dynamic for Linear/attention-heavy ones")
+    calibration: Literal["minmax", "entropy", "percentile"] = "minmax"
+    calibration_samples: int = Field(256, ge=1, description="training images the static ranges are measured on")
+    per_channel: bool = True
+    max_accuracy_drop: float = Field(0.5, ge=0, description="percentage points of validation accuracy INT8 may lose")
+    search: bool = Field(True, description="measure candidate FP32 exclusions when the plain INT8 model falls short")
+    latency_seconds: float = Field(2.0, gt=0, description="timed seconds per candidate's batch-1 latency")
+
+
 class PipelineConfig(Section):
     name: str = "run"
     output_dir: Path = Path("runs/run")
@@ -105,6 +119,7 @@ class PipelineConfig(Section):
     preprocessing: PreprocessingConfig = Field(default_factory=PreprocessingConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     export: ExportConfig | None = None
+    quantize: QuantizeConfig | None = None
 
     @model_validator(mode="after")
     def _check_data(self) -> "PipelineConfig":

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .config import ExportConfig
+from .config import ExportConfig, QuantizeConfig
 from .errors import ExportError, GateError
 from .latency import LatencyStats, measure, ort_runner, ort_session, tile_batch
 from .machine import machine_info, physical_cores
@@ -127,14 +127,15 @@ def onnx_metadata(run: Run, variant: str) -> dict[str, Any]:
             "val_accuracy": run.metrics.get("val_accuracy")}
 
 
-def validation_arrays(run: Run, limit: int) -> tuple[np.ndarray, np.ndarray, str]:
-    """The run's validation images, preprocessed as in training, as (inputs, labels, split name)."""
+def run_arrays(run: Run, split: str, limit: int, shuffle: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """A run's train or val images, preprocessed as in training (a seeded random subset when shuffled)."""
     from .data import build_datasets
 
-    val = build_datasets(run.config.data, run.preprocessing).val
-    n = min(limit, len(val))
-    xs, ys = zip(*(val[i] for i in range(n)))
-    return torch.stack(xs).numpy(), np.asarray(ys), "val"
+    splits = build_datasets(run.config.data.model_copy(update={"augment": False}), run.preprocessing)
+    ds = splits.val if split == "val" else splits.train
+    order = np.random.default_rng(0).permutation(len(ds)) if shuffle else np.arange(len(ds))
+    xs, ys = zip(*(ds[int(i)] for i in order[:limit]))
+    return torch.stack(xs).numpy(), np.asarray(ys)
 
 
 def batched(fn, inputs: np.ndarray, batch_size: int) -> np.ndarray:
@@ -183,13 +184,16 @@ def logits_at_batch_sizes(predict, inputs: np.ndarray, batch_sizes: list[int]) -
 
 
 def validate(onnx_path: Path, run: Run, out: Path, cfg: ExportConfig, exporter: str | None = None,
-             fallback_reason: str | None = None) -> dict[str, Any]:
-    """Parity and latency of ``onnx_path`` against the run's PyTorch model; writes report.json/.md."""
+             fallback_reason: str | None = None, quantize: QuantizeConfig | None = None,
+             raw: Path | None = None) -> dict[str, Any]:
+    """Parity and latency of ``onnx_path`` against the run's PyTorch model (and, with ``quantize``,
+    of an INT8 model made from the ``raw`` export against it); writes report.json/.md, then raises
+    one GateError listing every failed check."""
     from .report import write_report
 
     threads = cfg.threads or physical_cores()
     torch.set_num_threads(threads)
-    inputs, labels, split = validation_arrays(run, cfg.parity_samples)
+    inputs, labels = run_arrays(run, "val", cfg.parity_samples)
     model = run.load_model()
     session = ort_session(onnx_path, threads)
 
@@ -200,17 +204,17 @@ def validate(onnx_path: Path, run: Run, out: Path, cfg: ExportConfig, exporter: 
 
     samples = inputs[: max(cfg.batch_sizes)]
     torch_run = torch_predictor(model)
+    fp32 = {"path": str(onnx_path), "size_bytes": onnx_size(onnx_path), "accuracy": accuracy(onnx_logits[0], labels),
+            "exporter": exporter, "exporter_fallback_reason": fallback_reason, "opset": cfg.opset,
+            "optimization": cfg.optimization, "parity": fp32_parity}
     report = {
         "source_run": str(run.path),
-        "dataset": {"name": run.config.data.name, "split": split, "num_samples": int(len(labels))},
+        "dataset": {"name": run.config.data.name, "split": "val", "num_samples": int(len(labels))},
         "machine": machine_info(threads),
         "variants": {
             "torch": {"accuracy": accuracy(torch_logits[0], labels),
                       **latency(lambda batch: (lambda: torch_run(batch)), samples, cfg)},
-            "fp32": {"path": str(onnx_path), "size_bytes": onnx_size(onnx_path), "accuracy": accuracy(onnx_logits[0], labels),
-                     "exporter": exporter, "exporter_fallback_reason": fallback_reason, "opset": cfg.opset,
-                     "optimization": cfg.optimization, "parity": fp32_parity,
-                     **latency(lambda batch: ort_runner(session, batch), samples, cfg)},
+            "fp32": {**fp32, **latency(lambda batch: ort_runner(session, batch), samples, cfg)},
         },
     }
     failures = []
@@ -218,6 +222,8 @@ def validate(onnx_path: Path, run: Run, out: Path, cfg: ExportConfig, exporter: 
         failures.append(f"fp32 parity: max |logit diff| {fp32_parity['max_abs_diff']:.3g} > atol {cfg.atol:g} (vs torch)")
     if fp32_parity["top1_agreement"] < 1.0:
         failures.append(f"fp32 parity: top-1 agreement {fp32_parity['top1_agreement']:.2%} < 100% (vs torch)")
+    if quantize is not None and raw is not None:
+        failures += add_int8(report, run, raw, onnx_path, out, cfg, quantize, inputs, labels, onnx_logits, threads)
     report["gates"] = {"passed": not failures, "failures": failures}
     write_report(report, out)
     if failures:
@@ -225,13 +231,41 @@ def validate(onnx_path: Path, run: Run, out: Path, cfg: ExportConfig, exporter: 
     return report
 
 
+def add_int8(report: dict[str, Any], run: Run, raw: Path, fp32_path: Path, out: Path, cfg: ExportConfig,
+             qcfg: QuantizeConfig, inputs: np.ndarray, labels: np.ndarray, fp32_logits: list[np.ndarray],
+             threads: int) -> list[str]:
+    """Search for an INT8 model that is faster and within the accuracy budget; record it in ``report``."""
+    from .quantize import Evaluator, quantize_variant
+
+    calibration, _ = run_arrays(run, "train", qcfg.calibration_samples, shuffle=True)
+    evaluator = Evaluator(inputs, labels, threads, qcfg.latency_seconds)
+    int8_path = out / "model.int8.onnx"
+    record, failures = quantize_variant(raw, fp32_path, int8_path, qcfg, calibration, evaluator,
+                                        onnx_metadata(run, "int8"))
+    report["quantization"] = record
+    if not int8_path.is_file():
+        return failures
+    session = ort_session(int8_path, threads)
+    int8_logits = logits_at_batch_sizes(onnx_predictor(session), inputs, cfg.parity_batch_sizes)
+    int8_parity = parity(np.concatenate(fp32_logits), np.concatenate(int8_logits))
+    int8_parity.update(reference="fp32", batch_sizes=cfg.parity_batch_sizes)
+    fp32 = report["variants"]["fp32"]
+    report["variants"]["int8"] = {
+        "path": str(int8_path), "size_bytes": onnx_size(int8_path), "accuracy": accuracy(int8_logits[0], labels),
+        "exporter": fp32["exporter"], "opset": fp32["opset"], "parity": int8_parity,
+        **latency(lambda batch: ort_runner(session, batch), inputs[: max(cfg.batch_sizes)], cfg)}
+    return failures
+
+
 def onnx_size(path: Path) -> int:
     data = path.with_name(path.name + ".data")
     return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
 
 
-def export_run(run_dir: str | Path, output_dir: str | Path, cfg: ExportConfig | None = None) -> dict[str, Any]:
-    """Export ``run_dir``'s model to ``output_dir/model.onnx``, validate it and write the report."""
+def export_run(run_dir: str | Path, output_dir: str | Path, cfg: ExportConfig | None = None,
+               quantize: QuantizeConfig | None = None) -> dict[str, Any]:
+    """Export ``run_dir``'s model to ``output_dir/model.onnx`` (and, with ``quantize``,
+    ``model.int8.onnx``), validate it and write the report."""
     cfg = cfg or ExportConfig()
     run = load_run(run_dir)
     out = Path(output_dir)
@@ -243,7 +277,8 @@ def export_run(run_dir: str | Path, output_dir: str | Path, cfg: ExportConfig | 
         raw = Path(tmp) / "model.onnx"
         exporter, reason = export_onnx(model, sample, raw, cfg.opset, cfg.exporter)
         finalize(raw, out / "model.onnx", onnx_metadata(run, "fp32"), cfg.optimization)
-    return validate(out / "model.onnx", run, out, cfg, exporter, reason)
+        (out / "model.int8.onnx").unlink(missing_ok=True)  # never leave a stale INT8 file beside a new export
+        return validate(out / "model.onnx", run, out, cfg, exporter, reason, quantize, raw)
 
 
 def revalidate(onnx_path: str | Path, run_dir: str | Path, output_dir: str | Path,

@@ -13,17 +13,22 @@ def run_pipeline(cfg: PipelineConfig, resume: bool = False) -> dict[str, Path]:
 
     artifacts = {"train": train(cfg, resume=resume)}
     print(f"fine-tuned run: {artifacts['train']}")
-    if cfg.export is not None and _is_main_process():
+    if (cfg.export is not None or cfg.quantize is not None) and _is_main_process():
+        from .config import ExportConfig
         from .export import export_run
 
-        out = cfg.export.output_dir or artifacts["train"] / "export"
+        export_cfg = cfg.export or ExportConfig()
+        out = export_cfg.output_dir or artifacts["train"] / "export"
         try:
-            export_run(artifacts["train"], out, cfg.export)
+            export_run(artifacts["train"], out, export_cfg, cfg.quantize)
         finally:  # the report is written even when a gate fails: show it
             if (out / "report.md").is_file():
                 print((out / "report.md").read_text())
         artifacts["onnx"] = out / "model.onnx"
-        print(f"ONNX file: {artifacts['onnx']}\nreport: {out / 'report.json'}")
+        if (out / "model.int8.onnx").is_file():
+            artifacts["onnx_int8"] = out / "model.int8.onnx"
+        print("ONNX file(s): " + ", ".join(str(v) for k, v in artifacts.items() if k.startswith("onnx")))
+        print(f"report: {out / 'report.json'}")
     return artifacts
 
 

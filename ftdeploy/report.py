@@ -44,8 +44,19 @@ def markdown(report: dict[str, Any]) -> str:
     for name, v in report["variants"].items():
         if v.get("exporter"):
             why = f" (dynamo failed: {v['exporter_fallback_reason']})" if v.get("exporter_fallback_reason") else ""
-            lines.append(f"- {name}: exported with the {v['exporter']} exporter{why}, opset {v.get('opset')}, "
-                         f"onnxruntime optimization '{v.get('optimization')}'.")
+            optimized = f", onnxruntime optimization '{v['optimization']}'" if v.get("optimization") else ""
+            lines.append(f"- {name}: exported with the {v['exporter']} exporter{why}, opset {v.get('opset')}{optimized}.")
+    q = report.get("quantization")
+    if q:
+        lines += ["", "## INT8", "",
+                  f"Preflight: {q['preflight']['reason']}.", "",
+                  f"Mode {q['mode']}, activations {q['activation_type']}, weights {q['weight_type']}, "
+                  f"calibration {q['calibration']} on {q['calibration_samples']} training images, "
+                  f"per-channel {q['per_channel']}, reduce_range {q['reduce_range']}. Chosen: {q['chosen'] or 'none'}; "
+                  f"kept in FP32: {', '.join(q['excluded_nodes']) if q['excluded_nodes'] else 'nothing'}.", "",
+                  format_table(q["tried"], [("name", "configuration tried", ""), ("accuracy_drop_points", "accuracy drop (pts)", "+.2f"),
+                                            ("latency_ms", "p50 ms @1", ".2f"), ("speedup", "vs fp32", ".2f"),
+                                            ("passed", "passed", "")])]
     return "\n".join(lines) + "\n"
 
 
