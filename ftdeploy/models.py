@@ -9,7 +9,7 @@ dataset's class count.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 from urllib.error import URLError
@@ -31,6 +31,7 @@ class BuiltModel:
     head_name: str  # dotted path of the classifier layer that was replaced
     defaults: dict  # preprocessing that matches the weights: mean, std, input_size, resize_size, interpolation
     checkpoint_head: dict | None = None  # head tensors of a local checkpoint, kept for set_classes
+    architecture: dict = field(default_factory=dict)  # extra model.json entries, e.g. {"pruned": channel counts}
 
     def set_classes(self, num_classes: int) -> None:
         """Give the model a ``num_classes``-way head: the checkpoint's when it fits, else a fresh one."""

@@ -13,14 +13,20 @@ def run_pipeline(cfg: PipelineConfig, resume: bool = False) -> dict[str, Path]:
 
     artifacts = {"train": train(cfg, resume=resume)}
     print(f"fine-tuned run: {artifacts['train']}")
+    final = artifacts["train"]
+    if cfg.prune is not None:
+        from .prune import prune_run
+
+        out = cfg.prune.output_dir or final.with_name(final.name + "-pruned")
+        final = artifacts["prune"] = prune_run(final, out, cfg.prune)
     if (cfg.export is not None or cfg.quantize is not None) and _is_main_process():
         from .config import ExportConfig
         from .export import export_run
 
         export_cfg = cfg.export or ExportConfig()
-        out = export_cfg.output_dir or artifacts["train"] / "export"
+        out = export_cfg.output_dir or final / "export"
         try:
-            export_run(artifacts["train"], out, export_cfg, cfg.quantize)
+            export_run(final, out, export_cfg, cfg.quantize)
         finally:  # the report is written even when a gate fails: show it
             if (out / "report.md").is_file():
                 print((out / "report.md").read_text())

@@ -47,12 +47,31 @@ class Run:
 
         built = build_model(ModelConfig(name=self.architecture["name"], weights="none"), len(self.classes))
         model = built.model
+        if self.architecture.get("pruned"):  # channel counts recorded by ftdeploy prune
+            from .prune import restore_pruned
+
+            restore_pruned(model, self.architecture["pruned"])
         state = load_file(str(self.path / WEIGHTS))
         try:
             model.load_state_dict(state)
         except RuntimeError as e:
             raise RunDirError(f"weights in {self.path / WEIGHTS} do not fit {self.architecture['name']}: {e}") from None
         return model.eval()
+
+
+def built_from_run(path: str | Path):
+    """A run directory as a starting point for more training: its model (pruned or not) and preprocessing."""
+    from .models import BuiltModel
+
+    run = load_run(path)
+    extra = {"name": run.architecture["name"], **({"pruned": run.architecture["pruned"]} if run.architecture.get("pruned") else {})}
+    model = run.load_model()
+    model.train()
+    return BuiltModel(model, run.architecture["head_name"], {}, architecture=extra), run.preprocessing
+
+
+def is_run_dir(path: str | Path) -> bool:
+    return (Path(path) / "model.json").is_file() and (Path(path) / WEIGHTS).is_file()
 
 
 def load_run(path: str | Path) -> Run:

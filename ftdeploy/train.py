@@ -27,7 +27,7 @@ from .data import DatasetSplits, build_datasets
 from .errors import ConfigError, DependencyError
 from .models import BuiltModel, build_model, split_parameters
 from .preprocessing import Preprocessing
-from .rundir import WEIGHTS, manifest, write_json, write_run_files
+from .rundir import WEIGHTS, built_from_run, is_run_dir, manifest, write_json, write_run_files
 
 
 class Callback(Protocol):
@@ -154,6 +154,20 @@ def prepare_data(cfg: PipelineConfig, built: BuiltModel, splits: DatasetSplits) 
     return built.model, splits.train, splits.val
 
 
+class DistillationLoss(nn.Module):
+    """The usual loss plus soft-target KL divergence from a frozen teacher's logits."""
+
+    def __init__(self, base: nn.Module, teacher: nn.Module, alpha: float, temperature: float):
+        super().__init__()
+        self.base, self.teacher, self.alpha, self.t = base, teacher, alpha, temperature
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            soft = (self.teacher(inputs) / self.t).softmax(-1)
+        kl = nn.functional.kl_div((logits / self.t).log_softmax(-1), soft, reduction="batchmean") * self.t**2
+        return (1 - self.alpha) * self.base(logits, target) + self.alpha * kl
+
+
 def evaluate(accelerator, model: nn.Module, loader) -> float:
     model.eval()
     correct = total = 0
@@ -168,11 +182,14 @@ def evaluate(accelerator, model: nn.Module, loader) -> float:
 
 
 def train(cfg: PipelineConfig, resume: bool = False, callbacks: Iterable[Callback] = (),
-          parent: Path | None = None, built: BuiltModel | None = None) -> Path:
+          parent: Path | None = None, built: BuiltModel | None = None, teacher: nn.Module | None = None,
+          distill: tuple[float, float] = (0.0, 1.0), preprocessing: Preprocessing | None = None) -> Path:
     """Fine-tune ``cfg.model`` on ``cfg.data`` and write the run directory ``cfg.output_dir``.
 
     ``resume`` continues from ``output_dir/checkpoints/last`` exactly where it stopped. ``built``
-    starts from an already built model (e.g. a pruned one); ``parent`` is the run it came from.
+    starts from an already built model (e.g. a pruned one) with the ``preprocessing`` of ``parent``,
+    the run it came from. With a ``teacher``, the loss adds knowledge distillation:
+    ``(1 - alpha) * CE + alpha * T^2 * KL(student/T || teacher/T)`` for ``distill = (alpha, T)``.
     """
     from accelerate.utils import set_seed
     from safetensors.torch import save_file
@@ -185,15 +202,19 @@ def train(cfg: PipelineConfig, resume: bool = False, callbacks: Iterable[Callbac
     accelerator = make_accelerator(cfg, out)
     set_seed(cfg.train.seed)
 
+    if built is None and is_run_dir(cfg.model.weights):  # continue from a run (e.g. a pruned one)
+        built, preprocessing = built_from_run(cfg.model.weights)
+        parent = parent or Path(cfg.model.weights)
     if built is None:
         built = build_model(cfg.model, num_classes=None)
-    spec = resolve_preprocessing(cfg.preprocessing, built.defaults)
+    spec = preprocessing or resolve_preprocessing(cfg.preprocessing, built.defaults)
     splits = build_datasets(cfg.data, spec)
     built.set_classes(len(splits.classes))
     if splits.skipped:
         accelerator.print(f"skipped {len(splits.skipped)} unreadable image(s), e.g. {splits.skipped[0]}")
     if accelerator.is_main_process:
-        architecture = {"name": cfg.model.name, "num_classes": len(splits.classes), "head_name": built.head_name}
+        architecture = {"name": cfg.model.name, "num_classes": len(splits.classes), "head_name": built.head_name,
+                        **built.architecture}
         write_run_files(out, cfg, splits.classes, spec, architecture,
                         manifest("train" if parent is None else "finetune", parent,
                                  data={"name": splits.name, "train": len(splits.train), "val": len(splits.val),
@@ -219,6 +240,9 @@ def train(cfg: PipelineConfig, resume: bool = False, callbacks: Iterable[Callbac
         accelerator.init_trackers(cfg.name, config={"lr": cfg.train.lr, "epochs": cfg.train.epochs,
                                                     "batch_size": bs, "mode": cfg.train.mode})
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+    if teacher is not None:
+        teacher = teacher.eval().to(accelerator.device)
+        criterion = DistillationLoss(criterion, teacher, *distill)
     show = cfg.train.progress and accelerator.is_local_main_process
 
     for epoch in range(state.epoch + 1, cfg.train.epochs):
@@ -232,7 +256,7 @@ def train(cfg: PipelineConfig, resume: bool = False, callbacks: Iterable[Callbac
         for x, y in bar:
             with accelerator.accumulate(trained):
                 with accelerator.autocast():
-                    loss = criterion(trained(x), y)
+                    loss = criterion(trained(x), y, x) if teacher is not None else criterion(trained(x), y)
                 accelerator.backward(loss)
                 optimizer.step()
                 scheduler.step()

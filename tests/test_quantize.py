@@ -5,9 +5,8 @@ import onnx
 import pytest
 import torch
 
-from conftest import FAST_EXPORT, make_run, run_cli
-from ftdeploy.config import ExportConfig, QuantizeConfig
-from ftdeploy.errors import GateError
+from conftest import make_run, run_cli
+from ftdeploy.config import QuantizeConfig
 from ftdeploy.quantize import Evaluator, preflight, quantize_variant
 
 

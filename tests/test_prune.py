@@ -1,0 +1,106 @@
+import json
+import subprocess
+import sys
+
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from conftest import FAST_EXPORT, REPO, make_run, run_cli
+from ftdeploy.config import ExportConfig, PruneConfig, load_config
+from ftdeploy.errors import ConfigError
+from ftdeploy.prune import prune_run
+from ftdeploy.rundir import load_run
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("prune") / "run", "torchvision:resnet18", "train.epochs=2")
+
+
+@pytest.fixture(scope="module")
+def pruned(trained, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pruned") / "run-pruned"
+    result = run_cli("prune", str(trained), "-o", str(out), "--target-macs", "0.5", "--finetune-epochs", "1",
+                     "--set", "latency_seconds=0.2", "--distill-alpha", "0.5")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def layer_weights(model):
+    return sorted(tuple(m.weight.shape) for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
+
+
+def test_channels_are_removed_and_the_report_says_so(trained, pruned):
+    report = json.loads((pruned / "prune_report.json").read_text())
+    assert report["ratios"]["macs"] <= 0.5 and report["ratios"]["params"] < 0.7
+    assert report["after"]["macs"] < report["before"]["macs"]
+    manifest = json.loads((pruned / "manifest.json").read_text())
+    assert manifest["parent"] == str(trained) and manifest["lineage"][-1]["stage"] == "train"
+    small, big = load_run(pruned).load_model(), load_run(trained).load_model()
+    assert sum(p.numel() for p in small.parameters()) == report["after"]["params"]
+    assert small.fc.out_features == big.fc.out_features == 3  # the classifier's outputs are never pruned
+    convs = [m for m in small.modules() if isinstance(m, torch.nn.Conv2d)][1:]  # the stem keeps 3 input channels
+    assert all(c.out_channels % 8 == 0 for c in convs)  # rounded for fast kernels
+
+
+def test_exported_onnx_has_exactly_the_pruned_weights(pruned, tmp_path):
+    from ftdeploy.export import export_run
+
+    export_run(pruned, tmp_path, ExportConfig(**FAST_EXPORT, optimization="none"))
+    graph = onnx.load(str(tmp_path / "model.onnx")).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    onnx_weights = sorted(tuple(inits[n.input[1]].shape) for n in graph.node
+                          if n.op_type in ("Conv", "Gemm", "MatMul") and n.input[1] in inits)
+    model = load_run(pruned).load_model()
+    assert [w if len(w) == 4 else tuple(sorted(w)) for w in onnx_weights] == \
+           [w if len(w) == 4 else tuple(sorted(w)) for w in layer_weights(model)]  # Gemm may store W transposed
+    # no mask tensors ride along: the file's parameters are the model's
+    assert sum(v.size for v in inits.values()) <= sum(v.numel() for v in model.state_dict().values())
+
+
+def test_pruned_run_reloads_in_a_fresh_process_with_identical_outputs(pruned, tmp_path):
+    x = torch.randn(3, 3, 32, 32)
+    torch.save(x, tmp_path / "x.pt")
+    expected = load_run(pruned).load_model()(x)
+    code = (f"import torch; from ftdeploy.rundir import load_run; x = torch.load({str(tmp_path / 'x.pt')!r}); "
+            f"torch.save(load_run({str(pruned)!r}).load_model()(x), {str(tmp_path / 'y.pt')!r})")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+    assert torch.equal(torch.load(tmp_path / "y.pt"), expected)
+
+
+def test_pruned_run_fine_tunes_again_like_any_run(pruned, tmp_path):
+    """A pruned run directory as model.weights: the new run keeps the pruned architecture."""
+    from conftest import TINY
+
+    out = tmp_path / "again"
+    args = [a for item in [*TINY, "preprocessing.input_size=32", "data.image_size=32", "train.epochs=1",
+                           f"model.weights={pruned}"] for a in ("--set", item)]
+    result = run_cli("train", *args, "--output-dir", str(out))
+    assert result.returncode == 0, result.stderr
+    assert layer_weights(load_run(out).load_model()) == layer_weights(load_run(pruned).load_model())
+    assert json.loads((out / "manifest.json").read_text())["parent"] == str(pruned)
+
+
+def test_target_speedup_is_reached_by_measurement(trained, tmp_path):
+    out = prune_run(trained, tmp_path / "fast", PruneConfig(target_speedup=1.3, finetune_epochs=0, latency_seconds=0.3))
+    report = json.loads((out / "prune_report.json").read_text())
+    chosen = next(t for t in report["search"] if t["ratio"] == report["ratio"])
+    assert chosen["speedup"] >= 1.3
+    assert all(t["speedup"] < 1.3 for t in report["search"] if t["ratio"] < report["ratio"])  # the least pruning
+
+
+def test_unstructured_is_reported_honestly(trained, tmp_path):
+    out = prune_run(trained, tmp_path / "sparse", PruneConfig(method="unstructured", ratio=0.7, latency_seconds=0.2))
+    report = json.loads((out / "prune_report.json").read_text())
+    assert report["sparsity"] == pytest.approx(0.7, abs=0.01)
+    assert report["after"]["params"] == report["before"]["params"]  # dense tensors, zeros inside
+    assert report["after"]["onnx_gzip_bytes"] < 0.6 * report["before"]["onnx_gzip_bytes"]
+    assert "no" in report["note"] and "latency does not improve" in report["note"]
+
+
+def test_prune_config_takes_one_target():
+    with pytest.raises(ConfigError, match="give one of target_macs, target_speedup, ratio"):
+        load_config(None, ["prune.target_macs=0.5", "prune.ratio=0.3"])
+    assert load_config(None, ["prune.method=structured"]).prune.target_macs == 0.5
