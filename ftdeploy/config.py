@@ -107,6 +107,8 @@ class QuantizeConfig(Section):
     calibration_samples: int = Field(256, ge=1, description="training images the static ranges are measured on")
     per_channel: bool = True
     max_accuracy_drop: float = Field(0.5, ge=0, description="percentage points of validation accuracy INT8 may lose")
+    min_speedup: float = Field(1.1, ge=1.0, description="INT8 must beat FP32 by this factor at batch 1: a margin over "
+                               "timing noise, so that a model no faster than FP32 is never shipped")
     search: bool = Field(True, description="measure candidate FP32 exclusions when the plain INT8 model falls short")
     latency_seconds: float = Field(2.0, gt=0, description="timed seconds per candidate's batch-1 latency")
 

@@ -31,20 +31,44 @@ class LatencyStats:
         return asdict(self)
 
 
+def _timed(fn: Callable[[], object], times: list[float], min_iterations: int, max_iterations: int,
+           min_seconds: float) -> None:
+    start, n = time.perf_counter(), 0
+    while n < max_iterations and (n < min_iterations or time.perf_counter() - start < min_seconds):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        n += 1
+
+
+def _stats(times: list[float], batch_size: int) -> LatencyStats:
+    ms = np.asarray(times) * 1000
+    p50, p90, p99 = (float(v) for v in np.percentile(ms, [50, 90, 99]))
+    return LatencyStats(batch_size, len(times), p50, p90, p99, float(ms.mean()), batch_size * 1000 / p50)
+
+
 def measure(fn: Callable[[], object], batch_size: int, warmup: int = 5, min_iterations: int = 20,
             max_iterations: int = 2000, min_seconds: float = 1.5) -> LatencyStats:
     """Run ``fn`` ``warmup`` times untimed, then at least ``min_iterations`` times and ``min_seconds`` long."""
     for _ in range(warmup):
         fn()
     times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < max_iterations and (len(times) < min_iterations or time.perf_counter() - start < min_seconds):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    ms = np.asarray(times) * 1000
-    p50, p90, p99 = (float(v) for v in np.percentile(ms, [50, 90, 99]))
-    return LatencyStats(batch_size, len(times), p50, p90, p99, float(ms.mean()), batch_size * 1000 / p50)
+    _timed(fn, times, min_iterations, max_iterations, min_seconds)
+    return _stats(times, batch_size)
+
+
+def measure_interleaved(fns: dict[str, Callable[[], object]], batch_size: int, rounds: int = 4, warmup: int = 5,
+                        min_iterations: int = 20, min_seconds: float = 1.5) -> dict[str, LatencyStats]:
+    """Time several variants in alternating rounds, so that drift in the machine's speed (other
+    tenants, frequency changes) hits all of them alike; each gets ``min_seconds`` in all."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            _timed(fn, times[name], -(-min_iterations // rounds), 2000, min_seconds / rounds)
+    return {name: _stats(t, batch_size) for name, t in times.items()}
 
 
 def ort_session(path: str | Path, threads: int):
