@@ -49,7 +49,7 @@ def main() -> None:
             train(cfg)
         base = exported(run_dir, cfg) if not (run_dir / "export" / "report.json").is_file() else \
             json.loads((run_dir / "export" / "report.json").read_text())
-        pruned_dir = run_dir.with_name(name + "-pruned")
+        pruned_dir = run_dir.with_name(f"{name}-pruned{round(100 * args.target_macs)}")
         prune_run(run_dir, pruned_dir, PruneConfig(target_macs=args.target_macs, finetune_epochs=args.finetune_epochs,
                                                    distill_alpha=0.5))
         small = exported(pruned_dir, cfg)

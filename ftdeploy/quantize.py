@@ -228,14 +228,15 @@ def search(raw: Path, fp32: Path, workdir: Path, cfg: QuantizeConfig, calibratio
         candidates.append(("first/last in fp32", edges, None))
         for name, excluded, op_types in candidates:
             attempt(name, excluded, op_types)
-        fast = [a for a in tried if a.speedup >= cfg.min_speedup]
-        if fast and not any(a.passed for a in tried):
-            # Keep the nodes whose own quantization error is largest in FP32, on the fastest config.
-            best = max(fast, key=lambda a: a.speedup)
-            ranked = sensitive_nodes(pre, best.path, reader)
+        fastest = max(tried, key=lambda a: a.speedup)
+        best_passing = max((a.speedup for a in tried if a.passed), default=0.0)
+        if not fastest.passed and fastest.speedup >= cfg.min_speedup and fastest.speedup > best_passing:
+            # The fastest configuration loses accuracy: keep the nodes whose own quantization error is
+            # largest in FP32, a few at a time, and stop at the first that holds the budget.
+            ranked = sensitive_nodes(pre, fastest.path, reader)
             for k in (1, 2, 4, 8):
-                if attempt(f"{best.name} + {k} most sensitive in fp32", best.excluded_nodes + edges + ranked[:k],
-                           best.op_types).passed:
+                if attempt(f"{fastest.name} + {k} most sensitive in fp32", fastest.excluded_nodes + ranked[:k],
+                           fastest.op_types).passed:
                     break
     passing = [a for a in tried if a.passed]
     chosen = max(passing, key=lambda a: a.speedup) if passing else None
