@@ -13,23 +13,12 @@ import argparse
 import json
 from pathlib import Path
 
-from ftdeploy.config import PruneConfig, QuantizeConfig, load_config
-from ftdeploy.errors import GateError
-from ftdeploy.export import export_run
+from ftdeploy.config import PruneConfig
 from ftdeploy.latency import format_table
 from ftdeploy.machine import machine_info
 from ftdeploy.prune import prune_run
-from ftdeploy.train import train
 
-from quantize import MODELS  # the same fine-tuned models as the INT8 benchmark
-
-
-def exported(run_dir: Path, cfg) -> dict:
-    try:
-        return export_run(run_dir, run_dir / "export", cfg.export, QuantizeConfig())
-    except GateError as e:  # the report is written: the table says what failed
-        print(e)
-        return json.loads((run_dir / "export" / "report.json").read_text())
+from quantize import exported, fine_tuned  # the same fine-tuned models as the INT8 benchmark
 
 
 def main() -> None:
@@ -43,10 +32,7 @@ def main() -> None:
 
     results = {}
     for name in args.models.split(","):
-        run_dir = args.workdir / name
-        cfg = load_config("configs/digits.yaml", [*MODELS[name], f"output_dir={run_dir}", "train.progress=false"])
-        if not (run_dir / "metrics.json").is_file():
-            train(cfg)
+        run_dir, cfg = fine_tuned(name, args.workdir)
         base = exported(run_dir, cfg) if not (run_dir / "export" / "report.json").is_file() else \
             json.loads((run_dir / "export" / "report.json").read_text())
         pruned_dir = run_dir.with_name(f"{name}-pruned{round(100 * args.target_macs)}")

@@ -48,6 +48,25 @@ def summarize(report: dict) -> dict:
     return row
 
 
+def fine_tuned(name: str, workdir: Path):
+    """(run directory, config) of ``name`` fine-tuned on the digits, trained now unless already there."""
+    run_dir = workdir / name
+    cfg = load_config("configs/digits.yaml", [*MODELS[name], f"output_dir={run_dir}", "train.progress=false"])
+    if not (run_dir / "metrics.json").is_file():
+        print(f"== {name}: fine-tuning", flush=True)
+        train(cfg)
+    return run_dir, cfg
+
+
+def exported(run_dir: Path, cfg) -> dict:
+    """Export + INT8 report of a run; a failed gate still leaves its report, which is returned."""
+    try:
+        return export_run(run_dir, run_dir / "export", cfg.export, QuantizeConfig())
+    except GateError as e:
+        print(e)
+        return json.loads((run_dir / "export" / "report.json").read_text())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
@@ -57,17 +76,9 @@ def main() -> None:
 
     results = {}
     for name in args.models.split(","):
-        run_dir = args.workdir / name
-        cfg = load_config("configs/digits.yaml", [*MODELS[name], f"output_dir={run_dir}", "train.progress=false"])
-        print(f"== {name}: fine-tuning", flush=True)
-        if not (run_dir / "metrics.json").is_file():
-            train(cfg)
+        run_dir, cfg = fine_tuned(name, args.workdir)
         print(f"== {name}: export + int8", flush=True)
-        try:
-            report = export_run(run_dir, run_dir / "export", cfg.export, QuantizeConfig())
-        except GateError as e:  # the report is written; the table shows why
-            print(e)
-            report = json.loads((run_dir / "export" / "report.json").read_text())
+        report = exported(run_dir, cfg)
         results[name] = summarize(report)
 
     rows = [{"model": k, **v} for k, v in results.items()]
