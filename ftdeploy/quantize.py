@@ -228,15 +228,16 @@ def search(raw: Path, fp32: Path, workdir: Path, cfg: QuantizeConfig, calibratio
         candidates.append(("first/last in fp32", edges, None))
         for name, excluded, op_types in candidates:
             attempt(name, excluded, op_types)
-        fastest = max(tried, key=lambda a: a.speedup)
         best_passing = max((a.speedup for a in tried if a.passed), default=0.0)
-        if not fastest.passed and fastest.speedup >= cfg.min_speedup and fastest.speedup > best_passing:
-            # The fastest configuration loses accuracy: keep the nodes whose own quantization error is
-            # largest in FP32, a few at a time, and stop at the first that holds the budget.
-            ranked = sensitive_nodes(pre, fastest.path, reader)
+        fast = [a for a in tried if not a.passed and a.speedup >= cfg.min_speedup and a.speedup > best_passing]
+        if fast:
+            # Fast enough but too inaccurate: on the one that loses least, keep the nodes whose own
+            # quantization error is largest in FP32, a few at a time, until the budget holds.
+            base = min(fast, key=lambda a: (a.accuracy_drop_points, -a.speedup))
+            ranked = sensitive_nodes(pre, base.path, reader)
             for k in (1, 2, 4, 8):
-                if attempt(f"{fastest.name} + {k} most sensitive in fp32", fastest.excluded_nodes + ranked[:k],
-                           fastest.op_types).passed:
+                if attempt(f"{base.name} + {k} most sensitive in fp32", base.excluded_nodes + ranked[:k],
+                           base.op_types).passed:
                     break
     passing = [a for a in tried if a.passed]
     chosen = max(passing, key=lambda a: a.speedup) if passing else None
