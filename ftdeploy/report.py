@@ -60,14 +60,23 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_latency(report: dict[str, Any], path: Path) -> None:
-    """p50 latency per variant and batch size, with p99 as the error bar."""
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, or None when matplotlib is not installed
+    (plots are extras: a serving or minimal install skips them)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot_latency(report: dict[str, Any], path: Path) -> None:
+    """p50 latency per variant and batch size, with p99 as the error bar."""
+    plt = pyplot()
+    if plt is None:
         return
     variants = report["variants"]
     batch_sizes = list(next(iter(variants.values()))["latency_ms"])

@@ -311,12 +311,10 @@ def write_history(out: Path, history: list[dict[str, Any]]) -> None:
 
 def plot_history(out: Path, history: list[dict[str, Any]]) -> None:
     """training_curves.png: loss and validation accuracy per epoch (skipped without matplotlib)."""
-    try:
-        import matplotlib
+    from .report import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     epochs = [h["epoch"] for h in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
