@@ -127,12 +127,16 @@ def onnx_metadata(run: Run, variant: str) -> dict[str, Any]:
             "val_accuracy": run.metrics.get("val_accuracy")}
 
 
-def run_arrays(run: Run, split: str, limit: int, shuffle: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """A run's train or val images, preprocessed as in training (a seeded random subset when shuffled)."""
+def run_splits(run: Run):
+    """A run's train/val datasets, preprocessed as in training and without augmentation. Built once
+    per stage: building an image folder decodes every file."""
     from .data import build_datasets
 
-    splits = build_datasets(run.config.data.model_copy(update={"augment": False}), run.preprocessing)
-    ds = splits.val if split == "val" else splits.train
+    return build_datasets(run.config.data.model_copy(update={"augment": False}), run.preprocessing)
+
+
+def split_arrays(ds, limit: int, shuffle: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Up to ``limit`` images of a dataset as (inputs, labels) arrays (a seeded random subset when shuffled)."""
     order = np.random.default_rng(0).permutation(len(ds)) if shuffle else np.arange(len(ds))
     xs, ys = zip(*(ds[int(i)] for i in order[:limit]))
     return torch.stack(xs).numpy(), np.asarray(ys)
@@ -199,7 +203,8 @@ def validate(onnx_path: Path, run: Run, out: Path, cfg: ExportConfig, exporter: 
 
     threads = cfg.threads or physical_cores()
     torch.set_num_threads(threads)
-    inputs, labels = run_arrays(run, "val", cfg.parity_samples)
+    splits = run_splits(run)
+    inputs, labels = split_arrays(splits.val, cfg.parity_samples)
     model = run.load_model()
     session = ort_session(onnx_path, threads)
 
@@ -228,7 +233,9 @@ def validate(onnx_path: Path, run: Run, out: Path, cfg: ExportConfig, exporter: 
     if fp32_parity["top1_agreement"] < 1.0:
         failures.append(f"fp32 parity: top-1 agreement {fp32_parity['top1_agreement']:.2%} < 100% (vs torch)")
     if quantize is not None and raw is not None:
-        failures += add_int8(report, runners, run, raw, onnx_path, out, cfg, quantize, inputs, labels, onnx_logits, threads)
+        calibration, _ = split_arrays(splits.train, quantize.calibration_samples, shuffle=True)
+        failures += add_int8(report, runners, run, raw, onnx_path, out, cfg, quantize, inputs, labels, calibration,
+                             onnx_logits, threads)
     for name, figures in latency(runners, inputs[: max(cfg.batch_sizes)], cfg).items():
         report["variants"][name].update(figures)
     if "int8" in report["variants"]:
@@ -247,13 +254,12 @@ def validate(onnx_path: Path, run: Run, out: Path, cfg: ExportConfig, exporter: 
 
 
 def add_int8(report: dict[str, Any], runners: dict[str, Any], run: Run, raw: Path, fp32_path: Path, out: Path,
-             cfg: ExportConfig, qcfg: QuantizeConfig, inputs: np.ndarray, labels: np.ndarray,
+             cfg: ExportConfig, qcfg: QuantizeConfig, inputs: np.ndarray, labels: np.ndarray, calibration: np.ndarray,
              fp32_logits: list[np.ndarray], threads: int) -> list[str]:
     """Search for an INT8 model that is faster and within the accuracy budget; record it in ``report``
     and add its runner to ``runners`` so that its latency is measured beside the others."""
     from .quantize import Evaluator, quantize_variant
 
-    calibration, _ = run_arrays(run, "train", qcfg.calibration_samples, shuffle=True)
     evaluator = Evaluator(inputs, labels, threads, qcfg.latency_seconds)
     int8_path = out / "model.int8.onnx"
     record, failures = quantize_variant(raw, fp32_path, int8_path, qcfg, calibration, evaluator,

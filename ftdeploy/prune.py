@@ -11,6 +11,7 @@ stored as plain channel counts in ``model.json``, so a run directory reloads wit
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gzip
 import tempfile
@@ -99,16 +100,26 @@ def pruned_copy(model: nn.Module, head_name: str, example: torch.Tensor, cfg: Pr
     return candidate
 
 
-def ort_latency(model: nn.Module, example: torch.Tensor, threads: int, seconds: float) -> float:
-    """Batch-1 p50 (ms) of the model as an ONNX file in onnxruntime: MACs do not map one to one onto latency."""
+@contextlib.contextmanager
+def shipped_onnx(model: nn.Module, example: torch.Tensor):
+    """The model as a temporary, optimized ONNX file (TorchScript exporter: fast, and only measured)."""
     from .export import export_onnx, finalize
 
     with tempfile.TemporaryDirectory() as tmp:
         raw, shipped = Path(tmp) / "raw.onnx", Path(tmp) / "model.onnx"
-        export_onnx(model.eval(), example.repeat(2, 1, 1, 1), raw, exporter="torchscript")  # fast; only timed
+        export_onnx(model.eval(), example.repeat(2, 1, 1, 1), raw, exporter="torchscript")
         finalize(raw, shipped, {})
-        session = ort_session(shipped, threads)
-        return measure(ort_runner(session, example.numpy()), 1, min_seconds=seconds).p50
+        yield shipped
+
+
+def onnx_p50(path: Path, example: torch.Tensor, threads: int, seconds: float) -> float:
+    return measure(ort_runner(ort_session(path, threads), example.numpy()), 1, min_seconds=seconds).p50
+
+
+def ort_latency(model: nn.Module, example: torch.Tensor, threads: int, seconds: float) -> float:
+    """Batch-1 p50 (ms) of the model as an ONNX file in onnxruntime: MACs do not map one to one onto latency."""
+    with shipped_onnx(model, example) as path:
+        return onnx_p50(path, example, threads, seconds)
 
 
 def choose_ratio(model: nn.Module, head_name: str, example: torch.Tensor, cfg: PruneConfig,
@@ -185,15 +196,9 @@ def unstructured(model: nn.Module, head_name: str, amount: float) -> float:
     return zeros / sum(m.weight.numel() for m, _ in params)
 
 
-def evaluate_torch(model: nn.Module, inputs: np.ndarray, labels: np.ndarray) -> float:
-    with torch.inference_mode():
-        logits = torch.cat([model.eval()(torch.from_numpy(inputs[i:i + 64])) for i in range(0, len(inputs), 64)])
-    return float((logits.argmax(-1).numpy() == labels).mean())
-
-
 def prune_run(run_dir: str | Path, output_dir: str | Path, cfg: PruneConfig | None = None) -> Path:
     """Prune ``run_dir``'s model, recover it by fine-tuning, write the new run directory and its report."""
-    from .export import run_arrays
+    from .export import run_splits, split_arrays
 
     cfg = cfg or PruneConfig()
     run = load_run(run_dir)
@@ -204,7 +209,8 @@ def prune_run(run_dir: str | Path, output_dir: str | Path, cfg: PruneConfig | No
     model = run.load_model()
     head_name = run.architecture["head_name"]
     example = torch.zeros(1, *run.preprocessing.input_shape)
-    inputs, labels = run_arrays(run, "val", 2000)
+    splits = run_splits(run)
+    inputs, labels = split_arrays(splits.val, 2000)
     threads = cfg.threads or physical_cores()
     before = measure_model(model, example, inputs, labels, threads, cfg.latency_seconds)
     record: dict[str, Any] = {"source_run": str(run.path), "method": cfg.method, "importance": cfg.importance,
@@ -215,7 +221,7 @@ def prune_run(run_dir: str | Path, output_dir: str | Path, cfg: PruneConfig | No
         save_run(run, out, model, {}, record)
     else:
         teacher = copy.deepcopy(model).eval() if cfg.distill_alpha > 0 else None
-        batches = _taylor_batches(run, cfg) if cfg.importance == "taylor" else None
+        batches = _taylor_batches(splits.train, cfg) if cfg.importance == "taylor" else None
         ratio, trials = choose_ratio(model, head_name, example, cfg, batches)
         record.update(ratio=ratio, search=trials, iterative_steps=cfg.iterative_steps)
         base = copy.deepcopy(model)
@@ -257,17 +263,14 @@ def save_run(run: Run, out: Path, model: nn.Module, delta: dict[str, Any], recor
 
 
 def measure_model(model: nn.Module, example: torch.Tensor, inputs, labels, threads: int, seconds: float) -> dict:
-    from .export import export_onnx, finalize
+    from .export import accuracy, batched, torch_predictor
 
     macs, params = macs_and_params(model, example)
-    with tempfile.TemporaryDirectory() as tmp:
-        raw, shipped = Path(tmp) / "raw.onnx", Path(tmp) / "model.onnx"
-        export_onnx(model.eval(), example.repeat(2, 1, 1, 1), raw, exporter="torchscript")
-        finalize(raw, shipped, {})
-        size = shipped.stat().st_size
-        gz = len(gzip.compress(shipped.read_bytes(), compresslevel=6))
-        latency = measure(ort_runner(ort_session(shipped, threads), example.numpy()), 1, min_seconds=seconds).p50
-    return {"macs": macs, "params": params, "accuracy": evaluate_torch(model, inputs, labels),
+    with shipped_onnx(model, example) as path:
+        size = path.stat().st_size
+        gz = len(gzip.compress(path.read_bytes(), compresslevel=6))
+        latency = onnx_p50(path, example, threads, seconds)
+    return {"macs": macs, "params": params, "accuracy": accuracy(batched(torch_predictor(model.eval()), inputs, 64), labels),
             "fp32_latency_ms": latency, "onnx_bytes": size, "onnx_gzip_bytes": gz}
 
 
@@ -291,10 +294,10 @@ def _finetune(run: Run, out: Path, model: nn.Module, head_name: str, base: nn.Mo
           distill=(cfg.distill_alpha, cfg.distill_temperature), preprocessing=run.preprocessing)
 
 
-def _taylor_batches(run: Run, cfg: PruneConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    from .export import run_arrays
+def _taylor_batches(train_set, cfg: PruneConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    from .export import split_arrays
 
-    x, y = run_arrays(run, "train", cfg.taylor_batches * 16, shuffle=True)
+    x, y = split_arrays(train_set, cfg.taylor_batches * 16, shuffle=True)
     return [(torch.from_numpy(x[i:i + 16]), torch.from_numpy(y[i:i + 16])) for i in range(0, len(x), 16)]
 
 

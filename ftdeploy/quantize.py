@@ -96,21 +96,15 @@ class Attempt:
     path: Path | None = field(default=None, repr=False)
 
 
-def pick_mode(model_path: Path) -> str:
+def pick_mode(model) -> str:
     """static for convolutional models, dynamic where MatMul/Gemm weights dominate (Linear/attention)."""
-    import onnx
-
-    model = onnx.load(str(model_path))
     sizes = {init.name: int(np.prod(init.dims)) for init in model.graph.initializer}
     conv = sum(sizes.get(n.input[1], 0) for n in model.graph.node if n.op_type == "Conv" and len(n.input) > 1)
     dense = sum(sizes.get(i, 0) for n in model.graph.node if n.op_type in ("MatMul", "Gemm") for i in n.input)
     return "static" if conv >= dense else "dynamic"
 
 
-def depthwise_convs(model_path: Path) -> list[str]:
-    import onnx
-
-    model = onnx.load(str(model_path))
+def depthwise_convs(model) -> list[str]:
     shapes = {init.name: list(init.dims) for init in model.graph.initializer}
     out = []
     for node in model.graph.node:
@@ -120,10 +114,8 @@ def depthwise_convs(model_path: Path) -> list[str]:
     return out
 
 
-def first_last(model_path: Path) -> list[str]:
-    import onnx
-
-    nodes = [n.name for n in onnx.load(str(model_path)).graph.node if n.op_type in COMPUTE_OPS]
+def first_last(model) -> list[str]:
+    nodes = [n.name for n in model.graph.node if n.op_type in COMPUTE_OPS]
     return list(dict.fromkeys(nodes[:1] + nodes[-1:]))
 
 
@@ -147,10 +139,10 @@ def quantize_once(pre: Path, out: Path, mode: str, plan: Preflight, cfg: Quantiz
                     extra_options={"CalibMovingAverage": False})
 
 
-def sensitive_nodes(pre: Path, qdq: Path, reader: CalibrationReader, limit: int = 16) -> list[str]:
+def sensitive_nodes(pre: Path, model, qdq: Path, reader: CalibrationReader, limit: int = 16) -> list[str]:
     """Float-model nodes ranked by the error their own quantization adds (worst first), measured by
-    onnxruntime's QDQ debugging utilities comparing float and quantized activations."""
-    import onnx
+    onnxruntime's QDQ debugging utilities comparing float and quantized activations. ``model`` is
+    ``pre`` already loaded."""
     from onnxruntime.quantization.qdq_loss_debug import (collect_activations, compute_activation_error,
                                                          create_activation_matching,
                                                          modify_model_output_intermediate_tensors)
@@ -164,7 +156,7 @@ def sensitive_nodes(pre: Path, qdq: Path, reader: CalibrationReader, limit: int 
         sample.rewind()
         qdq_acts = collect_activations(str(q_aug), sample)
     errors = compute_activation_error(create_activation_matching(qdq_acts, float_acts))
-    producer = {out: node.name for node in onnx.load(str(pre)).graph.node for out in node.output}
+    producer = {out: node.name for node in model.graph.node for out in node.output}
     ranked = sorted(((e.get("qdq_err", float("inf")), name) for name, e in errors.items() if name in producer),
                     key=lambda t: t[0])  # lowest SQNR = largest local error
     return [producer[name] for _, name in ranked[:limit]]
@@ -178,10 +170,9 @@ class Evaluator:
         self.inputs, self.labels, self.threads, self.seconds = inputs, labels, threads, seconds
 
     def accuracy(self, path: Path) -> float:
-        session = ort_session(path, self.threads)
-        name = session.get_inputs()[0].name
-        logits = np.concatenate([session.run(None, {name: self.inputs[i:i + 32]})[0] for i in range(0, len(self.inputs), 32)])
-        return float((logits.argmax(-1) == self.labels).mean())
+        from .export import accuracy, batched, onnx_predictor
+
+        return accuracy(batched(onnx_predictor(ort_session(path, self.threads)), self.inputs, 32), self.labels)
 
     def latency_vs(self, path: Path, reference: Path) -> tuple[float, float]:
         """(p50 ms of ``path``, p50 ms of ``reference``) at batch 1."""
@@ -195,11 +186,13 @@ class Evaluator:
 def search(raw: Path, fp32: Path, workdir: Path, cfg: QuantizeConfig, calibration: np.ndarray, evaluator: Evaluator,
            plan: Preflight, progress=print) -> tuple[Attempt | None, list[Attempt], str]:
     """Try configurations, measure each; returns (the fastest that passes or None, all tried, mode)."""
+    import onnx
     from onnxruntime.quantization import quant_pre_process
 
     pre = workdir / "pre.onnx"
     quant_pre_process(str(raw), str(pre))
-    mode = pick_mode(pre) if cfg.mode == "auto" else cfg.mode
+    model = onnx.load(str(pre))  # read once; the helpers below only inspect the graph
+    mode = pick_mode(model) if cfg.mode == "auto" else cfg.mode
     reader = CalibrationReader(calibration)
     fp32_accuracy = evaluator.accuracy(fp32)
     tried: list[Attempt] = []
@@ -220,7 +213,7 @@ def search(raw: Path, fp32: Path, workdir: Path, cfg: QuantizeConfig, calibratio
 
     attempt("all ops", [], None)
     if cfg.search:
-        edges, depthwise = first_last(pre), depthwise_convs(pre)
+        edges, depthwise = first_last(model), depthwise_convs(model)
         # Latency candidates (each is timed, none is assumed), then the usual accuracy suspects.
         candidates = [("compute ops only", [], COMPUTE_OPS)]
         if depthwise:
@@ -234,7 +227,7 @@ def search(raw: Path, fp32: Path, workdir: Path, cfg: QuantizeConfig, calibratio
             # Fast enough but too inaccurate: on the one that loses least, keep the nodes whose own
             # quantization error is largest in FP32, a few at a time, until the budget holds.
             base = min(fast, key=lambda a: (a.accuracy_drop_points, -a.speedup))
-            ranked = sensitive_nodes(pre, base.path, reader)
+            ranked = sensitive_nodes(pre, model, base.path, reader)
             for k in (1, 2, 4, 8):
                 if attempt(f"{base.name} + {k} most sensitive in fp32", base.excluded_nodes + ranked[:k],
                            base.op_types).passed:

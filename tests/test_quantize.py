@@ -27,14 +27,14 @@ def test_preflight_follows_the_cpu():
 
 @pytest.fixture(scope="module")
 def tiny_export(tmp_path_factory):
-    from ftdeploy.export import export_onnx, finalize, run_arrays
+    from ftdeploy.export import export_onnx, finalize, run_splits, split_arrays
     from ftdeploy.rundir import load_run
 
     tmp = tmp_path_factory.mktemp("q")
     run = load_run(make_run(tmp / "run", "torchvision:resnet18", "train.epochs=3"))
     export_onnx(run.load_model(), torch.zeros(2, 3, 32, 32), tmp / "raw.onnx")
     finalize(tmp / "raw.onnx", tmp / "fp32.onnx", {"classes": run.classes})
-    inputs, labels = run_arrays(run, "val", 100)
+    inputs, labels = split_arrays(run_splits(run).val, 100)
     return run, tmp, inputs, labels
 
 
