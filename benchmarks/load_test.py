@@ -26,7 +26,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from ftdeploy.latency import format_table, measure
+from ftdeploy.latency import format_table
 from ftdeploy.machine import machine_info
 from ftdeploy.onnx_model import OnnxClassifier
 
@@ -65,16 +65,23 @@ class Server:
             time.sleep(0.1)
         raise RuntimeError("server did not become ready")
 
-    def batch_sizes(self) -> dict[str, float]:
+    def batch_counts(self) -> dict[str, float]:
+        """The server's batch-size histogram so far: cumulative counts per bucket, and the image total."""
         text = httpx.get(self.url + "/metrics").text
-        count = float(re.search(r"^ftdeploy_batch_size_count (\S+)$", text, re.M).group(1))
-        total = float(re.search(r"^ftdeploy_batch_size_sum (\S+)$", text, re.M).group(1))
-        buckets = {m[0]: float(m[1]) for m in re.findall(r'^ftdeploy_batch_size_bucket\{le="([^"]+)"\} (\S+)$', text, re.M)}
-        return {"runs": count, "mean": total / count, "cumulative_buckets": buckets}
+        counts = {m[0]: float(m[1]) for m in re.findall(r'^ftdeploy_batch_size_bucket\{le="([^"]+)"\} (\S+)$', text, re.M)}
+        counts["images"] = float(re.search(r"^ftdeploy_batch_size_sum (\S+)$", text, re.M).group(1))
+        return counts
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(timeout=30)
+
+
+def batches_formed(before: dict[str, float], after: dict[str, float]) -> dict:
+    """The batches a phase of the test formed, from histogram snapshots taken around it."""
+    delta = {k: after[k] - before[k] for k in after}
+    images, runs = delta.pop("images"), delta["+Inf"]
+    return {"runs": runs, "mean": images / runs, "cumulative_buckets": delta}
 
 
 class Connection:
@@ -110,39 +117,69 @@ def multipart(blob: bytes, boundary: str = "ftdeploy-load-test") -> tuple[bytes,
     return body, f"multipart/form-data; boundary={boundary}"
 
 
-async def load(port: int, images: list[bytes], expected: list[str], n: int, concurrency: int) -> dict:
-    latencies, errors, wrong = [], 0, 0
-    queue = iter(range(n))
-    bodies = [multipart(b) for b in images]
+class Tally:
+    """Latencies and failures of the requests sent so far."""
+
+    def __init__(self):
+        self.latencies: list[float] = []
+        self.errors = self.wrong = 0
+        self.wall = 0.0
+
+    def result(self, concurrency: int) -> dict:
+        ms = np.asarray(self.latencies) * 1000
+        n = len(self.latencies) + self.errors
+        return {"requests": n, "concurrency": concurrency, "errors": self.errors, "mismatched_predictions": self.wrong,
+                "throughput": n / self.wall, "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
+
+
+async def load(port: int, bodies: list[tuple[bytes, str]], expected: list[str], indices: range, concurrency: int,
+               tally: Tally) -> None:
+    """Send image ``i % len(bodies)`` for each i in ``indices`` from ``concurrency`` keep-alive connections."""
+    queue = iter(indices)
 
     async def worker() -> None:
-        nonlocal errors, wrong
         conn = Connection(port)
         try:
             for i in queue:
-                body, ctype = bodies[i % len(images)]
+                body, ctype = bodies[i % len(bodies)]
                 t0 = time.perf_counter()
                 try:
                     status, payload = await conn.post("/v1/predict?k=1", body, ctype)
                 except (OSError, asyncio.IncompleteReadError, ValueError, IndexError):
-                    errors += 1
+                    tally.errors += 1
                     conn.close()
                     conn = Connection(port)
                     continue
-                latencies.append(time.perf_counter() - t0)
+                tally.latencies.append(time.perf_counter() - t0)
                 if status != 200:
-                    errors += 1
-                elif json.loads(payload)["predictions"][0]["top_k"][0]["label"] != expected[i % len(images)]:
-                    wrong += 1
+                    tally.errors += 1
+                elif json.loads(payload)["predictions"][0]["top_k"][0]["label"] != expected[i % len(bodies)]:
+                    tally.wrong += 1
         finally:
             conn.close()
 
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    wall = time.perf_counter() - start
-    ms = np.asarray(latencies) * 1000
-    return {"requests": n, "concurrency": concurrency, "errors": errors, "mismatched_predictions": wrong,
-            "throughput": n / wall, "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
+    tally.wall += time.perf_counter() - start
+
+
+def raw_and_server_c1(port: int, clf: OnnxClassifier, images: list[bytes], bodies: list[tuple[bytes, str]],
+                      expected: list[str], n: int, rounds: int = 10) -> tuple[dict, dict]:
+    """The raw path a server cannot beat (decode + preprocess + one session run, in-process) and the
+    server at concurrency 1, on the same images in the same order, in alternating rounds: this VM's
+    speed drifts by tens of percent over a minute, and the drift must hit both alike."""
+    raw, server = Tally(), Tally()
+    per_round = -(-n // rounds)
+    for r in range(rounds):
+        indices = range(r * per_round, (r + 1) * per_round)
+        start = time.perf_counter()
+        for i in indices:
+            t0 = time.perf_counter()
+            clf.predict([Image.open(io.BytesIO(images[i % len(images)]))])
+            raw.latencies.append(time.perf_counter() - t0)
+        raw.wall += time.perf_counter() - start
+        asyncio.run(load(port, bodies, expected, indices, 1, server))
+    return raw.result(1), server.result(1)
 
 
 def main() -> None:
@@ -160,8 +197,7 @@ def main() -> None:
     clf = OnnxClassifier(args.model, threads=args.threads)
     expected = [clf.classes[i] for i in np.concatenate([clf.predict([Image.open(io.BytesIO(b)) for b in images[j:j + 64]])
                                                         for j in range(0, len(images), 64)])]
-    # The raw path a server cannot beat: decode + preprocess + one session run, in-process.
-    raw = measure(lambda: clf.predict([Image.open(io.BytesIO(images[0]))]), 1, min_seconds=3)
+    bodies = [multipart(b) for b in images]
 
     common = ["--threads", str(args.threads), "--max-wait-ms", str(args.max_wait_ms)]
     results = {}
@@ -169,29 +205,39 @@ def main() -> None:
         server = Server(args.model, *common, "--max-batch-size", str(batch))
         try:
             if mode == "batching_on":
-                results["c1"] = asyncio.run(load(server.port, images, expected, max(200, args.requests // 5), 1))
-            results[mode] = asyncio.run(load(server.port, images, expected, args.requests, args.concurrency))
-            results[mode]["batch_sizes"] = server.batch_sizes()
+                results["raw_c1"], results["c1"] = raw_and_server_c1(server.port, clf, images, bodies, expected,
+                                                                     max(200, args.requests // 5))
+            tally, before = Tally(), server.batch_counts()
+            asyncio.run(load(server.port, bodies, expected, range(args.requests), args.concurrency, tally))
+            results[mode] = {**tally.result(args.concurrency),
+                             "batch_sizes": batches_formed(before, server.batch_counts())}
         finally:
             server.stop()
 
-    c1, on, off = results["c1"], results["batching_on"], results["batching_off"]
-    budget = raw.p50 * 1.2 + 2
+    raw, c1, on, off = results["raw_c1"], results["c1"], results["batching_on"], results["batching_off"]
+    budget = raw["p50_ms"] * 1.2 + 2
     summary = {
-        "raw_p50_ms": raw.p50, "server_c1_p50_ms": c1["p50_ms"], "overhead_budget_ms": budget,
+        "raw_p50_ms": raw["p50_ms"], "server_c1_p50_ms": c1["p50_ms"], "overhead_budget_ms": budget,
         "overhead_ok": c1["p50_ms"] <= budget,
         "throughput_ratio_c16_to_c1": on["throughput"] / c1["throughput"],
         "batching_on_to_off": on["throughput"] / off["throughput"],
         "zero_errors": all(r["errors"] == 0 and r["mismatched_predictions"] == 0 for r in (c1, on, off)),
     }
-    rows = [{"run": name, **r} for name, r in (("concurrency 1", c1), (f"c{args.concurrency} batching on", on),
+    rows = [{"run": name, **r} for name, r in (("raw path (in-process)", raw), ("concurrency 1", c1),
+                                                 (f"c{args.concurrency} batching on", on),
                                                  (f"c{args.concurrency} batching off", off))]
     print(format_table(rows, [("run", "run", ""), ("requests", "requests", "d"), ("errors", "errors", "d"),
                               ("mismatched_predictions", "wrong", "d"), ("throughput", "req/s", ".1f"),
                               ("p50_ms", "p50 ms", ".2f"), ("p99_ms", "p99 ms", ".2f")]))
-    print(f"\nraw path p50 {raw.p50:.2f} ms; server p50 at c1 {c1['p50_ms']:.2f} ms (budget {budget:.2f} ms)")
+    print(f"\nraw path p50 {raw['p50_ms']:.2f} ms; server p50 at c1 {c1['p50_ms']:.2f} ms (budget {budget:.2f} ms)")
     print(f"throughput c{args.concurrency}/c1: {summary['throughput_ratio_c16_to_c1']:.2f}x; "
-          f"batching on/off: {summary['batching_on_to_off']:.2f}x; mean batch formed: {on['batch_sizes']['mean']:.2f}")
+          f"batching on/off: {summary['batching_on_to_off']:.2f}x")
+    buckets, previous, counts = on["batch_sizes"]["cumulative_buckets"], 0.0, []
+    for bound, cumulative in buckets.items():
+        counts.append(f"<={bound}: {cumulative - previous:.0f}")
+        previous = cumulative
+    print(f"batches formed at c{args.concurrency} with batching on: {on['batch_sizes']['runs']:.0f} runs, "
+          f"mean {on['batch_sizes']['mean']:.2f} images ({', '.join(counts)})")
     if args.json:
         args.json.write_text(json.dumps({"model": str(args.model), "machine": machine_info(args.threads),
                                          "results": results, "summary": summary}, indent=2))

@@ -1,5 +1,6 @@
 """A real uvicorn process on a loopback port, driven over HTTP."""
 
+import asyncio
 import base64
 import concurrent.futures
 import io
@@ -9,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -203,3 +205,69 @@ def test_serving_works_where_importing_torch_fails(model_file, tmp_path):
         assert r.status_code == 200 and r.json()["predictions"][0]["top_k"]
     finally:
         srv.stop()
+
+
+class RecordingModel:
+    """Stands in for the session to see which thread each run took; ``delay`` makes it a slow model."""
+
+    def __init__(self, delay: float):
+        self.delay, self.threads = delay, []
+
+    def logits(self, batch):
+        time.sleep(self.delay)
+        self.threads.append(threading.current_thread())
+        return batch.reshape(len(batch), -1)[:, :2]
+
+
+@pytest.mark.parametrize("delay,lone_inline", [(0.0, True), (0.02, False)], ids=["fast model", "slow model"])
+def test_only_a_lone_request_to_a_fast_model_runs_on_the_event_loop(delay, lone_inline):
+    from ftdeploy.serve import Metrics, MicroBatcher
+
+    model = RecordingModel(delay)
+    x = np.arange(12, dtype=np.float32).reshape(1, 3, 2, 2)
+
+    async def scenario():
+        batcher = MicroBatcher(model, Metrics(8), max_batch_size=8, max_wait_ms=5)
+        batcher.start()
+        first = await batcher.infer(x)  # not yet timed: goes to a thread
+        batcher.active = 1
+        lone = await batcher.infer(x + 1)
+        batcher.active = 2  # another request is in the server: the loop stays free for it
+        busy = await batcher.infer(x + 2)
+        await batcher.stop()
+        return first, lone, busy
+
+    results = asyncio.run(scenario())
+    loop_thread = threading.main_thread()
+    assert [t is loop_thread for t in model.threads] == [False, lone_inline, False]
+    for i, logits in enumerate(results):  # same answers on either path
+        np.testing.assert_array_equal(logits, (x + i).reshape(1, -1)[:, :2])
+
+
+def test_sigterm_finishes_the_request_in_flight(model_file):
+    srv = Server(model_file, "--threads", "1")
+    srv.wait_ready()
+    body = png(11)
+    head = (f"POST /v1/predict?k=1 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as sock:
+        sock.sendall(head + body[:20])  # the request has begun; its body is still on the way
+        time.sleep(0.5)
+        srv.proc.send_signal(signal.SIGTERM)
+        deadline = time.time() + 20
+        while True:  # shutting down: new connections are refused, the open request carries on
+            try:
+                socket.create_connection(("127.0.0.1", srv.port), timeout=1).close()
+            except OSError:
+                break
+            assert time.time() < deadline, "the server kept accepting connections after SIGTERM"
+            time.sleep(0.05)
+        sock.sendall(body[20:])
+        response = b""
+        while chunk := sock.recv(65536):
+            response += chunk
+    status_line, _, payload = response.partition(b"\r\n\r\n")
+    assert status_line.startswith(b"HTTP/1.1 200"), response
+    assert httpx.Response(200, content=payload).json()["predictions"][0]["top_k"][0]["label"] == offline(model_file, [body])[0]
+    out, _ = srv.proc.communicate(timeout=30)
+    assert srv.proc.returncode in (0, -signal.SIGTERM) and "Application shutdown complete" in out
