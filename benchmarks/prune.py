@@ -9,25 +9,19 @@ ftdeploy export --quantize exports both runs. The same code path serves every mo
 
 from __future__ import annotations
 
-import argparse
 import json
-from pathlib import Path
 
 from ftdeploy.config import PruneConfig
 from ftdeploy.latency import format_table
-from ftdeploy.machine import machine_info
 from ftdeploy.prune import prune_run
 
-from quantize import exported, fine_tuned  # the same fine-tuned models as the INT8 benchmark
+from quantize import exported, fine_tuned, models_parser, write_results  # the INT8 benchmark's models
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="resnet18,efficientnet_lite0,mobilenet_v3_large")
+    parser = models_parser(__doc__, models="resnet18,efficientnet_lite0,mobilenet_v3_large")
     parser.add_argument("--target-macs", type=float, default=0.5)
     parser.add_argument("--finetune-epochs", type=int, default=3)
-    parser.add_argument("--workdir", type=Path, default=Path("runs/bench_quantize"))
-    parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
     results = {}
@@ -61,10 +55,7 @@ def main() -> None:
                               ("pruned_int8_accuracy_drop_points", "pruned INT8 drop (pts)", "+.2f"),
                               ("pruned_int8_size_reduction", "INT8 file smaller by", ".1f")]))
     print("\nspeedups and drops are against the unpruned FP32 ONNX model, batch 1")
-    info = machine_info()
-    print(f"machine: {info['cpu']}, {info['threads']} threads, isa {info['isa']}")
-    if args.json:
-        args.json.write_text(json.dumps({"machine": info, "target_macs": args.target_macs, "results": results}, indent=2))
+    write_results(args.json, results, target_macs=args.target_macs)
 
 
 if __name__ == "__main__":

@@ -67,12 +67,25 @@ def exported(run_dir: Path, cfg) -> dict:
         return json.loads((run_dir / "export" / "report.json").read_text())
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
+def models_parser(doc: str, models: str = ",".join(MODELS)) -> argparse.ArgumentParser:
+    """The options of a benchmark over the fine-tuned MODELS: which ones, where their runs live, JSON out."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=models, help=f"comma-separated, from {', '.join(MODELS)}")
     parser.add_argument("--workdir", type=Path, default=Path("runs/bench_quantize"))
     parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
+    return parser
+
+
+def write_results(path: Path | None, results: dict, **extra) -> None:
+    """Print the machine the figures come from, and write them with it as JSON when ``path`` is given."""
+    info = machine_info()
+    print(f"machine: {info['cpu']}, {info['threads']} threads, isa {info['isa']}")
+    if path:
+        path.write_text(json.dumps({"machine": info, **extra, "results": results}, indent=2))
+
+
+def main() -> None:
+    args = models_parser(__doc__).parse_args()
 
     results = {}
     for name in args.models.split(","):
@@ -88,10 +101,8 @@ def main() -> None:
                               ("search_speedup", "speedup in search", ".2f"),
                               ("accuracy_drop_points", "acc drop (pts)", "+.2f"), ("top1_agreement", "agreement", ".4f"),
                               ("size_ratio", "size ratio", ".3f"), ("gates_passed", "shipped", "")]))
-    info = machine_info()
-    print(f"\nmachine: {info['cpu']}, {info['threads']} threads, isa {info['isa']}")
-    if args.json:
-        args.json.write_text(json.dumps({"machine": info, "results": results}, indent=2))
+    print()
+    write_results(args.json, results)
 
 
 if __name__ == "__main__":
