@@ -24,7 +24,8 @@ from ftdeploy.config import load_config
 from ftdeploy.data import build_datasets
 from ftdeploy.machine import machine_info
 from ftdeploy.models import build_model
-from ftdeploy.train import lr_lambda, make_optimizer, resolve_preprocessing, train
+from ftdeploy.train import train
+from ftdeploy.training import lr_lambda, make_optimizer, resolve_preprocessing
 
 
 def plain_epoch(cfg, built, dataset) -> float:

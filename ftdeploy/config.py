@@ -11,7 +11,8 @@ A stage runs in ``ftdeploy run`` when its section is present in the config.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, get_args
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -57,7 +58,8 @@ class PreprocessingConfig(Section):
     channels: Literal[1, 3] = 3
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
-    interpolation: Literal["nearest", "bilinear", "bicubic"] = "bilinear"
+    interpolation: Literal["nearest", "bilinear", "bicubic"] | None = Field(
+        None, description="resize filter (default: the one the weights were trained with)")
 
 
 class TrainConfig(Section):
@@ -78,6 +80,11 @@ class TrainConfig(Section):
     seed: int = 0
     log_with: list[Literal["tensorboard"]] = Field(default_factory=list, description="Accelerate trackers")
     progress: bool = True
+    bn_reestimate: Literal["auto", "always", "never"] = Field(
+        "auto", description="after training, re-estimate BatchNorm running statistics on training batches: "
+        "auto keeps them when validation accuracy does not drop (BatchNorm with a small momentum, e.g. "
+        "torchvision's MobileNetV3 at 0.01, lags far behind the weights after a short run)")
+    bn_reestimate_batches: int = Field(50, ge=1, description="training batches the statistics are averaged over")
 
 
 class ExportConfig(Section):
@@ -111,6 +118,8 @@ class QuantizeConfig(Section):
                                "timing noise, so that a model no faster than FP32 is never shipped")
     search: bool = Field(True, description="measure candidate FP32 exclusions when the plain INT8 model falls short")
     latency_seconds: float = Field(2.0, gt=0, description="timed seconds per candidate's batch-1 latency")
+    required: bool = Field(False, description="refusing INT8 fails the command (exit 2) instead of shipping FP32 only")
+    output_dir: Path | None = Field(None, description="where model.int8.onnx and the report go (default: the export directory)")
 
 
 class PruneConfig(Section):
@@ -134,13 +143,53 @@ class PruneConfig(Section):
     threads: int | None = Field(None, ge=1)
     latency_seconds: float = Field(1.5, gt=0)
 
-    @model_validator(mode="after")
-    def _one_target(self) -> "PruneConfig":
-        given = [k for k in ("target_macs", "target_speedup", "ratio") if getattr(self, k) is not None]
+    @model_validator(mode="before")
+    @classmethod
+    def _one_target(cls, data: Any) -> Any:
+        """Exactly one target; structured pruning defaults to half the MACs. Filled in before field
+        validation: assigning in an after-validator re-runs validation on every assignment."""
+        if not isinstance(data, dict):
+            return data
+        given = [k for k in ("target_macs", "target_speedup", "ratio") if data.get(k) is not None]
         if len(given) > 1:
             raise ValueError(f"give one of target_macs, target_speedup, ratio (got {', '.join(given)})")
-        if not given:
-            self.target_macs = 0.5 if self.method == "structured" else None
+        if not given and data.get("method", "structured") == "structured":
+            data = {**data, "target_macs": 0.5}
+        return data
+
+
+class ReportConfig(Section):
+    """The usability report (``ftdeploy report``; in ``ftdeploy run`` when present): every variant's
+    accuracy, robustness to corrupted input, calibration, saliency and scalability, against budgets."""
+
+    output: Path | None = Field(None, description="the HTML file (default: <export dir>/report.html); "
+                                "usability.json goes beside it")
+    compare: list[Path] = Field(default_factory=list, description="other export directories whose variants join the report")
+    corruptions: list[str] = Field(
+        ["gaussian_noise", "blur", "brightness", "contrast", "jpeg", "rotation", "translation", "occlusion"],
+        min_length=1, description="corruptions applied before normalization (see ftdeploy/usability.py)")
+    severities: list[int] = Field([1, 2, 3, 4, 5], min_length=1, description="corruption severities, 1 (mild) .. 5")
+    samples: int = Field(8, ge=1, description="validation images explained by saliency maps")
+    val_limit: int = Field(2000, ge=1, description="validation images evaluated (at most)")
+    calibrate: bool = Field(False, description="store each variant's fitted temperature in its ONNX metadata "
+                            "(ftdeploy serve then applies it to the probabilities it returns)")
+    batch_sizes: list[int] = Field([1, 8, 32], min_length=1, description="scalability: batch sizes timed")
+    threads: list[int] | None = Field(None, description="scalability: thread counts timed (default: 1 and physical cores)")
+    latency_seconds: float = Field(0.6, gt=0, description="timed seconds per variant and grid cell")
+    strict: bool = Field(False, description="exit 2 when a budget fails (after writing both files)")
+    min_accuracy: float | None = Field(None, ge=0, le=1, description="budget: clean accuracy of every variant")
+    max_accuracy_drop: float | None = Field(None, ge=0, description="budget: points below fp32")
+    min_mean_corruption_accuracy: float | None = Field(None, ge=0, le=1, description="budget: mean over corruptions")
+    max_robustness_drop: float | None = Field(None, description="budget: points of mean corruption accuracy below fp32")
+    max_ece: float | None = Field(None, ge=0, le=1, description="budget: expected calibration error (15 bins)")
+    min_saliency_agreement: float | None = Field(None, ge=-1, le=1, description="budget: Spearman agreement with fp32's maps")
+    max_p99_ms: float | None = Field(None, gt=0, description="budget: p99 latency at batch 1, physical cores")
+
+    @model_validator(mode="after")
+    def _severities(self) -> "ReportConfig":
+        bad = [s for s in self.severities if not 1 <= s <= 5]
+        if bad:
+            raise ValueError(f"severities must lie in 1..5 (got {bad})")
         return self
 
 
@@ -154,6 +203,7 @@ class PipelineConfig(Section):
     export: ExportConfig | None = None
     quantize: QuantizeConfig | None = None
     prune: PruneConfig | None = None
+    report: ReportConfig | None = None
 
     @model_validator(mode="after")
     def _check_data(self) -> "PipelineConfig":
@@ -184,19 +234,30 @@ def validate_config(raw: dict[str, Any], source: str = "config") -> PipelineConf
     return validate_section(PipelineConfig, raw, source)
 
 
-def validate_section(model: type[BaseModel], raw: dict[str, Any], source: str) -> Any:
-    """Validate one section (e.g. from command-line options) with the same error messages."""
+def validate_section(model: type[BaseModel], raw: dict[str, Any], source: str, section: str | None = None) -> Any:
+    """Validate one section (e.g. from command-line options) with the same error messages; ``section``
+    names where it sits in a pipeline config, so errors read ``quantize.mode: ...``."""
     try:
         return model.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(f"invalid {source}: " + "; ".join(describe_error(err) for err in e.errors())) from None
+        prefix = (section,) if section else ()
+        raise ConfigError(f"invalid {source}: " + "; ".join(describe_error({**err, "loc": prefix + tuple(err["loc"])})
+                                                            for err in e.errors())) from None
 
 
-def apply_override(raw: dict[str, Any], item: str) -> None:
-    """Set ``a.b.c=value`` in a nested dict; the value is parsed as YAML (``3``, ``true``, ``[1, 2]``)."""
+def apply_override(raw: dict[str, Any], item: str, model: type[BaseModel] | None = None) -> None:
+    """Set ``a.b.c=value`` in a nested dict. A value for a text field (a name, a path, a choice) is
+    kept as typed, so ``mixed_precision=no`` stays ``"no"``; other values are read as YAML (``3``,
+    ``true``, ``[1, 2]``).
+
+    >>> raw = {}
+    >>> apply_override(raw, "train.mixed_precision=no"); apply_override(raw, "train.epochs=3")
+    >>> raw
+    {'train': {'mixed_precision': 'no', 'epochs': 3}}
+    """
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"override {item!r} is not of the form key.sub=value", "e.g. --set train.epochs=3")
+        raise ConfigError(f"override {item!r} is not of the form section.field=value", "e.g. --set train.epochs=3")
     node = raw
     parts = key.strip().split(".")
     for part in parts[:-1]:
@@ -204,7 +265,47 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    field = _section_model(model or PipelineConfig, parts[:-1]).model_fields.get(parts[-1])
+    node[parts[-1]] = parse_value(value, field.annotation if field else None)
+
+
+def parse_value(text: str, annotation: Any = None) -> Any:
+    """A command-line value for a field of type ``annotation``: text fields take it verbatim."""
+    if not text.strip() or (text.strip() in ("null", "~") and _admits(annotation, type(None))):
+        return None
+    if annotation is not None and _is_text(annotation):
+        return text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _members(annotation: Any) -> list[Any]:
+    return [a for a in get_args(annotation)] if get_origin(annotation) in (Union, UnionType) else [annotation]
+
+
+def _admits(annotation: Any, kind: type) -> bool:
+    return annotation is None or any(a is kind for a in _members(annotation))
+
+
+def _is_text(annotation: Any) -> bool:
+    kinds = [a for a in _members(annotation) if a is not type(None)]
+    return bool(kinds) and all(a in (str, Path) or (get_origin(a) is Literal and all(isinstance(v, str) for v in get_args(a)))
+                               for a in kinds)
+
+
+def _section_model(model: type[BaseModel], loc) -> type[BaseModel]:
+    """The section model reached by following ``loc`` (field names) from ``model``, as far as it goes."""
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        section = next((a for a in [annotation, *get_args(annotation)]  # Optional sections: Section | None
+                        if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if section is None:
+            break
+        model = section
+    return model
 
 
 def describe_error(err: dict[str, Any]) -> str:
@@ -218,16 +319,7 @@ def describe_error(err: dict[str, Any]) -> str:
 
 
 def section_fields(loc: tuple) -> list[str]:
-    model: type[BaseModel] = PipelineConfig
-    for part in loc:
-        field = model.model_fields.get(str(part))
-        annotation = getattr(field, "annotation", None)
-        candidates = [annotation, *get_args(annotation)]  # Optional sections: Section | None
-        section = next((a for a in candidates if isinstance(a, type) and issubclass(a, BaseModel)), None)
-        if section is None:
-            break
-        model = section
-    return list(model.model_fields)
+    return list(_section_model(PipelineConfig, loc).model_fields)
 
 
 def dump_config(cfg: PipelineConfig) -> str:

@@ -44,3 +44,7 @@ class GateError(FtdeployError):
         where = f"; report written to {report_path}" if report_path else ""
         super().__init__(f"{len(failures)} gate check(s) failed{where}:\n  " + "\n  ".join(failures))
         self.failures = failures
+
+
+class NotShipped(FtdeployError):
+    """A compressed variant was refused and the stage was asked to fail for it (``--strict``)."""

@@ -1,20 +1,38 @@
-"""Latency measurement: warm up, then time many iterations; report p50/p90/p99 and throughput.
+"""Latency measurement, one protocol for the INT8 search, pruning, the reports and the benchmarks.
+
+- Sessions are built as serving builds them (:func:`ort_session`), with the thread count and the
+  intra-op spinning policy set explicitly and recorded (:func:`session_policy`).
+- Variants are timed in alternating *blocks*, never call by call (alternating two sessions call by
+  call inflates both and pulls their ratio towards 1). Each block starts after an idle gap that lets
+  spinning worker threads (onnxruntime's, PyTorch's OpenMP) go to sleep, then warm-up calls, so no
+  variant runs against another's leftovers. The order rotates every round.
+- A speedup is the median of per-round ratios, with their range as the spread: "faster by at least
+  ``min_speedup``" needs the low end to clear it (:meth:`Speedup.verdict`).
+- An A/A comparison (a file against itself) gives the noise floor: a candidate whose speedup lies
+  inside it is "not distinguishable", not faster.
 
 Torch-free (numpy + onnxruntime), so ``ftdeploy bench`` and the server can use it.
 
 >>> stats = measure(lambda: sum(range(1000)), batch_size=1, min_seconds=0.01)
 >>> stats.p50 <= stats.p90 <= stats.p99
 True
+>>> Speedup.of([1.0, 1.0, 1.0], [0.5, 0.52, 0.48]).verdict(noise_floor=0.05, min_speedup=1.1)
+'faster'
 """
 
 from __future__ import annotations
 
+import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+# Spinning worker threads answer the next run sooner; serving builds its sessions the same way.
+ALLOW_SPINNING = True
+SETTLE_SECONDS = 0.02  # idle gap before each block: longer than a spin-wait, short against a block
 
 
 @dataclass
@@ -57,29 +75,102 @@ def measure(fn: Callable[[], object], batch_size: int, warmup: int = 5, min_iter
     return _stats(times, batch_size)
 
 
-def measure_interleaved(fns: dict[str, Callable[[], object]], batch_size: int, rounds: int = 4, warmup: int = 5,
-                        min_iterations: int = 20, min_seconds: float = 1.5) -> dict[str, LatencyStats]:
-    """Time several variants in alternating rounds, so that drift in the machine's speed (other
-    tenants, frequency changes) hits all of them alike; each gets ``min_seconds`` in all."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
+@dataclass
+class Speedup:
+    """How much faster a candidate is than a baseline: per-round ratios of block medians."""
+
+    median: float
+    low: float
+    high: float
+    rounds: list[float] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, baseline_ms: list[float], candidate_ms: list[float]) -> "Speedup":
+        ratios = [b / c for b, c in zip(baseline_ms, candidate_ms)]
+        return cls(statistics.median(ratios), min(ratios), max(ratios), ratios)
+
+    @property
+    def noise(self) -> float:
+        """As an A/A comparison: how far from 1 a ratio strays between identical variants."""
+        return max(abs(1 - self.low), abs(self.high - 1))
+
+    def verdict(self, noise_floor: float, min_speedup: float = 1.0) -> str:
+        """``faster`` (the low end clears ``min_speedup`` and the median is outside the noise),
+        ``not distinguishable`` (the median is inside the noise floor), ``slower``, or ``faster, below
+        min_speedup``."""
+        if self.median < 1 - noise_floor:
+            return "slower"
+        if self.median <= 1 + noise_floor:
+            return "not distinguishable"
+        return "faster" if self.low >= min_speedup else "faster, below min_speedup"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Comparison:
+    """Variants timed under the protocol: pooled statistics and the median of every block."""
+
+    stats: dict[str, LatencyStats]
+    blocks: dict[str, list[float]]  # variant -> block p50 (ms), one per round
+
+    def speedup(self, baseline: str, candidate: str) -> Speedup:
+        return Speedup.of(self.blocks[baseline], self.blocks[candidate])
+
+
+def compare(fns: dict[str, Callable[[], object]], batch_size: int, rounds: int = 5, seconds: float = 1.5,
+            warmup: int = 3, min_iterations: int = 3, settle: float = SETTLE_SECONDS) -> Comparison:
+    """Time ``fns`` in ``rounds`` alternating blocks, ``seconds`` per variant in all."""
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            _timed(fn, times[name], -(-min_iterations // rounds), 2000, min_seconds / rounds)
-    return {name: _stats(t, batch_size) for name, t in times.items()}
+    blocks: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:  # rotate: no variant always goes first
+            time.sleep(settle)
+            for _ in range(warmup):
+                fns[name]()
+            block: list[float] = []
+            _timed(fns[name], block, min_iterations, 100_000, seconds / rounds)
+            times[name] += block
+            blocks[name].append(1000 * statistics.median(block))
+    return Comparison({name: _stats(t, batch_size) for name, t in times.items()}, blocks)
 
 
-def ort_session(path: str | Path, threads: int):
-    """A CPU session pinned to ``threads`` intra-op threads (one inter-op thread: a single image stream)."""
+def profile(runners: dict[str, Callable[[np.ndarray], Callable[[], object]]], samples: np.ndarray,
+            batch_sizes: list[int], seconds: float) -> tuple[dict[str, dict], dict[int, Comparison]]:
+    """Every variant (name -> batch -> callable) timed side by side at each batch size; returns the
+    report figures per variant (p50/p90/p99, throughput, iterations per batch size) and the
+    comparison behind each batch size, for speedups."""
+    figures: dict[str, dict] = {name: {"latency_ms": {}, "throughput": {}, "iterations": {}} for name in runners}
+    comparisons = {}
+    for bs in batch_sizes:
+        batch = tile_batch(samples, bs)
+        comparisons[bs] = result = compare({name: make(batch) for name, make in runners.items()}, bs, seconds=seconds)
+        for name, st in result.stats.items():
+            figures[name]["latency_ms"][str(bs)] = {"p50": st.p50, "p90": st.p90, "p99": st.p99}
+            figures[name]["throughput"][str(bs)] = st.throughput
+            figures[name]["iterations"][str(bs)] = st.iterations
+    return figures, comparisons
+
+
+def session_policy(threads: int) -> dict:
+    """How sessions are built, recorded beside every figure they produce."""
+    return {"intra_op_threads": threads, "inter_op_threads": 1, "execution_mode": "sequential",
+            "allow_spinning": ALLOW_SPINNING}
+
+
+def ort_session(path: str | Path, threads: int, providers: list[str] | None = None):
+    """A session as serving builds it: ``threads`` intra-op threads, one inter-op thread (one image
+    stream), sequential execution, the spinning policy of :data:`ALLOW_SPINNING`."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if ALLOW_SPINNING else "0")
+    return ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
 
 
 def ort_runner(session, batch: np.ndarray) -> Callable[[], object]:

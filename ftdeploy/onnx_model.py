@@ -2,8 +2,10 @@
 
 Torch-free: serving and the metadata round-trip need nothing but this file.
 
->>> clf = OnnxClassifier("out/model.onnx")  # doctest: +SKIP
->>> clf.classes[:3], clf.predict([Image.open("cat.png")])  # doctest: +SKIP
+Example::
+
+    clf = OnnxClassifier("out/model.onnx")
+    clf.classes[:3], clf.predict([Image.open("cat.png")])
 """
 
 from __future__ import annotations
@@ -30,27 +32,38 @@ def write_metadata(model, metadata: dict[str, object]) -> None:
         entry.key, entry.value = PREFIX + key, json.dumps(value)
 
 
+def onnx_size(path: Path) -> int:
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+
+
 def read_metadata(session) -> dict[str, object]:
     """ftdeploy's metadata from an onnxruntime session (the file as shipped)."""
     props = session.get_modelmeta().custom_metadata_map
     return {k[len(PREFIX):]: json.loads(v) for k, v in props.items() if k.startswith(PREFIX)}
 
 
+def open_session(path: str | Path, threads: int | None = None):
+    """An onnxruntime session for ``path`` built as serving builds it, or an FtdeployError saying why not."""
+    from .latency import ort_session
+    from .machine import physical_cores
+
+    path = Path(path)
+    if not path.is_file():
+        raise FtdeployError(f"ONNX file {str(path)!r} not found", "pass the model.onnx written by ftdeploy export")
+    try:
+        return ort_session(path, threads or physical_cores())
+    except Exception as e:  # onnxruntime raises its own exception types for unreadable files
+        raise FtdeployError(f"onnxruntime cannot load {path}: {str(e).strip().splitlines()[0][:300]}",
+                            "pass an ONNX file written by ftdeploy export") from None
+
+
 class OnnxClassifier:
     """An onnxruntime session plus what the file says about its input and classes."""
 
     def __init__(self, path: str | Path, threads: int | None = None):
-        from .latency import ort_session
-        from .machine import physical_cores
-
-        path = Path(path)
-        if not path.is_file():
-            raise FtdeployError(f"ONNX file {str(path)!r} not found", "pass the model.onnx written by ftdeploy export")
-        try:
-            self.session = ort_session(path, threads or physical_cores())
-        except Exception as e:  # onnxruntime raises its own exception types for unreadable files
-            raise FtdeployError(f"onnxruntime cannot load {path}: {e}") from None
-        self.path = path
+        self.session = open_session(path, threads)
+        self.path = Path(path)
         self.metadata = read_metadata(self.session)
         missing = [k for k in ("classes", "preprocessing") if k not in self.metadata]
         if missing:

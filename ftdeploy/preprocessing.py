@@ -56,8 +56,9 @@ def to_mode(img: Image.Image, channels: int) -> Image.Image:
     return img.convert("L" if channels == 1 else "RGB")
 
 
-def preprocess(img: Image.Image, spec: Preprocessing) -> np.ndarray:
-    """One PIL image -> a float32 array of shape ``spec.input_shape``."""
+def prepare(img: Image.Image, spec: Preprocessing) -> Image.Image:
+    """The geometric part: ``spec.channels`` channels, shorter side resized, center crop of ``input_size``.
+    Corruptions for robustness checks are applied to this image, before normalization."""
     img = to_mode(img, spec.channels)
     w, h = img.size
     scale = spec.resize_size / min(w, h)
@@ -65,8 +66,17 @@ def preprocess(img: Image.Image, spec: Preprocessing) -> np.ndarray:
     if (new_w, new_h) != (w, h):
         img = img.resize((new_w, new_h), _RESAMPLE[spec.interpolation])
     left, top = (new_w - spec.input_size) // 2, (new_h - spec.input_size) // 2
-    img = img.crop((left, top, left + spec.input_size, top + spec.input_size))
-    x = np.asarray(img, dtype=np.float32) / 255.0
+    return img.crop((left, top, left + spec.input_size, top + spec.input_size))
+
+
+def normalize(pixels: np.ndarray, spec: Preprocessing) -> np.ndarray:
+    """HxW or HxWxC values in [0, 1] -> a normalized float32 CxHxW array."""
+    x = np.asarray(pixels, dtype=np.float32)
     x = x[:, :, None] if x.ndim == 2 else x
     x = (x - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def preprocess(img: Image.Image, spec: Preprocessing) -> np.ndarray:
+    """One PIL image -> a float32 array of shape ``spec.input_shape``."""
+    return normalize(np.asarray(prepare(img, spec), dtype=np.float32) / 255.0, spec)

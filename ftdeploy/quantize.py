@@ -1,4 +1,9 @@
-"""INT8 quantization that is measured to be faster and no less accurate on this CPU.
+"""Stage ``quantize``: an export directory -> ``model.int8.onnx``, shipped only when it is measured
+faster than FP32 and within the accuracy budget on this CPU.
+
+The INT8 variant and the ``quantization`` record join the export directory's ``report.json`` (or a
+copy of it in ``-o OUT``). When no configuration qualifies, FP32 ships alone: the report says why,
+and that is not a failure unless ``quantize.required`` (``--strict``) asks for one.
 
 1. **Preflight**: the CPU's integer dot-product support decides activation/weight types and
    ``reduce_range`` (and whether INT8 can be expected to help at all).
@@ -22,8 +27,13 @@ import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
 from .config import QuantizeConfig
-from .latency import measure_interleaved, ort_runner, ort_session, tile_batch
-from .machine import cpu_flags
+from .errors import FtdeployError, NotShipped
+from .evaluation import EvalData, accuracy, batched, logits_at_batch_sizes, onnx_predictor, parity
+from .latency import Speedup, compare, ort_runner, profile, tile_batch
+from .machine import cpu_flags, physical_cores
+from .onnx_model import onnx_size, open_session, write_metadata
+from .report import write_report
+from .rundir import load_export, load_run, manifest, read_json, write_manifest
 
 COMPUTE_OPS = ["Conv", "Gemm", "MatMul"]
 
@@ -89,7 +99,10 @@ class Attempt:
     op_types: list[str] | None
     accuracy: float | None = None
     latency_ms: float | None = None
-    speedup: float | None = None
+    speedup: float | None = None  # median of per-round ratios against FP32
+    speedup_low: float | None = None
+    speedup_high: float | None = None
+    verdict: str = ""
     accuracy_drop_points: float | None = None
     passed: bool = False
     note: str = ""
@@ -163,52 +176,60 @@ def sensitive_nodes(pre: Path, model, qdq: Path, reader: CalibrationReader, limi
 
 
 class Evaluator:
-    """Accuracy on the validation images, and batch-1 latency of a candidate measured in alternating
-    rounds with the FP32 file, so that the speedup compares like with like on a noisy machine."""
+    """Accuracy of a candidate on the validation images, and its batch-1 speedup against the FP32
+    file under the latency protocol (alternating blocks, per-round ratios). Tests substitute one
+    that returns set figures, so the search's logic is checked apart from this machine's speed."""
 
     def __init__(self, inputs: np.ndarray, labels: np.ndarray, threads: int, seconds: float):
         self.inputs, self.labels, self.threads, self.seconds = inputs, labels, threads, seconds
 
-    def accuracy(self, path: Path) -> float:
-        from .export import accuracy, batched, onnx_predictor
+    def accuracy(self, name: str, path: Path) -> float:
+        return accuracy(batched(onnx_predictor(open_session(path, self.threads)), self.inputs, 32), self.labels)
 
-        return accuracy(batched(onnx_predictor(ort_session(path, self.threads)), self.inputs, 32), self.labels)
-
-    def latency_vs(self, path: Path, reference: Path) -> tuple[float, float]:
-        """(p50 ms of ``path``, p50 ms of ``reference``) at batch 1."""
+    def speedup(self, name: str, path: Path, reference: Path) -> tuple[Speedup, float]:
+        """(speedup of ``path`` over ``reference``, p50 ms of ``path``) at batch 1."""
         batch = tile_batch(self.inputs, 1)
-        stats = measure_interleaved({"candidate": ort_runner(ort_session(path, self.threads), batch),
-                                     "reference": ort_runner(ort_session(reference, self.threads), batch)},
-                                    1, min_seconds=self.seconds)
-        return stats["candidate"].p50, stats["reference"].p50
+        result = compare({"reference": ort_runner(open_session(reference, self.threads), batch),
+                          "candidate": ort_runner(open_session(path, self.threads), batch)}, 1, seconds=self.seconds)
+        return result.speedup("reference", "candidate"), result.stats["candidate"].p50
+
+    def noise_floor(self, reference: Path) -> float:
+        """The A/A check: the reference file against itself (two sessions) under the same protocol."""
+        return self.speedup("A/A", reference, reference)[0].noise
 
 
-def search(raw: Path, fp32: Path, workdir: Path, cfg: QuantizeConfig, calibration: np.ndarray, evaluator: Evaluator,
-           plan: Preflight, progress=print) -> tuple[Attempt | None, list[Attempt], str]:
-    """Try configurations, measure each; returns (the fastest that passes or None, all tried, mode)."""
+def search(source: Path, fp32: Path, workdir: Path, cfg: QuantizeConfig, calibration: np.ndarray, evaluator,
+           plan: Preflight, noise_floor: float, progress=print) -> tuple[Attempt | None, list[Attempt], str]:
+    """Try configurations, measure each; returns (the fastest that passes or None, all tried, mode).
+
+    A configuration passes when it loses at most ``max_accuracy_drop`` points and its speedup's
+    verdict is ``faster``: the low end of its per-round ratios clears ``min_speedup`` and its median
+    lies outside the noise floor.
+    """
     import onnx
     from onnxruntime.quantization import quant_pre_process
 
     pre = workdir / "pre.onnx"
-    quant_pre_process(str(raw), str(pre))
+    quant_pre_process(str(source), str(pre))
     model = onnx.load(str(pre))  # read once; the helpers below only inspect the graph
     mode = pick_mode(model) if cfg.mode == "auto" else cfg.mode
     reader = CalibrationReader(calibration)
-    fp32_accuracy = evaluator.accuracy(fp32)
+    fp32_accuracy = evaluator.accuracy("fp32", fp32)
     tried: list[Attempt] = []
 
     def attempt(name: str, excluded: list[str], op_types: list[str] | None) -> Attempt:
         a = Attempt(name, mode, sorted(set(excluded)), op_types, path=workdir / f"try{len(tried)}.onnx")
         quantize_once(pre, a.path, mode, plan, cfg, reader, a.excluded_nodes, op_types)
-        a.accuracy = evaluator.accuracy(a.path)
-        a.latency_ms, fp32_ms = evaluator.latency_vs(a.path, fp32)
-        a.speedup = fp32_ms / a.latency_ms
+        a.accuracy = evaluator.accuracy(name, a.path)
+        speedup, a.latency_ms = evaluator.speedup(name, a.path, fp32)
+        a.speedup, a.speedup_low, a.speedup_high = speedup.median, speedup.low, speedup.high
+        a.verdict = speedup.verdict(noise_floor, cfg.min_speedup)
         a.accuracy_drop_points = 100 * (fp32_accuracy - a.accuracy)
-        a.passed = a.accuracy_drop_points <= cfg.max_accuracy_drop and a.speedup >= cfg.min_speedup
+        a.passed = a.accuracy_drop_points <= cfg.max_accuracy_drop and a.verdict == "faster"
         tried.append(a)
         progress(f"  int8 try {len(tried)} [{name}]: accuracy {100 * a.accuracy:.2f}% "
-                 f"(drop {a.accuracy_drop_points:+.2f} pts), {a.latency_ms:.2f} ms = {a.speedup:.2f}x fp32"
-                 f"{' ✓' if a.passed else ''}")
+                 f"(drop {a.accuracy_drop_points:+.2f} pts), {a.latency_ms:.2f} ms = {a.speedup:.2f}x fp32 "
+                 f"[{a.speedup_low:.2f}-{a.speedup_high:.2f}]: {a.verdict}{' ✓' if a.passed else ''}")
         return a
 
     attempt("all ops", [], None)
@@ -222,7 +243,7 @@ def search(raw: Path, fp32: Path, workdir: Path, cfg: QuantizeConfig, calibratio
         for name, excluded, op_types in candidates:
             attempt(name, excluded, op_types)
         best_passing = max((a.speedup for a in tried if a.passed), default=0.0)
-        fast = [a for a in tried if not a.passed and a.speedup >= cfg.min_speedup and a.speedup > best_passing]
+        fast = [a for a in tried if not a.passed and a.verdict == "faster" and a.speedup > best_passing]
         if fast:
             # Fast enough but too inaccurate: on the one that loses least, keep the nodes whose own
             # quantization error is largest in FP32, a few at a time, until the budget holds.
@@ -232,39 +253,129 @@ def search(raw: Path, fp32: Path, workdir: Path, cfg: QuantizeConfig, calibratio
                 if attempt(f"{base.name} + {k} most sensitive in fp32", base.excluded_nodes + ranked[:k],
                            base.op_types).passed:
                     break
+    return choose(tried), tried, mode
+
+
+def choose(tried: list[Attempt]) -> Attempt | None:
+    """The passing configuration with the highest median speedup, or None."""
     passing = [a for a in tried if a.passed]
-    chosen = max(passing, key=lambda a: a.speedup) if passing else None
-    return chosen, tried, mode
+    return max(passing, key=lambda a: a.speedup) if passing else None
 
 
-def quantize_variant(raw: Path, fp32: Path, out: Path, cfg: QuantizeConfig, calibration: np.ndarray,
-                     evaluator: Evaluator, metadata: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """Search, ship the chosen INT8 file to ``out`` (or nothing), return (quantization record, failures)."""
+def refusal(tried: list[Attempt], cfg: QuantizeConfig, plan: Preflight) -> str:
+    best = max(tried, key=lambda a: a.speedup or 0)
+    return (f"no configuration was both faster than fp32 by >= {cfg.min_speedup}x (low end of the measured "
+            f"spread, outside the noise floor) and within {cfg.max_accuracy_drop} points of its accuracy "
+            f"({len(tried)} tried; fastest {best.speedup:.2f}x [{best.speedup_low:.2f}-{best.speedup_high:.2f}], "
+            f"{best.verdict}, with a {best.accuracy_drop_points:+.2f} point drop)"
+            + ("" if plan.expect_speedup else f"; {plan.reason}"))
+
+
+def quantize(export_dir: str | Path, output_dir: str | Path | None = None, cfg: QuantizeConfig | None = None) -> Path:
+    """Quantize the FP32 file of ``export_dir`` into ``output_dir`` (default: the export directory
+    itself), adding the ``int8`` variant and the ``quantization`` record to its report.
+
+    Raises NotShipped when INT8 was refused and ``cfg.required`` is set; otherwise a refusal prints
+    one line and the directory ships FP32 alone.
+
+    Example::
+
+        quantize("runs/digits/export")
+    """
+    cfg = cfg or QuantizeConfig()
+    src = load_export(export_dir)
+    if not src.report.get("gates", {}).get("passed", False):
+        raise FtdeployError(f"{src.path}: the FP32 export failed its gates ({'; '.join(src.report['gates']['failures'])})",
+                            "fix the export first: quantizing a file that does not match PyTorch is meaningless")
+    out = Path(output_dir or cfg.output_dir or src.path)
+    out.mkdir(parents=True, exist_ok=True)
+    int8_path = out / "model.int8.onnx"
+    int8_path.unlink(missing_ok=True)  # never leave an INT8 file from an earlier try
+    run = load_run(src.source_run)
+    threads = src.report.get("latency_session", {}).get("intra_op_threads") or physical_cores()
+    data = EvalData.from_run(run, src.report["dataset"]["num_samples"], cfg.calibration_samples)
+    evaluator = Evaluator(data.inputs, data.labels, threads, cfg.latency_seconds)
+    source = src.variant_path("fp32") if not src.report["variants"]["fp32"].get("unoptimized_path") \
+        else Path(src.report["variants"]["fp32"]["unoptimized_path"])
+    report = read_json(src.path / "report.json")
+    record, reason = ship(source, src.model, int8_path, cfg, data.calibration, evaluator,
+                          {**dict(_metadata(src.model)), "variant": "int8"})
+    report["quantization"] = record
+    report["variants"].pop("int8", None)
+    if reason is None:
+        reason = confirm(report, src.model, int8_path, data, threads, cfg, record)
+    record["shipped"], record["not_shipped_reason"] = reason is None, reason
+    write_report(report, out)
+    written = ["report.json", "report.md", "latency.png"] + (["model.int8.onnx"] if reason is None else [])
+    write_manifest(out, manifest("quantize", src.path, config=cfg), written)
+    if reason is not None:
+        print(f"INT8 not shipped: {reason}")
+        if cfg.required:
+            raise NotShipped(f"INT8 not shipped: {reason}", "quantize.required (--strict) asks for INT8; "
+                             "drop --strict to ship FP32 alone, or raise --max-accuracy-drop")
+    return out
+
+
+def _metadata(path: Path) -> dict[str, Any]:
+    from .onnx_model import read_metadata
+
+    return read_metadata(open_session(path, 1))
+
+
+def ship(source: Path, fp32: Path, out: Path, cfg: QuantizeConfig, calibration: np.ndarray, evaluator,
+         metadata: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """Search and write the chosen INT8 file to ``out``; returns (quantization record, why nothing
+    was shipped or None)."""
     import onnx
-
-    from .onnx_model import write_metadata
 
     plan = preflight()
     print(f"int8 preflight: {plan.reason}")
+    noise = evaluator.noise_floor(fp32)
+    print(f"int8 noise floor (fp32 against itself): ±{noise:.3f}")
     with tempfile.TemporaryDirectory() as tmp:
-        chosen, tried, mode = search(raw, fp32, Path(tmp), cfg, calibration, evaluator, plan)
+        chosen, tried, mode = search(source, fp32, Path(tmp), cfg, calibration, evaluator, plan, noise)
         if chosen is not None:
             model = onnx.load(str(chosen.path))
-            write_metadata(model, {**metadata, "variant": "int8"})
+            write_metadata(model, metadata)
             onnx.save(model, str(out))
-    out_record = {"mode": mode, "activation_type": plan.activation_type if mode == "static" else "uint8 (dynamic)",
-                  "weight_type": plan.weight_type, "calibration": cfg.calibration if mode == "static" else None,
-                  "calibration_samples": len(calibration), "per_channel": cfg.per_channel,
-                  "reduce_range": plan.reduce_range, "preflight": asdict(plan),
-                  "excluded_nodes": chosen.excluded_nodes if chosen else None, "chosen": chosen.name if chosen else None,
-                  "tried": [{k: v for k, v in asdict(a).items() if k != "path"} for a in tried]}
-    failures = []
-    if chosen is None:
-        out.unlink(missing_ok=True)
-        best = max(tried, key=lambda a: a.speedup or 0)
-        failures.append(f"int8: no configuration was both >= {cfg.min_speedup}x faster than fp32 and within "
-                        f"{cfg.max_accuracy_drop} points "
-                        f"of its accuracy ({len(tried)} tried; fastest {best.speedup:.2f}x with a "
-                        f"{best.accuracy_drop_points:+.2f} point drop); no int8 file was written"
-                        + ("" if plan.expect_speedup else f" — {plan.reason}"))
-    return out_record, failures
+    record = {"mode": mode, "activation_type": plan.activation_type if mode == "static" else "uint8 (dynamic)",
+              "weight_type": plan.weight_type, "calibration": cfg.calibration if mode == "static" else None,
+              "calibration_samples": len(calibration), "per_channel": cfg.per_channel,
+              "reduce_range": plan.reduce_range, "preflight": asdict(plan), "noise_floor": noise,
+              "min_speedup": cfg.min_speedup, "max_accuracy_drop": cfg.max_accuracy_drop,
+              "excluded_nodes": chosen.excluded_nodes if chosen else None, "chosen": chosen.name if chosen else None,
+              "search_speedup": {"median": chosen.speedup, "low": chosen.speedup_low, "high": chosen.speedup_high}
+              if chosen else None,
+              "tried": [{k: v for k, v in asdict(a).items() if k != "path"} for a in tried]}
+    return record, None if chosen else refusal(tried, cfg, plan)
+
+
+def confirm(report: dict[str, Any], fp32: Path, int8: Path, data: EvalData, threads: int, cfg: QuantizeConfig,
+            record: dict[str, Any]) -> str | None:
+    """Measure the shipped file again beside FP32 at the report's batch sizes (the final figures the
+    report shows) and record its parity; remove it and say why when this measurement does not
+    confirm it is faster."""
+    fp32_session, int8_session = open_session(fp32, threads), open_session(int8, threads)
+    batch_sizes = [int(b) for b in report["variants"]["fp32"]["latency_ms"]]
+    fp32_logits = logits_at_batch_sizes(onnx_predictor(fp32_session), data.inputs, [1])[0]
+    int8_logits = logits_at_batch_sizes(onnx_predictor(int8_session), data.inputs, [1])[0]
+    figures, comparisons = profile({"fp32": lambda b: ort_runner(fp32_session, b), "int8": lambda b: ort_runner(int8_session, b)},
+                                   data.inputs[: max(batch_sizes)], batch_sizes, cfg.latency_seconds)
+    bs = 1 if 1 in batch_sizes else batch_sizes[0]
+    final = comparisons[bs].speedup("fp32", "int8")
+    record["final_speedup"] = {**final.as_dict(), "batch_size": bs,
+                               "verdict": final.verdict(record["noise_floor"], cfg.min_speedup)}
+    record["search_final_agree"] = abs(final.median - record["search_speedup"]["median"]) <= record["noise_floor"]
+    report["variants"]["fp32"].update(figures["fp32"], latency_measured_by="quantize")
+    report["variants"]["int8"] = {"path": str(int8), "size_bytes": onnx_size(int8),
+                                  "accuracy": accuracy(int8_logits, data.labels),
+                                  "parity": {**parity(fp32_logits, int8_logits), "reference": "fp32", "batch_sizes": [1]},
+                                  **figures["int8"], "latency_measured_by": "quantize"}
+    if record["final_speedup"]["verdict"] != "faster":
+        int8.unlink(missing_ok=True)
+        report["variants"].pop("int8")
+        return (f"the final measurement did not confirm the search: {final.median:.2f}x "
+                f"[{final.low:.2f}-{final.high:.2f}] against fp32 at batch {bs} is "
+                f"'{record['final_speedup']['verdict']}' (noise floor ±{record['noise_floor']:.3f}, "
+                f"min_speedup {cfg.min_speedup})")
+    return None

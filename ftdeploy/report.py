@@ -1,9 +1,13 @@
-"""report.json (the machine-readable record), report.md (a table a person reads) and latency.png."""
+"""Rendering only: report.json (the machine-readable record), report.md (a table a person reads) and
+latency.png for the export directory, and the usability report's self-contained HTML page, from the
+dicts the stages fill in. Nothing here measures anything."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .latency import format_table
 from .rundir import write_json
@@ -17,7 +21,7 @@ def variant_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
         p = v.get("parity") or {}
         row.update(reference=p.get("reference", "-"), max_abs_diff=p.get("max_abs_diff"), agreement=
                    100 * p["top1_agreement"] if "top1_agreement" in p else None)
-        for bs, lat in v["latency_ms"].items():
+        for bs, lat in v.get("latency_ms", {}).items():
             row[f"p50_{bs}"], row[f"p99_{bs}"] = lat["p50"], lat["p99"]
             row[f"tput_{bs}"] = v["throughput"][bs]
         rows.append(row)
@@ -25,39 +29,56 @@ def variant_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    batch_sizes = list(next(iter(report["variants"].values()))["latency_ms"])
+    batch_sizes = list(report["variants"]["fp32"]["latency_ms"])
     columns = [("variant", "variant", ""), ("accuracy", "accuracy %", ".2f"), ("size_mb", "size MB", ".2f"),
                ("reference", "parity vs", ""), ("max_abs_diff", "max abs diff", ".2e"), ("agreement", "top-1 agree %", ".2f")]
     for bs in batch_sizes:
         columns += [(f"p50_{bs}", f"p50 ms @{bs}", ".2f"), (f"p99_{bs}", f"p99 ms @{bs}", ".2f"),
                     (f"tput_{bs}", f"items/s @{bs}", ".0f")]
     m, d, g = report["machine"], report["dataset"], report["gates"]
+    session = report.get("latency_session", {})
+    measured = {v.get("latency_measured_by") for v in report["variants"].values()} - {None}
     lines = [
         f"# ftdeploy report: {report['source_run']}", "",
         f"**Gates: {'PASSED' if g['passed'] else 'FAILED'}**", "",
         *[f"- {f}" for f in g["failures"]], *([""] if g["failures"] else []),
         f"Data: {d['name']} ({d['split']}, {d['num_samples']} images). "
         f"Machine: {m['cpu']}, {m['threads']} thread(s), ISA {', '.join(m['isa']) or 'baseline'}; "
-        f"onnxruntime {m['onnxruntime']}, torch {m['torch']}.", "",
+        f"onnxruntime {m['onnxruntime']}, torch {m['torch']}. Sessions: {session.get('intra_op_threads')} intra-op "
+        f"thread(s), spinning {'on' if session.get('allow_spinning') else 'off'}; variants timed side by side in "
+        f"alternating blocks.", "",
         format_table(variant_rows(report), columns), "",
     ]
+    if len(measured) > 1:
+        lines += [f"Latency was measured by stages {', '.join(sorted(measured))}: compare rows of the same stage.", ""]
     for name, v in report["variants"].items():
         if v.get("exporter"):
             why = f" (dynamo failed: {v['exporter_fallback_reason']})" if v.get("exporter_fallback_reason") else ""
             optimized = f", onnxruntime optimization '{v['optimization']}'" if v.get("optimization") else ""
             lines.append(f"- {name}: exported with the {v['exporter']} exporter{why}, opset {v.get('opset')}{optimized}.")
-    q = report.get("quantization")
-    if q:
-        lines += ["", "## INT8", "",
-                  f"Preflight: {q['preflight']['reason']}.", "",
-                  f"Mode {q['mode']}, activations {q['activation_type']}, weights {q['weight_type']}, "
-                  f"calibration {q['calibration']} on {q['calibration_samples']} training images, "
-                  f"per-channel {q['per_channel']}, reduce_range {q['reduce_range']}. Chosen: {q['chosen'] or 'none'}; "
-                  f"kept in FP32: {', '.join(q['excluded_nodes']) if q['excluded_nodes'] else 'nothing'}.", "",
-                  format_table(q["tried"], [("name", "configuration tried", ""), ("accuracy_drop_points", "accuracy drop (pts)", "+.2f"),
-                                            ("latency_ms", "p50 ms @1", ".2f"), ("speedup", "vs fp32", ".2f"),
-                                            ("passed", "passed", "")])]
+    if report.get("quantization"):
+        lines += int8_section(report["quantization"])
     return "\n".join(lines) + "\n"
+
+
+def int8_section(q: dict[str, Any]) -> list[str]:
+    shipped = (f"**Shipped** `{q['chosen']}`: {q['search_speedup']['median']:.2f}x in the search, "
+               f"{q['final_speedup']['median']:.2f}x [{q['final_speedup']['low']:.2f}-{q['final_speedup']['high']:.2f}] "
+               f"in the final measurement at batch {q['final_speedup']['batch_size']} "
+               f"({'agree' if q['search_final_agree'] else 'differ by more than'} within the noise floor)."
+               if q.get("shipped") else f"**INT8 not shipped**: {q.get('not_shipped_reason')}. FP32 ships alone.")
+    return ["", "## INT8", "", f"Preflight: {q['preflight']['reason']}.", "",
+            f"Mode {q['mode']}, activations {q['activation_type']}, weights {q['weight_type']}, "
+            f"calibration {q['calibration']} on {q['calibration_samples']} training images, "
+            f"per-channel {q['per_channel']}, reduce_range {q['reduce_range']}. Kept in FP32: "
+            f"{', '.join(q['excluded_nodes']) if q['excluded_nodes'] else 'nothing'}.", "",
+            f"Noise floor (FP32 against itself, same protocol): ±{q['noise_floor']:.3f}. A configuration passes "
+            f"when it loses at most {q['max_accuracy_drop']} points and the low end of its speedup clears "
+            f"{q['min_speedup']}x outside the noise floor.", "", shipped, "",
+            format_table(q["tried"], [("name", "configuration tried", ""), ("accuracy_drop_points", "accuracy drop (pts)", "+.2f"),
+                                      ("latency_ms", "p50 ms @1", ".2f"), ("speedup", "vs fp32", ".2f"),
+                                      ("speedup_low", "low", ".2f"), ("speedup_high", "high", ".2f"),
+                                      ("verdict", "verdict", ""), ("passed", "passed", "")])]
 
 
 def pyplot():
@@ -78,11 +99,11 @@ def plot_latency(report: dict[str, Any], path: Path) -> None:
     plt = pyplot()
     if plt is None:
         return
-    variants = report["variants"]
-    batch_sizes = list(next(iter(variants.values()))["latency_ms"])
+    variants = {n: v for n, v in report["variants"].items() if v.get("latency_ms")}
+    batch_sizes = list(report["variants"]["fp32"]["latency_ms"])
     fig, axes = plt.subplots(1, len(batch_sizes), figsize=(4 * len(batch_sizes), 3.2), squeeze=False)
     for ax, bs in zip(axes[0], batch_sizes):
-        names = list(variants)
+        names = [n for n in variants if bs in variants[n]["latency_ms"]]
         p50 = [variants[n]["latency_ms"][bs]["p50"] for n in names]
         p99 = [variants[n]["latency_ms"][bs]["p99"] for n in names]
         ax.bar(names, p50, yerr=[[0] * len(names), [b - a for a, b in zip(p50, p99)]], capsize=4,
@@ -98,3 +119,224 @@ def write_report(report: dict[str, Any], out: Path) -> None:
     write_json(out / "report.json", report)
     (out / "report.md").write_text(markdown(report))
     plot_latency(report, out / "latency.png")
+
+
+# --- the usability report: one self-contained HTML page ------------------------------------------
+
+CSS = """
+body{font:15px/1.5 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;color:#1d2330;margin:0;background:#f6f7f9}
+main{max-width:1100px;margin:0 auto;padding:16px}
+h1{font-size:1.5em;margin:.2em 0} h2{font-size:1.2em;margin:1.6em 0 .4em;border-bottom:1px solid #d8dce3}
+.meta{color:#5a6272;font-size:.9em} .badge{display:inline-block;padding:2px 10px;border-radius:12px;color:#fff;font-weight:600}
+.pass{background:#2e7d32} .fail{background:#c62828}
+.scroll{overflow-x:auto;-webkit-overflow-scrolling:touch;margin:.5em 0}
+table{border-collapse:collapse;font-size:.88em;background:#fff;white-space:nowrap}
+th,td{border:1px solid #d8dce3;padding:4px 8px;text-align:right} th:first-child,td:first-child{text-align:left}
+th{background:#eef1f5} td.bad{color:#c62828;font-weight:600} td.good{color:#2e7d32}
+img{max-width:100%;height:auto;background:#fff;border:1px solid #e3e6eb;display:block;margin:.5em 0}
+ul{padding-left:1.2em} p{max-width:75ch}
+@media (max-width:600px){body{font-size:14px} main{padding:8px} h1{font-size:1.25em}}
+"""
+
+
+def _figure(fig) -> str:
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    return f'<img alt="" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    import html
+
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(c if str(c).startswith("<td") else f"<td>{html.escape(str(c))}</td>" for c in r)
+                   + "</tr>" for r in rows)
+    return f'<div class="scroll"><table><tr>{head}</tr>{body}</table></div>'
+
+
+def _f(value: Any, spec: str = ".2f", scale: float = 1.0) -> str:
+    return "-" if value is None else format(value * scale, spec)
+
+
+def usability_html(data: dict[str, Any]) -> str:
+    """The usability report as one HTML page: inline images, no network, readable on a phone."""
+    import html
+
+    plt = pyplot()
+    v = data["variants"]
+    names = list(v)
+    m = data["machine"]
+    status = '<span class="badge pass">budgets passed</span>' if data["passed"] else '<span class="badge fail">budgets failed</span>'
+    parts = [f"<h1>Usability report</h1><p class='meta'>{html.escape(data['source'])} (run {html.escape(data['source_run'])}); "
+             f"{data['dataset']['num_samples']} validation images of {html.escape(data['dataset']['name'])}; "
+             f"{html.escape(m['cpu'])}, {m['threads']} thread(s), onnxruntime {m['onnxruntime']}.</p><p>{status}</p>"]
+    parts.append("<h2>Summary</h2>" + _table(
+        ["variant", "accuracy %", "macro F1", "mean corruption acc %", "robustness drop vs fp32 (pts)", "ECE",
+         "ECE after T", "saliency agreement", "p50 ms @1", "p99 ms @1", "peak MB", "size MB"],
+        [[n, _f(x["accuracy"], ".2f", 100), _f(x["macro_f1"], ".3f"),
+          _f(x["robustness"]["mean_corruption_accuracy"], ".2f", 100), _f(x["robustness"]["drop_vs_fp32_points"], "+.2f"),
+          _f(x["calibration"]["ece"], ".3f"), _f(x["calibration"]["ece_after_temperature"], ".3f"),
+          _f(x["saliency"]["agreement_with_fp32"], ".3f"), _f(_bs1(x, "p50_ms")), _f(x["latency"]["p99_ms_bs1"]),
+          _f(x["latency"]["peak_memory_mb"], ".0f"), _f(x["size_bytes"], ".2f", 1e-6)] for n, x in v.items()]))
+    if data["budgets"]:
+        rows = [[k, _f(b["limit"], ".4g"), _f(b["value"], ".4g"),
+                 f'<td class="{"good" if b["passed"] else "bad"}">{"passed" if b["passed"] else "FAILED"}</td>']
+                for k, b in data["budgets"].items()]
+        parts.append("<h2>Budgets</h2>" + _table(["budget:variant", "limit", "value", ""], rows))
+    parts.append(_task_section(data, plt))
+    parts.append(_robustness_section(data, plt))
+    parts.append(_calibration_section(data, plt))
+    parts.append(_saliency_section(data, plt))
+    parts.append(_scalability_section(data, plt))
+    body = "\n".join(parts)
+    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
+            f'content="width=device-width,initial-scale=1"><title>ftdeploy usability report</title>'
+            f"<style>{CSS}</style></head><body><main>{body}</main></body></html>\n")
+
+
+def _bs1(x: dict[str, Any], key: str) -> float | None:
+    rows = [r for r in x["latency"]["grid"] if r["batch_size"] == 1]
+    return max(rows, key=lambda r: r["threads"])[key] if rows else None
+
+
+def _task_section(data: dict[str, Any], plt) -> str:
+    v, classes = data["variants"], data["classes"]
+    rows = [[n] + [_f(x["per_class"][c]["f1"], ".3f") for c in classes] for n, x in v.items()]
+    out = ["<h2>Task performance</h2><p>F1 per class (precision and recall are in usability.json), and the "
+           "confusion matrices (rows: true class, columns: predicted).</p>", _table(["variant"] + classes, rows)]
+    if plt is not None:
+        fig, axes = plt.subplots(1, len(v), figsize=(3.2 * len(v), 3.2), squeeze=False)
+        for ax, (n, x) in zip(axes[0], v.items()):
+            cm = np.asarray(x["confusion_matrix"])
+            ax.imshow(cm, cmap="Blues")
+            ax.set(title=n, xticks=range(len(classes)), yticks=range(len(classes)))
+            ax.set_xticklabels(classes, fontsize=7, rotation=90)
+            ax.set_yticklabels(classes, fontsize=7)
+        out.append(_figure(fig))
+        plt.close(fig)
+    return "\n".join(out)
+
+
+def _robustness_section(data: dict[str, Any], plt) -> str:
+    v = data["variants"]
+    corruptions = list(next(iter(v.values()))["robustness"]["by_corruption"])
+    rows = [[n] + [_f(np.mean(list(x["robustness"]["by_corruption"][c].values())), ".1f", 100) for c in corruptions]
+            + [_f(x["robustness"]["drop_vs_fp32_points"], "+.2f"), _f(x["robustness"]["clean_minus_corrupted_points"], ".1f")]
+            for n, x in v.items()]
+    out = ["<h2>Robustness</h2><p>Accuracy (%) under each corruption, averaged over severities; corruptions are "
+           "applied to the image before normalization, with the same seeds for every variant. <em>drop vs fp32</em>: "
+           "points of mean corruption accuracy lost against FP32; <em>clean − corrupted</em>: how much the variant "
+           "loses under corruption compared with its own clean accuracy.</p>",
+           _table(["variant"] + corruptions + ["drop vs fp32 (pts)", "clean − corrupted (pts)"], rows)]
+    if plt is not None:
+        cols = min(4, len(corruptions))
+        rows_n = -(-len(corruptions) // cols)
+        fig, axes = plt.subplots(rows_n, cols, figsize=(3.2 * cols, 2.6 * rows_n), squeeze=False)
+        for ax, c in zip(axes.ravel(), corruptions):
+            for n, x in v.items():
+                sev = x["robustness"]["by_corruption"][c]
+                ax.plot([int(s) for s in sev], [100 * a for a in sev.values()], marker="o", label=n)
+            ax.set(title=c, xlabel="severity", ylabel="accuracy %", ylim=(0, 102))
+            ax.grid(alpha=0.3)
+        for ax in axes.ravel()[len(corruptions):]:
+            ax.axis("off")
+        axes[0][0].legend(fontsize=7)
+        fig.tight_layout()
+        out.append(_figure(fig))
+        plt.close(fig)
+    return "\n".join(out)
+
+
+def _calibration_section(data: dict[str, Any], plt) -> str:
+    v = data["variants"]
+    rows = [[n, _f(c["ece"], ".4f"), _f(c["brier"], ".4f"), _f(c["nll"], ".4f"), _f(c["temperature"], ".3f"),
+             _f(c["ece_held_out"], ".4f"), _f(c["ece_after_temperature"], ".4f"), _f(c["nll_held_out"], ".4f"),
+             _f(c["nll_after_temperature"], ".4f"), "yes" if c.get("temperature_stored") else "no"]
+            for n, x in v.items() for c in [x["calibration"]]]
+    out = ["<h2>Calibration</h2><p>ECE over 15 confidence bins, Brier score and NLL on all validation images. "
+           "The temperature is fitted on one half of the images and evaluated on the other (<em>held-out</em> "
+           "columns, before and after). With <code>--calibrate</code> it is stored in the ONNX file and "
+           "<code>ftdeploy serve</code> applies it.</p>",
+           _table(["variant", "ECE", "Brier", "NLL", "T", "ECE held-out", "ECE after T", "NLL held-out", "NLL after T",
+                   "T in file"], rows)]
+    if plt is not None:
+        fig, axes = plt.subplots(1, len(v), figsize=(3 * len(v), 3), squeeze=False)
+        for ax, (n, x) in zip(axes[0], v.items()):
+            bins = [b for b in x["calibration"]["reliability"] if b["count"]]
+            ax.bar([(b["low"] + b["high"]) / 2 for b in bins], [b["accuracy"] for b in bins], width=1 / 15,
+                   edgecolor="k", alpha=0.7, label="accuracy")
+            ax.plot([0, 1], [0, 1], "k--", lw=1)
+            ax.set(title=f"{n} (ECE {x['calibration']['ece']:.3f})", xlabel="confidence", ylabel="accuracy",
+                   xlim=(0, 1), ylim=(0, 1))
+        fig.tight_layout()
+        out.append(_figure(fig))
+        plt.close(fig)
+    return "\n".join(out)
+
+
+def _saliency_section(data: dict[str, Any], plt) -> str:
+    v, inputs = data["variants"], data["saliency_inputs"]
+    method = next(iter(v.values()))["saliency"]
+    rows = [[n, _f(x["saliency"]["agreement_with_fp32"], ".3f"),
+             " ".join(_f(a, ".2f") for a in x["saliency"]["agreement_per_sample"])] for n, x in v.items()]
+    out = [f"<h2>Interpretability</h2><p>Occlusion sensitivity through each variant's own predictor (a "
+           f"{method['patch']}-pixel gray square, stride {method['stride']}): how much the probability of FP32's "
+           f"predicted class drops when each region is hidden. Agreement is the Spearman rank correlation with "
+           f"FP32's map, averaged over the {len(inputs['samples'])} images (misclassified ones first). The last "
+           f"column for the PyTorch model shows integrated gradients.</p>",
+           _table(["variant", "agreement with fp32", "per image"], rows)]
+    if plt is not None:
+        ig = "integrated_gradients" in v.get("torch", {}).get("saliency", {})
+        cols = 1 + len(v) + (1 if ig else 0)
+        n = len(inputs["samples"])
+        fig, axes = plt.subplots(n, cols, figsize=(1.6 * cols, 1.6 * n), squeeze=False)
+        for r in range(n):
+            image = np.asarray(inputs["images"][r])
+            axes[r][0].imshow(image.squeeze(), cmap="gray" if image.shape[-1] == 1 else None)
+            axes[r][0].set_title(f"{inputs['labels'][r]} → {inputs['fp32_predictions'][r]}", fontsize=7)
+            for c, (name, x) in enumerate(v.items(), start=1):
+                axes[r][c].imshow(np.asarray(x["saliency"]["maps"][r]), cmap="magma")
+                if r == 0:
+                    axes[r][c].set_title(name, fontsize=7)
+            if ig:
+                axes[r][-1].imshow(np.asarray(v["torch"]["saliency"]["integrated_gradients"][r]), cmap="magma")
+                if r == 0:
+                    axes[r][-1].set_title("torch: IG", fontsize=7)
+        for ax in axes.ravel():
+            ax.set_xticks([])
+            ax.set_yticks([])
+        fig.tight_layout()
+        out.append(_figure(fig))
+        plt.close(fig)
+    return "\n".join(out)
+
+
+def _scalability_section(data: dict[str, Any], plt) -> str:
+    v = data["variants"]
+    rows = [[n, r["threads"], r["batch_size"], _f(r["p50_ms"]), _f(r["p99_ms"]), _f(r["throughput"], ".0f")]
+            for n, x in v.items() for r in x["latency"]["grid"]]
+    s = data["latency_session"]
+    out = [f"<h2>Scalability</h2><p>Variants timed side by side in alternating blocks at each batch size and "
+           f"thread count (sessions as <code>ftdeploy serve</code> builds them, spinning "
+           f"{'on' if s['allow_spinning'] else 'off'}). Peak memory: what a fresh process gains by loading the "
+           f"model and running the largest batch.</p>",
+           _table(["variant", "threads", "batch", "p50 ms", "p99 ms", "items/s"], rows),
+           _table(["variant", "peak memory MB", "file MB"],
+                  [[n, _f(x["latency"]["peak_memory_mb"], ".0f"), _f(x["size_bytes"], ".2f", 1e-6)] for n, x in v.items()])]
+    if plt is not None:
+        threads = sorted({r["threads"] for x in v.values() for r in x["latency"]["grid"]})
+        fig, axes = plt.subplots(1, len(threads), figsize=(4 * len(threads), 3), squeeze=False)
+        for ax, t in zip(axes[0], threads):
+            for n, x in v.items():
+                grid = [r for r in x["latency"]["grid"] if r["threads"] == t]
+                ax.plot([r["batch_size"] for r in grid], [r["throughput"] for r in grid], marker="o", label=n)
+            ax.set(title=f"{t} thread(s)", xlabel="batch size", ylabel="images/s", xscale="log")
+            ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=7)
+        fig.tight_layout()
+        out.append(_figure(fig))
+        plt.close(fig)
+    return "\n".join(out)

@@ -4,7 +4,9 @@ The ONNX file alone carries what serving needs (class names, preprocessing). Con
 gathered into micro-batches. Bad input gets a 4xx JSON error and never disturbs other requests.
 Torch-free: installs with ``pip install 'ftdeploy[serve]'``.
 
->>> app = create_app("runs/digits/export/model.onnx")  # doctest: +SKIP
+Example::
+
+    app = create_app("runs/digits/export/model.onnx")
 """
 
 from __future__ import annotations
@@ -27,9 +29,15 @@ from .onnx_model import OnnxClassifier
 
 try:
     from fastapi import FastAPI, Query, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.openapi.docs import get_swagger_ui_html
     from fastapi.responses import JSONResponse, PlainTextResponse
+    from fastapi.staticfiles import StaticFiles
+    from pydantic import BaseModel
+    from starlette.exceptions import HTTPException
+    from swagger_ui_bundle import swagger_ui_path
 except ImportError:  # pragma: no cover - exercised by users without the extra
-    raise DependencyError("serving needs FastAPI and uvicorn", "pip install 'ftdeploy[serve]'") from None
+    raise DependencyError("serving needs FastAPI, uvicorn and swagger-ui-bundle-v2", "pip install 'ftdeploy[serve]'") from None
 
 
 @dataclass(frozen=True)
@@ -41,6 +49,22 @@ class Limits:
 
 INLINE_DECODE_BYTES = 64 * 1024  # smaller uploads are decoded on the event loop, larger ones in a thread
 INLINE_MAX_RUN_S = 0.005  # a lone request's model run may hold the event loop this long (see MicroBatcher)
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    """The one shape of every error the server answers."""
+
+    error: ErrorDetail
+
+
+ERRORS = {status: {"model": ErrorResponse, "description": what} for status, what in (
+    (400, "not an image, empty, truncated, bad JSON or base64"), (413, "too many bytes, pixels or images"),
+    (415, "unsupported content type"), (422, "invalid query parameter"))}
 
 
 class BadInput(Exception):
@@ -230,6 +254,24 @@ class MicroBatcher:
         return logits
 
 
+def error_response(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
+    """Every error the server answers has one shape: ``{"error": {"code", "message"}}``."""
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+def add_docs(app: FastAPI) -> None:
+    """``/docs`` from the Swagger UI files of an installed package: FastAPI's default page loads them
+    from a CDN, which leaves it blank wherever the server runs without internet access."""
+    app.mount("/docs/assets", StaticFiles(directory=swagger_ui_path), name="swagger-ui")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title=f"{app.title} - docs",
+                                   swagger_js_url="/docs/assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs/assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs/assets/favicon-32x32.png")
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = np.exp(logits - logits.max(-1, keepdims=True))
     return z / z.sum(-1, keepdims=True)
@@ -244,11 +286,14 @@ def create_app(model_path: str | Path, threads: int | None = None, max_batch_siz
     metrics = Metrics(max_batch_size)
     batcher = MicroBatcher(model, metrics, max_batch_size, max_wait_ms)
     state = {"ready": False}
+    # Fitted by `ftdeploy report --calibrate` and stored in the file: probabilities that mean what they say.
+    temperature = float(model.metadata.get("temperature") or 1.0)
     info = {"classes": model.classes, "input_size": model.preprocessing.input_size,
             "preprocessing": model.preprocessing.__dict__, "variant": model.metadata.get("variant"),
             "source_run": model.metadata.get("source_run"), "model": model.metadata.get("model"),
             "exported_by": model.metadata.get("version"), "server_version": __version__, "file": str(model.path),
-            "max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms, "limits": limits.__dict__}
+            "max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms, "limits": limits.__dict__,
+            "temperature": temperature}
 
     async def warm_up() -> None:
         dummy = np.zeros((1, *model.preprocessing.input_shape), np.float32)
@@ -264,14 +309,27 @@ def create_app(model_path: str | Path, threads: int | None = None, max_batch_siz
         warmup.cancel()
         await batcher.stop()
 
-    app = FastAPI(title="ftdeploy model server", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="ftdeploy model server", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description=f"Image classification with {model.path.name} ({len(model.classes)} classes).")
 
     app.add_middleware(RequestMetrics, metrics=metrics)
+    add_docs(app)
 
     @app.exception_handler(BadInput)
     async def bad_input(_request: Request, exc: BadInput):
-        return JSONResponse({"error": {"code": exc.code, "message": exc.message}}, status_code=exc.status)
+        return error_response(exc.status, exc.code, exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_parameter(_request: Request, exc: RequestValidationError):
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or e['loc'][0]}: {e['msg']}"
+                             + (f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else "")
+                             for e in exc.errors())
+        return error_response(422, "invalid_parameter", problems)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_request: Request, exc: HTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, str(exc.detail), exc.headers)
 
     @app.get("/healthz")
     async def healthz():
@@ -291,12 +349,12 @@ def create_app(model_path: str | Path, threads: int | None = None, max_batch_siz
     async def prometheus():
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.post("/v1/predict")
+    @app.post("/v1/predict", responses=ERRORS)
     async def predict(request: Request, k: int = Query(5, ge=1, description="labels to return per image")):
         """Multipart upload (one or more files) or JSON ``{"images": ["<base64>", ...]}`` -> top-k labels per image."""
         batcher.active += 1
         try:
-            probs = softmax(await batcher.infer(await decode_request(request)))
+            probs = softmax(await batcher.infer(await decode_request(request)) / temperature)
         finally:
             batcher.active -= 1
         k_ = min(k, len(model.classes))

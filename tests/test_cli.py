@@ -30,6 +30,7 @@ def test_user_mistakes_give_one_line_and_a_non_zero_exit(tmp_path, overrides, fr
     assert_one_line_error(result, *fragments)
 
 
+@pytest.mark.slow
 def test_corrupt_image_names_the_file(tmp_path):
     root = make_folder(tmp_path / "photos", corrupt=True)
     result = run_cli("train", *sets(*TINY, "data.name=imagefolder", f"data.root={root}"), "--output-dir", str(tmp_path / "o"))
@@ -41,6 +42,7 @@ def test_unknown_config_key_in_a_file(tmp_path):
     assert_one_line_error(run_cli("train", "--config", str(tmp_path / "c.yaml")), "unknown key 'model.nam'", "allowed here: name, weights")
 
 
+@pytest.mark.slow
 def test_python_m_ftdeploy_train_is_the_train_command(tmp_path):
     import subprocess
     import sys
@@ -53,3 +55,59 @@ def test_python_m_ftdeploy_train_is_the_train_command(tmp_path):
     assert result.returncode == 0, result.stderr
     assert json.loads((out / "metrics.json").read_text())["epochs"] == 1
     assert f"run directory: {out}" in result.stdout
+
+
+def torch_blocker(tmp_path):
+    """A PYTHONPATH on which `import torch` fails as it does after pip install 'ftdeploy[serve]'."""
+    blocker = tmp_path / "blocked" / "torch"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n")
+    return {"PYTHONPATH": str(blocker.parent)}
+
+
+@pytest.mark.parametrize("args", [["train"], ["export", "runs/x"], ["prune", "runs/x", "-o", "runs/y"],
+                                  ["quantize", "runs/x/export"]], ids=lambda a: a[0])
+def test_a_serving_install_names_the_extra_to_add(tmp_path, args):
+    assert_one_line_error(run_cli(*args, env=torch_blocker(tmp_path)), "needs the training extra",
+                          "pip install 'ftdeploy[train]'")
+
+
+def test_validate_a_missing_file_says_so(tmp_path):
+    assert_one_line_error(run_cli("validate", str(tmp_path / "missing.onnx"), "--run", str(tmp_path), "-o", str(tmp_path)),
+                          "missing.onnx", "not found")
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    assert_one_line_error(run_cli("bench", str(tmp_path / "junk.onnx")), "onnxruntime cannot load")
+
+
+@pytest.mark.slow
+def test_a_misspelt_quantize_mode_lists_the_allowed_ones(tiny_run):
+    assert_one_line_error(run_cli("export", str(tiny_run), "--quantize", "statik"),
+                          "'auto', 'static' or 'dynamic'", "got 'statik'")
+    assert not (tiny_run / "export").exists()  # refused before any work
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["export", "RUN", "--set", "train.lr=1"], ["takes --set export.<field>=value", "train.lr=1"]),
+    (["prune", "RUN", "-o", "OUT", "--set", "importance=taylor"], ["takes --set prune.<field>=value"]),
+    (["quantize", "RUN/export", "--set", "quantize.bogus=1"], ["unknown key 'quantize.bogus'", "allowed here: mode"]),
+])
+@pytest.mark.slow
+def test_set_means_section_field_on_every_command(tiny_run, args, fragments):
+    args = [a.replace("RUN", str(tiny_run)).replace("OUT", str(tiny_run) + "-o") for a in args]
+    assert_one_line_error(run_cli(*args), *fragments)
+
+
+@pytest.mark.slow
+def test_every_export_and_quantize_field_can_be_set(tiny_run, tmp_path):
+    """--set reaches fields without a flag of their own (here: the optimization level and the INT8
+    accuracy budget), and an export directory fed to a stage that wants a run names the mix-up."""
+    from ftdeploy.config import ExportConfig, QuantizeConfig
+
+    assert set(ExportConfig.model_fields) - {"output_dir"} and set(QuantizeConfig.model_fields)
+    result = run_cli("export", str(tiny_run), "-o", str(tmp_path / "e"), "--set", "export.optimization=none",
+                     "--set", "export.batch_sizes=[1]", "--set", "export.latency_seconds=0.05")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "e" / "report.json").read_text())
+    assert report["variants"]["fp32"]["optimization"] == "none" and list(report["variants"]["fp32"]["latency_ms"]) == ["1"]
+    assert not (tmp_path / "e" / "model.unoptimized.onnx").exists()  # nothing to keep: the shipped file is unoptimized
+    assert_one_line_error(run_cli("prune", str(tmp_path / "e"), "-o", str(tmp_path / "p")), "export directory")

@@ -14,6 +14,7 @@ SIZE = ["data.num_samples=80", "data.batch_size=8"]  # 64 training images: 4 bat
 
 @pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
                     reason="torchrun not installed")
+@pytest.mark.slow
 def test_two_cpu_processes_train_data_parallel(tmp_path):
     """2 ranks on gloo: each is fed its own half of every epoch and both end with the same weights."""
     out = tmp_path / "ddp"
@@ -28,7 +29,7 @@ def test_two_cpu_processes_train_data_parallel(tmp_path):
     assert ranks[0]["weights"] and ranks[0]["weights"] == ranks[1]["weights"]
 
     from ftdeploy.data import build_datasets
-    from ftdeploy.train import resolve_preprocessing
+    from ftdeploy.training import resolve_preprocessing
     from ftdeploy.models import build_model
 
     cfg = tiny_config(out, *SIZE)

@@ -11,14 +11,17 @@ from onnx import numpy_helper
 from conftest import FAST_EXPORT, REPO, make_run, run_cli
 from ftdeploy.config import ExportConfig
 from ftdeploy.errors import ExportError
-from ftdeploy.export import export_onnx, export_run
+from ftdeploy.conversion import export_onnx
+from ftdeploy.export import export
 
 
 @pytest.mark.parametrize("model", ["torchvision:resnet18", "torchvision:mobilenet_v3_small",
                                    "torchvision:efficientnet_b0", "timm:efficientnet_lite0"])
+@pytest.mark.slow
 def test_export_keeps_parity_with_pytorch(tmp_path, model):
     run = make_run(tmp_path / "run", model)
-    report = export_run(run, tmp_path / "onnx", ExportConfig(**FAST_EXPORT))
+    out = export(run, tmp_path / "onnx", ExportConfig(**FAST_EXPORT))
+    report = json.loads((out / "report.json").read_text())
     fp32 = report["variants"]["fp32"]
     assert report["gates"] == {"passed": True, "failures": []}
     assert fp32["parity"]["max_abs_diff"] <= 1e-4 and fp32["parity"]["top1_agreement"] == 1.0
@@ -32,8 +35,11 @@ def test_export_keeps_parity_with_pytorch(tmp_path, model):
             lat = report["variants"][variant]["latency_ms"][bs]
             assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"]
             assert report["variants"][variant]["throughput"][bs] > 0
-    assert json.loads((tmp_path / "onnx" / "report.json").read_text()) == json.loads(json.dumps(report))
     assert "| fp32 |" in (tmp_path / "onnx" / "report.md").read_text()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stage"] == "export" and manifest["parent"] == str(run)
+    assert [e["stage"] for e in manifest["lineage"]] == ["data", "train"]
+    assert set(manifest["files"]) >= {"model.onnx", "model.unoptimized.onnx", "report.json"}
     graph = onnx.load(str(tmp_path / "onnx" / "model.onnx"))
     assert graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch axis
 
@@ -42,10 +48,11 @@ def test_export_keeps_parity_with_pytorch(tmp_path, model):
 def exported(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("exported")
     run = make_run(tmp / "run")
-    export_run(run, tmp / "onnx", ExportConfig(**FAST_EXPORT))
+    export(run, tmp / "onnx", ExportConfig(**FAST_EXPORT))
     return run, tmp / "onnx" / "model.onnx"
 
 
+@pytest.mark.slow
 def test_perturbed_weights_fail_the_gate_with_every_failure_listed(exported, tmp_path):
     run, path = exported
     model = onnx.load(str(path))
@@ -95,11 +102,13 @@ def test_torchscript_exporter_on_request(tmp_path):
     assert out.shape == (5, 4)
 
 
+@pytest.mark.slow
 def test_metadata_alone_reproduces_the_validation_accuracy(tmp_path):
     """A fresh process with only the ONNX file and raw digits images gets the report's accuracy."""
     run = make_run(tmp_path / "digits", "torchvision:resnet18", "data.name=digits", "preprocessing.input_size=16",
                    "data.batch_size=64", "train.epochs=2")
-    report = export_run(run, tmp_path / "onnx", ExportConfig(**{**FAST_EXPORT, "parity_samples": 2000}))
+    out = export(run, tmp_path / "onnx", ExportConfig(**{**FAST_EXPORT, "parity_samples": 2000}))
+    report = json.loads((out / "report.json").read_text())
     code = f"""
 import numpy as np
 from PIL import Image
@@ -122,6 +131,7 @@ print(clf.metadata["source_run"], clf.metadata["variant"], clf.preprocessing.inp
     assert meta == f"{run} fp32 16"
 
 
+@pytest.mark.slow
 def test_bench_prints_a_grid(exported):
     _, path = exported
     result = run_cli("bench", str(path), "--batch-sizes", "1,2", "--threads", "1", "--seconds", "0.05", "--json")

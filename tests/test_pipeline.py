@@ -1,18 +1,113 @@
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
-from conftest import TINY, run_cli
+import pytest
+import yaml
+
+from conftest import REPO, TINY, run_cli
+
+STAGE_SECTIONS = {
+    "preprocessing": {"input_size": 32}, "data": {"image_size": 32},
+    "prune": {"ratio": 0.25, "finetune_epochs": 1, "latency_seconds": 0.1},
+    "export": {"batch_sizes": [1], "latency_seconds": 0.05, "parity_samples": 64},
+    # an unreachable speed target: INT8 is refused on any CPU, so both ways ship the same files
+    "quantize": {"min_speedup": 1000, "search": False, "latency_seconds": 0.1},
+}
 
 
-def test_run_chains_train_prune_and_export(tmp_path):
-    """ftdeploy run with train, prune and export sections: each stage reads the previous one's run."""
-    out = tmp_path / "chain"
-    sets = [*TINY, "preprocessing.input_size=32", "data.image_size=32", "prune.ratio=0.25", "prune.finetune_epochs=1",
-            "prune.latency_seconds=0.1", "export.batch_sizes=[1]", "export.latency_seconds=0.05"]
-    result = run_cli("run", *[a for s in sets for a in ("--set", s)], "--output-dir", str(out))
+def tiny_yaml(path: Path) -> Path:
+    from ftdeploy.config import apply_override
+
+    raw: dict = {}
+    for item in TINY:
+        apply_override(raw, item)
+    for section, values in STAGE_SECTIONS.items():
+        raw.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def artifact(directory: Path) -> tuple[set[str], dict]:
+    files = {str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file()
+             and p.relative_to(directory).parts[0] not in ("checkpoints", "logs", "export")}
+    return files, json.loads((directory / "manifest.json").read_text())
+
+
+def without_paths(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k != "output_dir"}
+
+
+def shape(value):
+    """The keys of a report, recursively, with values left out (timings differ between runs)."""
+    if isinstance(value, dict):
+        return {k: shape(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [shape(v) for v in value[:1]]
+    return type(value).__name__
+
+
+@pytest.mark.slow
+def test_stages_by_hand_give_what_ftdeploy_run_gives(tmp_path):
+    """train -> prune -> export -> quantize, each command on the previous one's directory, against
+    ftdeploy run on the same config: the same files, the same weights, the same report fields."""
+    config = tiny_yaml(tmp_path / "tiny.yaml")
+    auto, hand = tmp_path / "auto" / "run", tmp_path / "hand" / "run"
+    result = run_cli("run", "--config", str(config), "-o", str(auto))
     assert result.returncode == 0, result.stderr
-    pruned = tmp_path / "chain-pruned"
-    report = json.loads((pruned / "export" / "report.json").read_text())
-    assert report["source_run"] == str(pruned) and report["gates"]["passed"]
-    assert json.loads((pruned / "manifest.json").read_text())["parent"] == str(out)
-    assert json.loads((pruned / "prune_report.json").read_text())["ratios"]["params"] < 0.8
-    assert f"ONNX file(s): {pruned / 'export' / 'model.onnx'}" in result.stdout
+    assert result.stdout.count("INT8 not shipped: ") == 1
+    steps = [("train", "--config", str(config), "-o", str(hand)),
+             ("prune", str(hand), "-o", str(hand) + "-pruned", "--ratio", "0.25", "--finetune-epochs", "1",
+              "--set", "prune.latency_seconds=0.1"),
+             ("export", str(hand) + "-pruned", "--batch-sizes", "1", "--set", "export.latency_seconds=0.05",
+              "--set", "export.parity_samples=64"),
+             ("quantize", str(hand) + "-pruned/export", "--set", "quantize.min_speedup=1000",
+              "--set", "quantize.search=false", "--set", "quantize.latency_seconds=0.1")]
+    for step in steps:
+        done = run_cli(*step)
+        assert done.returncode == 0, (step, done.stderr)
+    for a, b in [(auto, hand), (Path(f"{auto}-pruned"), Path(f"{hand}-pruned")),
+                 (Path(f"{auto}-pruned/export"), Path(f"{hand}-pruned/export"))]:
+        (files_a, manifest_a), (files_b, manifest_b) = artifact(a), artifact(b)
+        assert files_a == files_b
+        assert manifest_a["stage"] == manifest_b["stage"]
+        assert without_paths(manifest_a["config"]) == without_paths(manifest_b["config"])
+        if "model.safetensors" in manifest_a["files"]:
+            assert manifest_a["files"]["model.safetensors"] == manifest_b["files"]["model.safetensors"]
+    reports = [json.loads((Path(f"{d}-pruned/export") / "report.json").read_text()) for d in (auto, hand)]
+    assert shape(reports[0]) == shape(reports[1])
+    assert reports[0]["variants"]["fp32"]["accuracy"] == reports[1]["variants"]["fp32"]["accuracy"]
+    last = json.loads((Path(f"{hand}-pruned/export") / "manifest.json").read_text())
+    assert [e["stage"] for e in last["lineage"]] + [last["stage"]] == ["data", "train", "prune", "export", "quantize"]
+    assert last["lineage"][0]["name"] == "synthetic" and last["lineage"][1]["path"] == str(hand)
+    assert {"sha256", "bytes"} <= set(last["lineage"][3]["files"]["model.onnx"])
+
+
+@pytest.mark.slow
+def test_multi_process_run_prunes_everywhere_and_writes_once(tmp_path):
+    """Under torchrun every rank prunes and fine-tunes; only rank 0 measures and writes the report."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun not installed")
+    config = tiny_yaml(tmp_path / "tiny.yaml")
+    out = tmp_path / "ddp"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    sets = ["--set", "data.num_samples=80", "--set", "train.epochs=1"]
+    result = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29518", "-m", "ftdeploy", "run",
+                             "--config", str(config), "-o", str(out), *sets], capture_output=True, text=True,
+                            cwd=REPO, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("# Pruning report") == 1
+    assert json.loads((Path(f"{out}-pruned") / "metrics.json").read_text())["num_processes"] == 2
+    assert (Path(f"{out}-pruned") / "export" / "report.json").is_file()
+
+
+def test_run_declares_stages_by_section():
+    from ftdeploy.config import load_config
+    from ftdeploy.pipeline import declared
+
+    assert declared(load_config(None)) == ["train"]
+    assert declared(load_config(REPO / "configs" / "digits.yaml")) == ["train", "export", "quantize"]
+    assert declared(load_config(REPO / "configs" / "digits-compressed.yaml")) == ["train", "prune", "export", "quantize"]

@@ -1,20 +1,22 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import torch
 
-from conftest import make_run, run_cli
+from conftest import FAST_EXPORT, make_run, run_cli
 from ftdeploy.config import QuantizeConfig
-from ftdeploy.quantize import Evaluator, preflight, quantize_variant
+from ftdeploy.latency import Speedup
+from ftdeploy.quantize import Evaluator, preflight, search, ship
 
 
 def test_preflight_follows_the_cpu():
     vnni = preflight({"avx2", "avx512f", "avx512bw", "avx512_vnni"})
     assert (vnni.activation_type, vnni.weight_type, vnni.reduce_range, vnni.expect_speedup) == ("uint8", "int8", False, True)
     assert preflight({"avx2", "avx_vnni"}).isa == "avx_vnni"
-    no_vnni = preflight({"avx2", "fma"})  # e.g. this AMD EPYC: vpmaddubsw can saturate
+    no_vnni = preflight({"avx2", "fma"})  # e.g. an AVX2-only AMD EPYC: vpmaddubsw can saturate
     assert no_vnni.isa == "avx2" and no_vnni.reduce_range is True and no_vnni.expect_speedup
     assert preflight({"avx512f", "avx512bw"}).reduce_range is True
     arm = preflight({"asimd", "asimddp"})
@@ -25,56 +27,133 @@ def test_preflight_follows_the_cpu():
     assert bare.expect_speedup is False and "cannot be expected" in bare.reason
 
 
+@pytest.mark.parametrize("fp32_ms,int8_ms,verdict", [
+    ([2.0, 2.1, 1.9, 2.0, 2.2], [1.0, 1.1, 0.95, 1.0, 1.05], "faster"),  # clearly faster, in every round
+    ([2.0, 2.1, 1.9, 2.0, 2.2], [1.95, 2.05, 1.95, 1.9, 2.2], "not distinguishable"),  # inside the noise floor
+    ([2.0, 2.1, 1.9, 2.0, 2.2], [2.6, 2.8, 2.5, 2.6, 2.9], "slower"),
+    ([2.0, 2.1, 1.9, 2.0, 2.2], [1.6, 1.7, 1.8, 1.6, 1.7], "faster, below min_speedup"),  # 1.25x, one round 1.06x
+])
+def test_the_speed_decision_rule_on_fixed_timings(fp32_ms, int8_ms, verdict):
+    speedup = Speedup.of(fp32_ms, int8_ms)
+    assert speedup.low <= speedup.median <= speedup.high
+    assert speedup.verdict(noise_floor=0.05, min_speedup=1.1) == verdict
+
+
+def test_the_noise_floor_comes_from_an_a_a_comparison():
+    same = Speedup.of([2.0, 2.0, 2.0, 2.0], [1.9, 2.1, 2.0, 2.05])
+    assert same.noise == pytest.approx(max(1 - 2.0 / 2.1, 2.0 / 1.9 - 1))
+    # a 5 % gain is faster on a quiet machine and "not distinguishable" on a noisy one
+    gain = Speedup.of([1.05] * 4, [1.0] * 4)
+    assert gain.verdict(0.02, 1.0) == "faster" and gain.verdict(same.noise, 1.0) == "not distinguishable"
+
+
 @pytest.fixture(scope="module")
 def tiny_export(tmp_path_factory):
-    from ftdeploy.export import export_onnx, finalize, run_splits, split_arrays
+    from ftdeploy.config import ExportConfig
+    from ftdeploy.evaluation import EvalData
+    from ftdeploy.export import export
     from ftdeploy.rundir import load_run
 
     tmp = tmp_path_factory.mktemp("q")
     run = load_run(make_run(tmp / "run", "torchvision:resnet18", "train.epochs=3"))
-    export_onnx(run.load_model(), torch.zeros(2, 3, 32, 32), tmp / "raw.onnx")
-    finalize(tmp / "raw.onnx", tmp / "fp32.onnx", {"classes": run.classes})
-    inputs, labels = split_arrays(run_splits(run).val, 100)
-    return run, tmp, inputs, labels
+    out = export(run.path, tmp / "export", ExportConfig(**FAST_EXPORT))
+    return run, out, EvalData.from_run(run, 100, 64)
 
 
-def test_gate_refuses_int8_that_breaks_the_accuracy_budget(tiny_export):
+class SetFigures:
+    """An evaluator that returns set accuracies and speedups per configuration name."""
+
+    def __init__(self, figures: dict[str, tuple[float, float, float, float]]):
+        self.figures, self.asked = figures, []
+
+    def accuracy(self, name, path):
+        return 0.90 if name == "fp32" else self.figures[name][0]
+
+    def speedup(self, name, path, reference):
+        self.asked.append(name)
+        accuracy, median, low, high = self.figures[name]
+        return Speedup(median, low, high, [low, median, high]), 1.0 / median
+
+
+@pytest.mark.slow
+def test_the_search_picks_the_fastest_configuration_that_passes(tiny_export, tmp_path):
+    """Apart from this machine's speed: all ops is fast but loses 3 points; the search then keeps the
+    most sensitive nodes in FP32, stops at the first count that passes, and picks the fastest passing."""
+    _, out, data = tiny_export
+    evaluator = SetFigures({
+        "all ops": (0.87, 1.60, 1.50, 1.70),
+        "compute ops only": (0.90, 1.30, 1.20, 1.35),
+        "first/last in fp32": (0.90, 1.04, 0.98, 1.10),  # inside the noise floor
+        "all ops + 1 most sensitive in fp32": (0.88, 1.55, 1.45, 1.60),
+        "all ops + 2 most sensitive in fp32": (0.898, 1.50, 1.40, 1.55),
+        "all ops + 4 most sensitive in fp32": (0.90, 1.45, 1.40, 1.50),
+    })
+    chosen, tried, mode = search(out / "model.unoptimized.onnx", out / "model.onnx", tmp_path, QuantizeConfig(),
+                                 data.calibration, evaluator, preflight(), noise_floor=0.08, progress=lambda _: None)
+    assert mode == "static"
+    assert [a.name for a in tried] == ["all ops", "compute ops only", "first/last in fp32",
+                                       "all ops + 1 most sensitive in fp32", "all ops + 2 most sensitive in fp32"]
+    assert [a.verdict for a in tried][:3] == ["faster", "faster", "not distinguishable"]
+    assert chosen.name == "all ops + 2 most sensitive in fp32" and len(chosen.excluded_nodes) == 2
+    assert [a.passed for a in tried] == [False, True, False, False, True]
+
+
+@pytest.mark.slow
+def test_refuses_int8_that_breaks_the_accuracy_budget(tiny_export, tmp_path):
     """A calibration set of blank images gives useless activation ranges: with a zero budget the
     INT8 model must be refused, and no file written, whatever its speed."""
-    run, tmp, inputs, labels = tiny_export
-    bad_calibration = np.zeros((8, 3, 32, 32), np.float32)
-    out = tmp / "model.int8.onnx"
-    record, failures = quantize_variant(tmp / "raw.onnx", tmp / "fp32.onnx", out,
-                                        QuantizeConfig(max_accuracy_drop=0.0, search=False, latency_seconds=0.1),
-                                        bad_calibration, Evaluator(inputs, labels, 1, 0.1), {"classes": run.classes})
-    assert not out.exists()
-    assert len(failures) == 1 and "no int8 file was written" in failures[0]
+    run, out, data = tiny_export
+    evaluator = Evaluator(data.inputs, data.labels, 1, 0.1)
+    int8 = tmp_path / "model.int8.onnx"
+    record, reason = ship(out / "model.unoptimized.onnx", out / "model.onnx", int8,
+                          QuantizeConfig(max_accuracy_drop=0.0, search=False, latency_seconds=0.1),
+                          np.zeros((8, 3, 32, 32), np.float32), evaluator, {"classes": run.classes})
+    assert not int8.exists() and "no configuration was both faster" in reason
     (only,) = record["tried"]
     assert only["accuracy_drop_points"] > 0 and only["passed"] is False
-    assert record["chosen"] is None and record["calibration_samples"] == 8
+    assert record["chosen"] is None and record["calibration_samples"] == 8 and record["noise_floor"] >= 0
 
 
-def test_export_quantize_ships_only_a_measured_better_model(tiny_export, tmp_path):
-    """Whatever this CPU makes of INT8, the invariant holds: a shipped int8 file was measured faster
-    and within budget; otherwise the command fails with the reason and ships nothing."""
-    run, *_ = tiny_export
-    result = run_cli("export", str(run.path), "-o", str(tmp_path), "--quantize", "--batch-sizes", "1",
-                     "--max-accuracy-drop", "5")
+@pytest.mark.slow
+def test_quantize_stage_ships_only_a_measured_better_model(tiny_export, tmp_path):
+    """Whatever this CPU makes of INT8: a shipped file was measured faster (search and final
+    measurement) and within budget; a refusal exits 0 with one line, and 2 under --strict."""
+    run, out, _ = tiny_export
+    result = run_cli("quantize", str(out), "-o", str(tmp_path), "--max-accuracy-drop", "5",
+                     "--set", "quantize.latency_seconds=0.5")
+    assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "report.json").read_text())
     q = report["quantization"]
-    assert q["mode"] == "static" and q["per_channel"] is True and q["tried"]
-    assert set(q) >= {"mode", "activation_type", "weight_type", "calibration", "per_channel", "excluded_nodes", "tried"}
+    assert q["mode"] == "static" and q["per_channel"] is True and q["tried"] and q["noise_floor"] >= 0
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert [e["stage"] for e in manifest["lineage"]] == ["data", "train", "export"] and manifest["stage"] == "quantize"
+    assert manifest["config"]["max_accuracy_drop"] == 5
     if (tmp_path / "model.int8.onnx").exists():
-        assert result.returncode == 0, result.stderr
+        assert q["shipped"] and "INT8 not shipped" not in result.stdout
         chosen = next(t for t in q["tried"] if t["name"] == q["chosen"])
-        assert chosen["passed"] and chosen["speedup"] >= 1.1 and chosen["accuracy_drop_points"] <= 5
-        assert report["variants"]["int8"]["latency_ms"]["1"]["p50"] < report["variants"]["fp32"]["latency_ms"]["1"]["p50"]
+        assert chosen["passed"] and chosen["speedup_low"] >= 1.1 and chosen["accuracy_drop_points"] <= 5
+        assert q["final_speedup"]["verdict"] == "faster" and isinstance(q["search_final_agree"], bool)
         int8 = report["variants"]["int8"]
         assert int8["parity"]["reference"] == "fp32" and int8["size_bytes"] < report["variants"]["fp32"]["size_bytes"]
         meta = {p.key: p.value for p in onnx.load(str(tmp_path / "model.int8.onnx")).metadata_props}
-        assert json.loads(meta["ftdeploy.variant"]) == "int8"
-        assert "| int8 |" in (tmp_path / "report.md").read_text()
+        assert json.loads(meta["ftdeploy.variant"]) == "int8" and json.loads(meta["ftdeploy.classes"]) == run.classes
+        assert "model.int8.onnx" in manifest["files"]
     else:
-        assert result.returncode == 2
-        assert "no int8 file was written" in result.stderr or "the int8 file was removed" in result.stderr
-        assert "int8" not in report["variants"] and report["gates"]["passed"] is False
+        assert not q["shipped"] and "int8" not in report["variants"]
+        assert f"INT8 not shipped: {q['not_shipped_reason']}" in result.stdout
+        strict = run_cli("quantize", str(out), "-o", str(tmp_path / "strict"), "--max-accuracy-drop", "5", "--strict",
+                         "--set", "quantize.latency_seconds=0.5")
+        assert strict.returncode == 2 and "error: INT8 not shipped" in strict.stderr
+    assert not (Path(out) / "model.int8.onnx").exists()  # -o elsewhere leaves the export directory alone
+
+
+@pytest.mark.slow
+def test_strict_refusal_exits_2_and_plain_refusal_exits_0(tiny_export, tmp_path):
+    """An impossible speed target: INT8 is refused on every CPU."""
+    _, out, _ = tiny_export
+    args = ["--set", "quantize.min_speedup=1000", "--set", "quantize.search=false", "--set", "quantize.latency_seconds=0.2"]
+    plain = run_cli("quantize", str(out), "-o", str(tmp_path / "a"), *args)
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stdout.count("INT8 not shipped: no configuration was both faster") == 1
+    strict = run_cli("quantize", str(out), "-o", str(tmp_path / "b"), "--strict", *args)
+    assert strict.returncode == 2 and strict.stderr.strip().splitlines()[-1].startswith("error: INT8 not shipped")

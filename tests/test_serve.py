@@ -73,11 +73,11 @@ class Server:
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory):
     from ftdeploy.config import ExportConfig
-    from ftdeploy.export import export_run
+    from ftdeploy.export import export
 
     tmp = tmp_path_factory.mktemp("serve")
     run = make_run(tmp / "run")
-    export_run(run, tmp / "onnx", ExportConfig(**FAST_EXPORT))
+    export(run, tmp / "onnx", ExportConfig(**FAST_EXPORT))
     return tmp / "onnx" / "model.onnx"
 
 
@@ -96,6 +96,7 @@ def offline(model_file, blobs):
     return [clf.classes[i] for i in clf.predict([Image.open(io.BytesIO(b)) for b in blobs])]
 
 
+@pytest.mark.slow
 def test_predict_multipart_and_json_match_offline(server, model_file):
     blobs = [png(i) for i in range(3)]
     r = server.client.post("/v1/predict?k=2", files=[("files", (f"{i}.png", b, "image/png")) for i, b in enumerate(blobs)])
@@ -109,12 +110,42 @@ def test_predict_multipart_and_json_match_offline(server, model_file):
     assert [p["top_k"][0]["label"] for p in r.json()["predictions"]] == offline(model_file, blobs)
 
 
+@pytest.mark.slow
 def test_model_info_and_openapi(server):
     info = server.client.get("/v1/model").json()
     assert info["classes"] == ["class_0", "class_1", "class_2"]
     assert info["input_size"] == 32 and info["variant"] == "fp32" and info["source_run"].endswith("run")
-    assert server.client.get("/docs").status_code == 200
     assert "/v1/predict" in server.client.get("/openapi.json").json()["paths"]
+
+
+@pytest.mark.slow
+def test_docs_page_loads_nothing_from_the_network(server):
+    """Every script and stylesheet of /docs comes from the server itself (Swagger UI 5, OpenAPI 3.1)."""
+    page = server.client.get("/docs")
+    assert page.status_code == 200
+    assets = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert assets and all(a.startswith("/docs/assets/") for a in assets), assets
+    for asset in assets:
+        r = server.client.get(asset)
+        assert r.status_code == 200 and len(r.content) > 100, asset
+    assert "SwaggerUIBundle" in server.client.get("/docs/assets/swagger-ui-bundle.js").text
+    assert server.client.get("/openapi.json").json()["openapi"].startswith("3.1")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("query,status,code", [("k=0", 422, "invalid_parameter"), ("k=abc", 422, "invalid_parameter")])
+def test_a_bad_query_parameter_gets_the_error_shape_of_every_other_error(server, query, status, code):
+    r = server.client.post(f"/v1/predict?{query}", files=[("files", ("ok.png", png(9), "image/png"))])
+    assert r.status_code == status
+    assert set(r.json()) == {"error"} and r.json()["error"]["code"] == code and "k" in r.json()["error"]["message"]
+
+
+@pytest.mark.slow
+def test_unknown_paths_and_methods_get_the_error_shape(server):
+    missing = server.client.get("/v2/nothing")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    wrong = server.client.get("/v1/predict")
+    assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
 
 
 def bomb() -> bytes:
@@ -148,6 +179,7 @@ BAD = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,kwargs,status,code", BAD, ids=[b[0] for b in BAD])
 def test_bad_input_gets_a_4xx_and_the_next_request_succeeds(server, name, kwargs, status, code):
     r = server.client.post("/v1/predict", **kwargs)
@@ -158,6 +190,7 @@ def test_bad_input_gets_a_4xx_and_the_next_request_succeeds(server, name, kwargs
     assert good.status_code == 200
 
 
+@pytest.mark.slow
 def test_metrics_count_requests_and_concurrent_requests_are_batched(model_file):
     srv = Server(model_file, "--max-batch-size", "8", "--max-wait-ms", "20", "--threads", "1")
     try:
@@ -180,6 +213,7 @@ def test_metrics_count_requests_and_concurrent_requests_are_batched(model_file):
         srv.stop()
 
 
+@pytest.mark.slow
 def test_readyz_is_false_until_the_warmup_has_run(model_file):
     srv = Server(model_file, "--warmup-runs", "3000", "--threads", "1")
     try:
@@ -191,6 +225,7 @@ def test_readyz_is_false_until_the_warmup_has_run(model_file):
         srv.stop()
 
 
+@pytest.mark.slow
 def test_serving_works_where_importing_torch_fails(model_file, tmp_path):
     blocker = tmp_path / "blocked" / "torch"
     blocker.mkdir(parents=True)
@@ -244,6 +279,7 @@ def test_only_a_lone_request_to_a_fast_model_runs_on_the_event_loop(delay, lone_
         np.testing.assert_array_equal(logits, (x + i).reshape(1, -1)[:, :2])
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_request_in_flight(model_file):
     srv = Server(model_file, "--threads", "1")
     srv.wait_ready()

@@ -25,6 +25,7 @@ def test_training_learns_and_writes_the_run_directory(tiny_run):
     assert json.loads((tiny_run / "classes.json").read_text()) == ["class_0", "class_1", "class_2"]
 
 
+@pytest.mark.slow
 def test_reloaded_run_predicts_the_same_in_a_new_process(tiny_run, tmp_path):
     run = load_run(tiny_run)
     x = torch.randn(5, 3, 16, 16)
@@ -46,6 +47,7 @@ class CrashAfter:
             raise KeyboardInterrupt("simulated crash")
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tmp_path):
     extra = ["train.epochs=3", "model.name=torchvision:mobilenet_v3_small"]  # has dropout: RNG state matters
     straight = train(tiny_config(tmp_path / "straight", *extra))
@@ -75,7 +77,7 @@ def test_head_mode_trains_only_the_head_on_cached_features(tmp_path):
 
 def test_lower_backbone_lr_uses_two_parameter_groups(tmp_path):
     from ftdeploy.models import build_model
-    from ftdeploy.train import make_optimizer
+    from ftdeploy.training import make_optimizer
 
     cfg = tiny_config(tmp_path / "x", "train.mode=full_lower_backbone_lr", "train.backbone_lr_scale=0.1",
                       "train.optimizer=sgd")
@@ -88,8 +90,46 @@ def test_lower_backbone_lr_uses_two_parameter_groups(tmp_path):
 
 
 def test_cosine_schedule_warms_up_then_decays():
-    from ftdeploy.train import lr_lambda
+    from ftdeploy.training import lr_lambda
 
     f = lr_lambda(total_steps=100, warmup_steps=10)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(55) == pytest.approx(0.5) and f(100) == pytest.approx(0.0)
+
+
+def test_batchnorm_statistics_are_re_estimated_as_a_plain_average():
+    """A BatchNorm with torchvision MobileNetV3's momentum (0.01) barely moves in a few steps; the
+    re-estimation replaces its running statistics by the average over the given batches."""
+    from accelerate import Accelerator
+
+    from ftdeploy.training import reestimate_batchnorm
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1, bias=False), torch.nn.BatchNorm2d(2, momentum=0.01))
+    torch.nn.init.ones_(model[0].weight)
+    batches = [(torch.full((4, 1, 3, 3), float(v)) + torch.randn(4, 1, 3, 3), torch.zeros(4)) for v in (4, 6, 8)]
+    model.train()
+    model(batches[0][0])
+    assert model[1].running_mean[0] < 0.1  # one step at momentum 0.01
+    assert reestimate_batchnorm(Accelerator(cpu=True), model, batches, batches=2)
+    expected = torch.stack([x.mean() for x, _ in batches[:2]]).mean()
+    assert model[1].running_mean[0] == pytest.approx(float(expected), rel=1e-5)
+    assert model[1].momentum == 0.01 and not model.training
+    assert not reestimate_batchnorm(Accelerator(cpu=True), torch.nn.Linear(2, 2), batches, batches=2)
+
+
+@pytest.mark.slow
+def test_briefly_trained_mobilenet_v3_evaluates_with_its_re_estimated_statistics(tmp_path):
+    """torchvision's MobileNetV3 trained from scratch for a few steps: with `auto` the statistics are
+    re-estimated and kept only when validation accuracy does not drop."""
+    extra = ["model.name=torchvision:mobilenet_v3_small", "train.epochs=2"]
+    never = json.loads((train(tiny_config(tmp_path / "never", *extra, "train.bn_reestimate=never")) / "metrics.json")
+                       .read_text())
+    auto = json.loads((train(tiny_config(tmp_path / "auto", *extra)) / "metrics.json").read_text())
+    assert never["bn_reestimate"] == {"policy": "never", "applied": False}
+    record = auto["bn_reestimate"]
+    assert record["val_accuracy_before"] == never["val_accuracy"]  # the same training up to that point
+    assert auto["val_accuracy"] == max(record["val_accuracy_before"], record["val_accuracy_after"])
+    assert record["applied"] == (record["val_accuracy_after"] >= record["val_accuracy_before"])
+    model = load_run(tmp_path / "auto").load_model()
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert bn.momentum == 0.01  # the architecture's own momentum is back for further training

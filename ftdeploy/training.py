@@ -1,15 +1,15 @@
-"""Fine-tuning on Hugging Face Accelerate: one CPU, one GPU, many GPUs or nodes, mixed precision.
+"""The fine-tuning loop on Hugging Face Accelerate: one CPU, one GPU, many GPUs or nodes, mixed precision.
 
-``python -m ftdeploy.train`` is the same entry point as ``ftdeploy train``, so
-``accelerate launch -m ftdeploy.train --config configs/digits.yaml`` runs it on every process.
+Shared by the ``train`` stage and by pruning's recovery fine-tuning, so both run the same
+distributed and mixed-precision paths. :func:`fine_tune` writes a run directory's model files;
+the stage that calls it writes the manifest once its own files are there.
 
->>> from ftdeploy.config import load_config
->>> cfg = load_config("configs/digits.yaml", ["output_dir=/tmp/digits"])  # doctest: +SKIP
->>> run_dir = train(cfg)  # doctest: +SKIP
+Only the main process writes files and shows progress; every process trains.
 """
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
@@ -27,7 +27,7 @@ from .data import DatasetSplits, build_datasets
 from .errors import ConfigError, DependencyError
 from .models import BuiltModel, build_model, split_parameters
 from .preprocessing import Preprocessing
-from .rundir import WEIGHTS, built_from_run, is_run_dir, manifest, write_json, write_run_files
+from .rundir import WEIGHTS, is_run_dir, load_run, write_json, write_run_files
 
 
 class Callback(Protocol):
@@ -47,6 +47,7 @@ class TrainState:
     best_epoch: int = -1
     history: list[dict[str, Any]] = field(default_factory=list)
     model: nn.Module | None = None  # the live (unwrapped) model, for callbacks; not checkpointed
+    best_weights: dict[str, torch.Tensor] | None = None  # on every process: the file is only on the main one
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "best_accuracy": self.best_accuracy, "best_epoch": self.best_epoch,
@@ -55,6 +56,19 @@ class TrainState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.best_accuracy = state["epoch"], state["best_accuracy"]
         self.best_epoch, self.history = state["best_epoch"], list(state["history"])
+
+
+@dataclass
+class Job:
+    """One fine-tuning job: the model, its data and what the loss adds."""
+
+    cfg: PipelineConfig
+    out: Path
+    built: BuiltModel
+    spec: Preprocessing
+    splits: DatasetSplits
+    teacher: nn.Module | None = None
+    distill: tuple[float, float] = (0.0, 1.0)
 
 
 def resolve_preprocessing(cfg: PreprocessingConfig, defaults: dict[str, Any]) -> Preprocessing:
@@ -70,7 +84,16 @@ def resolve_preprocessing(cfg: PreprocessingConfig, defaults: dict[str, Any]) ->
     if resize < input_size:
         raise ConfigError(f"preprocessing.resize_size {resize} is smaller than input_size {input_size}")
     return Preprocessing(input_size, resize, cfg.channels, tuple(mean), tuple(std),
-                         cfg.interpolation if cfg.interpolation != "bilinear" else defaults.get("interpolation", "bilinear"))
+                         cfg.interpolation or defaults.get("interpolation", "bilinear"))
+
+
+def built_from_run(path: str | Path) -> tuple[BuiltModel, Preprocessing]:
+    """A run directory as a starting point for more training: its model (pruned or not) and preprocessing."""
+    run = load_run(path)
+    extra = {"name": run.architecture["name"], **({"pruned": run.architecture["pruned"]} if run.architecture.get("pruned") else {})}
+    model = run.load_model()
+    model.train()
+    return BuiltModel(model, run.architecture["head_name"], {}, architecture=extra), run.preprocessing
 
 
 def make_accelerator(cfg: PipelineConfig, out: Path):
@@ -181,33 +204,45 @@ def evaluate(accelerator, model: nn.Module, loader) -> float:
     return correct / max(1, total)
 
 
-def train(cfg: PipelineConfig, resume: bool = False, callbacks: Iterable[Callback] = (),
-          parent: Path | None = None, built: BuiltModel | None = None, teacher: nn.Module | None = None,
-          distill: tuple[float, float] = (0.0, 1.0), preprocessing: Preprocessing | None = None) -> Path:
-    """Fine-tune ``cfg.model`` on ``cfg.data`` and write the run directory ``cfg.output_dir``.
+@torch.no_grad()
+def reestimate_batchnorm(accelerator, model: nn.Module, loader, batches: int) -> bool:
+    """Recompute every BatchNorm's running statistics as a plain average over ``batches`` training
+    batches with the final weights (as ``torch.optim.swa_utils.update_bn`` does, for a bounded number
+    of batches). False when the model has no BatchNorm."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return False
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average instead of an exponential one
+    model.train()
+    for i, (x, _) in enumerate(loader):
+        if i >= batches:
+            break
+        with accelerator.autocast():
+            model(x)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.eval()
+    return True
 
-    ``resume`` continues from ``output_dir/checkpoints/last`` exactly where it stopped. ``built``
-    starts from an already built model (e.g. a pruned one) with the ``preprocessing`` of ``parent``,
-    the run it came from. With a ``teacher``, the loss adds knowledge distillation:
-    ``(1 - alpha) * CE + alpha * T^2 * KL(student/T || teacher/T)`` for ``distill = (alpha, T)``.
-    """
-    from accelerate.utils import set_seed
-    from safetensors.torch import save_file
-    from tqdm.auto import tqdm
 
-    out = Path(cfg.output_dir)
-    ckpt = out / "checkpoints" / "last"
-    if resume and not ckpt.is_dir():
-        raise ConfigError(f"--resume: no checkpoint at {ckpt}", "run without --resume to start from scratch")
-    accelerator = make_accelerator(cfg, out)
-    set_seed(cfg.train.seed)
-
+def start(cfg: PipelineConfig, built: BuiltModel | None = None,
+          preprocessing: Preprocessing | None = None) -> tuple[BuiltModel, Preprocessing, Path | None]:
+    """(model, preprocessing, parent run) to fine-tune: ``built`` as given, a run directory named by
+    ``model.weights``, or the registry's model with pretrained weights."""
+    parent = None
     if built is None and is_run_dir(cfg.model.weights):  # continue from a run (e.g. a pruned one)
         built, preprocessing = built_from_run(cfg.model.weights)
-        parent = parent or Path(cfg.model.weights)
+        parent = Path(cfg.model.weights)
     if built is None:
         built = build_model(cfg.model, num_classes=None)
-    spec = preprocessing or resolve_preprocessing(cfg.preprocessing, built.defaults)
+    return built, preprocessing or resolve_preprocessing(cfg.preprocessing, built.defaults), parent
+
+
+def setup(cfg: PipelineConfig, out: Path, built: BuiltModel, spec: Preprocessing, accelerator) -> DatasetSplits:
+    """Build the data, fit the head to its classes and write the run's model files (main process)."""
     splits = build_datasets(cfg.data, spec)
     built.set_classes(len(splits.classes))
     if splits.skipped:
@@ -215,23 +250,30 @@ def train(cfg: PipelineConfig, resume: bool = False, callbacks: Iterable[Callbac
     if accelerator.is_main_process:
         architecture = {"name": cfg.model.name, "num_classes": len(splits.classes), "head_name": built.head_name,
                         **built.architecture}
-        write_run_files(out, cfg, splits.classes, spec, architecture,
-                        manifest("train" if parent is None else "finetune", parent,
-                                 data={"name": splits.name, "train": len(splits.train), "val": len(splits.val),
-                                       "skipped": len(splits.skipped)}))
+        write_run_files(out, cfg, splits.classes, spec, architecture)
+    return splits
 
-    trained, train_set, val_set = prepare_data(cfg, built, splits)
-    optimizer = make_optimizer(cfg, built)
+
+def fine_tune(job: Job, accelerator, resume: bool = False, callbacks: Iterable[Callback] = ()) -> dict[str, Any]:
+    """Run the loop of ``job`` and write its weights, history and metrics; returns the metrics."""
+    from accelerate.utils import set_seed
+
+    cfg, out = job.cfg, job.out
+    ckpt = out / "checkpoints" / "last"
+    if resume and not ckpt.is_dir():
+        raise ConfigError(f"--resume: no checkpoint at {ckpt}", "run without --resume to start from scratch")
+    set_seed(cfg.train.seed)
+    trained, train_set, val_set = prepare_data(cfg, job.built, job.splits)
+    optimizer = make_optimizer(cfg, job.built)
     bs, workers = cfg.data.batch_size, cfg.data.num_workers
     train_loader = DataLoader(train_set, batch_size=bs, shuffle=True, num_workers=workers, drop_last=len(train_set) > bs)
     val_loader = DataLoader(val_set, batch_size=max(bs, 64), num_workers=workers)
     steps_per_epoch = math.ceil(len(train_loader) / cfg.train.grad_accum_steps)
-    total = steps_per_epoch * cfg.train.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(total, round(cfg.train.warmup_epochs * steps_per_epoch)))
+        optimizer, lr_lambda(steps_per_epoch * cfg.train.epochs, round(cfg.train.warmup_epochs * steps_per_epoch)))
     trained, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
         trained, optimizer, train_loader, val_loader, scheduler)
-    state = TrainState(model=built.model)
+    state = TrainState(model=job.built.model)
     accelerator.register_for_checkpointing(state)
     if resume:
         accelerator.load_state(str(ckpt))
@@ -240,65 +282,130 @@ def train(cfg: PipelineConfig, resume: bool = False, callbacks: Iterable[Callbac
         accelerator.init_trackers(cfg.name, config={"lr": cfg.train.lr, "epochs": cfg.train.epochs,
                                                     "batch_size": bs, "mode": cfg.train.mode})
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
-    if teacher is not None:
-        teacher = teacher.eval().to(accelerator.device)
-        criterion = DistillationLoss(criterion, teacher, *distill)
-    show = cfg.train.progress and accelerator.is_local_main_process
-
+    if job.teacher is not None:
+        criterion = DistillationLoss(criterion, job.teacher.eval().to(accelerator.device), *job.distill)
     for epoch in range(state.epoch + 1, cfg.train.epochs):
-        train_loader.set_epoch(epoch)
-        trained.train()
-        if cfg.train.mode == "head" and trained is not built.model:
-            built.model.eval()
-        seen, loss_sum, t0 = 0, 0.0, time.perf_counter()
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-                   disable=None if show else True, leave=False, mininterval=1)  # None: off when not a terminal
-        for x, y in bar:
-            with accelerator.accumulate(trained):
-                with accelerator.autocast():
-                    loss = criterion(trained(x), y, x) if teacher is not None else criterion(trained(x), y)
-                accelerator.backward(loss)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            seen += y.shape[0]
-            loss_sum += loss.item() * y.shape[0]
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            for cb in callbacks:
-                getattr(cb, "on_train_batch", lambda *a: None)(state, (x, y))
-        train_seconds = time.perf_counter() - t0
-        val_accuracy = evaluate(accelerator, trained, val_loader)
-        record = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, seen), "val_accuracy": val_accuracy,
-                  "lr": scheduler.get_last_lr()[0], "train_seconds": train_seconds,
-                  "train_images_per_second": seen * accelerator.num_processes / train_seconds}
-        state.history.append(record)
-        state.epoch = epoch
-        accelerator.log({k: v for k, v in record.items() if k != "epoch"}, step=epoch + 1)
-        accelerator.print(f"epoch {epoch + 1}/{cfg.train.epochs}: loss {record['train_loss']:.4f} "
-                          f"val_accuracy {val_accuracy:.4f} ({record['train_images_per_second']:.0f} img/s)")
-        if val_accuracy > state.best_accuracy:
-            state.best_accuracy, state.best_epoch = val_accuracy, epoch + 1
-            if accelerator.is_main_process:
-                weights = accelerator.unwrap_model(trained) if trained is built.model else built.model
-                save_file({k: v.contiguous() for k, v in weights.state_dict().items()}, str(out / WEIGHTS))
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(ckpt))
-        if accelerator.is_main_process:
-            write_history(out, state.history)
-        for cb in callbacks:
-            getattr(cb, "on_epoch_end", lambda *a: None)(state)
-
+        record = run_epoch(job, accelerator, trained, train_loader, optimizer, scheduler, criterion, epoch, state,
+                           callbacks)
+        record["val_accuracy"] = evaluate(accelerator, trained, val_loader)
+        end_epoch(job, accelerator, trained, state, record, ckpt, callbacks)
+    bn = finish_batchnorm(job, accelerator, trained, train_loader, val_loader, state)
+    metrics = {"val_accuracy": state.best_accuracy, "best_epoch": state.best_epoch, "epochs": len(state.history),
+               "final_val_accuracy": state.history[-1]["val_accuracy"] if state.history else None,
+               "train_images_per_second": _median([h["train_images_per_second"] for h in state.history]),
+               "num_processes": accelerator.num_processes, "mixed_precision": cfg.train.mixed_precision,
+               "mode": cfg.train.mode, "bn_reestimate": bn}
     if accelerator.is_main_process:
-        throughput = [h["train_images_per_second"] for h in state.history]
-        write_json(out / "metrics.json", {
-            "val_accuracy": state.best_accuracy, "best_epoch": state.best_epoch, "epochs": len(state.history),
-            "final_val_accuracy": state.history[-1]["val_accuracy"] if state.history else None,
-            "train_images_per_second": sorted(throughput)[len(throughput) // 2] if throughput else None,
-            "num_processes": accelerator.num_processes, "mixed_precision": cfg.train.mixed_precision,
-            "mode": cfg.train.mode})
+        write_json(out / "metrics.json", metrics)
         plot_history(out, state.history)
-    accelerator.end_training()
-    return out
+    for tracker in accelerator.trackers:  # not end_training(): that also ends the process group, which later
+        tracker.finish()                  # stages of the same launch (pruning's recovery) still need
+    return metrics
+
+
+def release_processes() -> None:
+    """End the process group of a multi-process launch, once its last stage has run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _median(values: list[float]) -> float | None:
+    return sorted(values)[len(values) // 2] if values else None
+
+
+def run_epoch(job: Job, accelerator, trained, loader, optimizer, scheduler, criterion, epoch: int,
+              state: TrainState, callbacks) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    cfg = job.cfg
+    loader.set_epoch(epoch)
+    trained.train()
+    if cfg.train.mode == "head" and trained is not job.built.model:
+        job.built.model.eval()
+    seen, loss_sum, t0 = 0, 0.0, time.perf_counter()
+    show = cfg.train.progress and accelerator.is_local_main_process
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+               disable=None if show else True, leave=False, mininterval=1)  # None: off when not a terminal
+    for x, y in bar:
+        with accelerator.accumulate(trained):
+            with accelerator.autocast():
+                logits = trained(x)
+                loss = criterion(logits, y, x) if job.teacher is not None else criterion(logits, y)
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+        seen += y.shape[0]
+        loss_sum += loss.item() * y.shape[0]
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        for cb in callbacks:
+            getattr(cb, "on_train_batch", lambda *a: None)(state, (x, y))
+    seconds = time.perf_counter() - t0
+    return {"epoch": epoch + 1, "train_loss": loss_sum / max(1, seen), "lr": scheduler.get_last_lr()[0],
+            "train_seconds": seconds, "train_images_per_second": seen * accelerator.num_processes / seconds}
+
+
+def end_epoch(job: Job, accelerator, trained, state: TrainState, record: dict[str, Any], ckpt: Path, callbacks) -> None:
+    """Log the epoch, keep the best weights (in memory on every process, on disk on the main one),
+    checkpoint for --resume."""
+    state.history.append(record)
+    state.epoch = record["epoch"] - 1
+    accelerator.log({k: v for k, v in record.items() if k != "epoch"}, step=record["epoch"])
+    accelerator.print(f"epoch {record['epoch']}/{job.cfg.train.epochs}: loss {record['train_loss']:.4f} "
+                      f"val_accuracy {record['val_accuracy']:.4f} ({record['train_images_per_second']:.0f} img/s)")
+    if record["val_accuracy"] > state.best_accuracy:
+        state.best_accuracy, state.best_epoch = record["val_accuracy"], record["epoch"]
+        weights = accelerator.unwrap_model(trained) if trained is job.built.model else job.built.model
+        state.best_weights = {k: v.detach().cpu().clone() for k, v in weights.state_dict().items()}
+        if accelerator.is_main_process:
+            save_weights(state.best_weights, job.out)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(ckpt))
+    if accelerator.is_main_process:
+        write_history(job.out, state.history)
+    for cb in callbacks:
+        getattr(cb, "on_epoch_end", lambda *a: None)(state)
+
+
+def finish_batchnorm(job: Job, accelerator, trained, train_loader, val_loader, state: TrainState) -> dict[str, Any]:
+    """Re-estimate BatchNorm statistics for the best weights (``train.bn_reestimate``); with ``auto``,
+    keep them only when validation accuracy does not drop."""
+    policy = job.cfg.train.bn_reestimate
+    if policy == "never" or job.cfg.train.mode == "head":  # head mode: the frozen backbone keeps its statistics
+        return {"policy": policy, "applied": False}
+    model = accelerator.unwrap_model(trained)
+    best = state.best_weights
+    if best is None and (job.out / WEIGHTS).is_file():  # resumed after the best epoch
+        from safetensors.torch import load_file
+
+        best = load_file(str(job.out / WEIGHTS))
+    if best is None:
+        return {"policy": policy, "applied": False}
+    model.load_state_dict(best)
+    before = copy.deepcopy(best)
+    if not reestimate_batchnorm(accelerator, model, train_loader, job.cfg.train.bn_reestimate_batches):
+        return {"policy": policy, "applied": False, "reason": "no BatchNorm layers"}
+    after = evaluate(accelerator, trained, val_loader)
+    kept = policy == "always" or after >= state.best_accuracy
+    accelerator.print(f"BatchNorm statistics re-estimated: val_accuracy {state.best_accuracy:.4f} -> {after:.4f}"
+                      f" ({'kept' if kept else 'discarded'})")
+    record = {"policy": policy, "applied": kept, "val_accuracy_before": state.best_accuracy,
+              "val_accuracy_after": after}
+    if kept:
+        state.best_accuracy = after
+        if accelerator.is_main_process:
+            save_weights(model.state_dict(), job.out)
+    else:
+        model.load_state_dict(before)
+    return record
+
+
+def save_weights(state_dict: dict[str, torch.Tensor], out: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(out / WEIGHTS))
 
 
 def write_history(out: Path, history: list[dict[str, Any]]) -> None:
@@ -314,7 +421,7 @@ def plot_history(out: Path, history: list[dict[str, Any]]) -> None:
     from .report import pyplot
 
     plt = pyplot()
-    if plt is None:
+    if plt is None or not history:
         return
     epochs = [h["epoch"] for h in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
@@ -327,16 +434,3 @@ def plot_history(out: Path, history: list[dict[str, Any]]) -> None:
     fig.tight_layout()
     fig.savefig(out / "training_curves.png", dpi=100)
     plt.close(fig)
-
-
-def main() -> None:
-    """``python -m ftdeploy.train ARGS`` == ``ftdeploy train ARGS``."""
-    import sys
-
-    from .cli import main as cli_main
-
-    cli_main(["train", *sys.argv[1:]])
-
-
-if __name__ == "__main__":
-    main()

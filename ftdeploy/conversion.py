@@ -1,0 +1,135 @@
+"""PyTorch -> ONNX: export with a dynamic batch axis, check, optimize offline, store metadata.
+
+Shared by the export stage (the shipped file) and pruning (temporary files it times): the
+conversion is one code path, whoever asks for it.
+
+>>> import onnx
+>>> with temporary_onnx(torch.nn.Conv2d(3, 4, 3), torch.zeros(1, 3, 8, 8)) as path:
+...     [i.name for i in onnx.load(str(path)).graph.input]
+['input']
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from . import __version__
+from .errors import ExportError
+from .onnx_model import write_metadata
+from .rundir import Run
+
+TWO_GB = 2**31 - 2**24  # protobuf's hard limit, less a margin for the graph itself
+INPUT, OUTPUT = "input", "logits"
+
+
+def export_onnx(model: torch.nn.Module, sample: torch.Tensor, path: Path, opset: int = 18,
+                exporter: str = "auto") -> tuple[str, str | None]:
+    """Export with a dynamic batch axis; returns (exporter used, why dynamo was not used)."""
+    model = model.eval()
+    dynamo_error = None
+    if exporter in ("auto", "dynamo"):
+        try:
+            _quiet(lambda: torch.onnx.export(
+                model, (sample,), str(path), dynamo=True, opset_version=opset, input_names=[INPUT],
+                output_names=[OUTPUT], dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},),
+                external_data=_too_big(model)))
+            return "dynamo", None
+        except Exception as e:  # the dynamo exporter raises many types; the fallback decides
+            dynamo_error = e
+            if exporter == "dynamo":
+                raise _export_error(model, e) from None
+    try:
+        _quiet(lambda: torch.onnx.export(
+            model, (sample,), str(path), dynamo=False, opset_version=opset, input_names=[INPUT],
+            output_names=[OUTPUT], dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}}))
+    except Exception as e:
+        raise _export_error(model, e, dynamo_error) from None
+    return "torchscript", _first_line(dynamo_error) if dynamo_error else None
+
+
+def _quiet(fn) -> None:
+    """The exporters print progress and deprecation chatter; keep it out of the user's terminal."""
+    import warnings
+
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fn()
+
+
+def _too_big(model: torch.nn.Module) -> bool:
+    return sum(p.numel() * p.element_size() for p in model.state_dict().values()) > TWO_GB
+
+
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
+
+
+_OP_PATTERNS = (r"No ONNX function found for <OpOverload\(op='([\w.:]+)'", r"target=torch\.ops\.([\w.]+?)\.default",
+                r"unrecognized namespace ([\w:]+)", r"Exporting the operator '?([\w:]+)'? to ONNX")
+
+
+def _export_error(model: torch.nn.Module, *errors: BaseException | None) -> ExportError:
+    text = "\n".join(str(e) for e in errors if e is not None)
+    ops = sorted({m for pattern in _OP_PATTERNS for m in re.findall(pattern, text)})
+    name = type(model).__name__
+    if ops:
+        return ExportError(f"cannot export {name} to ONNX: no ONNX translation for operator(s) {', '.join(ops)}",
+                           "replace the op with supported ones, or register an ONNX translation for it")
+    return ExportError(f"cannot export {name} to ONNX: " + "; ".join(_first_line(e) for e in errors if e is not None))
+
+
+def finalize(raw: Path, out: Path, metadata: dict[str, Any], optimization: str = "extended") -> None:
+    """Check the raw export, apply onnxruntime's graph optimizations offline, store the metadata."""
+    import onnx
+    import onnxruntime as ort
+
+    try:
+        onnx.checker.check_model(str(raw), full_check=True)
+        onnx.shape_inference.infer_shapes_path(str(raw))
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise ExportError(f"the exported graph is not valid ONNX: {_first_line(e)}") from None
+    large = sum(f.stat().st_size for f in raw.parent.iterdir()) > TWO_GB
+    optimized = raw.with_name("optimized.onnx")
+    if optimization == "none":
+        shutil.copy(raw, optimized)
+    else:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                                         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED}[optimization]
+        opts.optimized_model_filepath = str(optimized)
+        if large:
+            opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.onnx.data")
+        ort.InferenceSession(str(raw), opts, providers=["CPUExecutionProvider"])
+    model = onnx.load(str(optimized))
+    write_metadata(model, metadata)
+    for stale in (out, out.with_name(out.name + ".data")):
+        stale.unlink(missing_ok=True)
+    onnx.save_model(model, str(out), save_as_external_data=large, all_tensors_to_one_file=True,
+                    location=out.name + ".data")
+
+
+def onnx_metadata(run: Run, variant: str) -> dict[str, Any]:
+    return {"classes": run.classes, "preprocessing": run.preprocessing.__dict__, "variant": variant,
+            "source_run": str(run.path), "model": run.architecture["name"], "version": __version__,
+            "val_accuracy": run.metrics.get("val_accuracy")}
+
+
+
+
+
+@contextlib.contextmanager
+def temporary_onnx(model: torch.nn.Module, example: torch.Tensor) -> Iterator[Path]:
+    """The model as a temporary, optimized ONNX file (TorchScript exporter: fast, and only measured)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        raw, shipped = Path(tmp) / "raw.onnx", Path(tmp) / "model.onnx"
+        export_onnx(model.eval(), example.repeat(2, 1, 1, 1), raw, exporter="torchscript")
+        finalize(raw, shipped, {})
+        yield shipped
