@@ -140,11 +140,16 @@ ul{padding-left:1.2em} p{max-width:75ch}
 
 
 def _figure(fig) -> str:
+    """A finished matplotlib figure as an inline <img> (laid out, encoded, closed)."""
     import base64
     import io
 
+    import matplotlib.pyplot as plt
+
     buf = io.BytesIO()
+    fig.tight_layout()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
     return f'<img alt="" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
 
 
@@ -216,7 +221,6 @@ def _task_section(data: dict[str, Any], plt) -> str:
             ax.set_xticklabels(classes, fontsize=7, rotation=90)
             ax.set_yticklabels(classes, fontsize=7)
         out.append(_figure(fig))
-        plt.close(fig)
     return "\n".join(out)
 
 
@@ -244,9 +248,7 @@ def _robustness_section(data: dict[str, Any], plt) -> str:
         for ax in axes.ravel()[len(corruptions):]:
             ax.axis("off")
         axes[0][0].legend(fontsize=7)
-        fig.tight_layout()
         out.append(_figure(fig))
-        plt.close(fig)
     return "\n".join(out)
 
 
@@ -271,9 +273,7 @@ def _calibration_section(data: dict[str, Any], plt) -> str:
             ax.plot([0, 1], [0, 1], "k--", lw=1)
             ax.set(title=f"{n} (ECE {x['calibration']['ece']:.3f})", xlabel="confidence", ylabel="accuracy",
                    xlim=(0, 1), ylim=(0, 1))
-        fig.tight_layout()
         out.append(_figure(fig))
-        plt.close(fig)
     return "\n".join(out)
 
 
@@ -285,7 +285,8 @@ def _saliency_section(data: dict[str, Any], plt) -> str:
     out = [f"<h2>Interpretability</h2><p>Occlusion sensitivity through each variant's own predictor (a "
            f"{method['patch']}-pixel gray square, stride {method['stride']}): how much the probability of FP32's "
            f"predicted class drops when each region is hidden. Agreement is the Spearman rank correlation with "
-           f"FP32's map, averaged over the {len(inputs['samples'])} images (misclassified ones first). The last "
+           f"FP32's map, averaged over the {len(inputs['samples'])} images (misclassified ones among them, when "
+           f"there are any). The last "
            f"column for the PyTorch model shows integrated gradients.</p>",
            _table(["variant", "agreement with fp32", "per image"], rows)]
     if plt is not None:
@@ -308,9 +309,7 @@ def _saliency_section(data: dict[str, Any], plt) -> str:
         for ax in axes.ravel():
             ax.set_xticks([])
             ax.set_yticks([])
-        fig.tight_layout()
         out.append(_figure(fig))
-        plt.close(fig)
     return "\n".join(out)
 
 
@@ -336,7 +335,5 @@ def _scalability_section(data: dict[str, Any], plt) -> str:
             ax.set(title=f"{t} thread(s)", xlabel="batch size", ylabel="images/s", xscale="log")
             ax.grid(alpha=0.3)
         axes[0][0].legend(fontsize=7)
-        fig.tight_layout()
         out.append(_figure(fig))
-        plt.close(fig)
     return "\n".join(out)

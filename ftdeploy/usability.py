@@ -278,7 +278,7 @@ def integrated_gradients(model, x: np.ndarray, target: int, steps: int = 32) -> 
 
 
 def saliency_samples(labels: np.ndarray, fp32_pred: np.ndarray, n: int) -> list[int]:
-    """``n`` fixed validation images: the misclassified ones first (up to half), then the first correct ones."""
+    """``n`` fixed validation images, in dataset order: misclassified ones (up to half), then correct ones."""
     wrong = [int(i) for i in np.flatnonzero(fp32_pred != labels)][: n // 2]
     right = [int(i) for i in np.flatnonzero(fp32_pred == labels)]
     return sorted(wrong + right[: n - len(wrong)])
@@ -347,6 +347,10 @@ def gather_variants(export_dirs: list[Path]) -> tuple[list[Variant], Any]:
         if i == 0:
             first_run = run
             variants.append(_torch_variant(run))
+        elif (run.classes, run.preprocessing) != (first_run.classes, first_run.preprocessing):
+            raise FtdeployError(f"--compare {d}: its model was trained on other classes or preprocessing than "
+                                f"{export_dirs[0]}'s", "compare export directories of runs on the same data "
+                                "(e.g. a run and its pruned run)")
         for v in ("fp32", "int8"):
             path = src.variant_path(v)
             if path is not None:

@@ -109,5 +109,5 @@ def test_run_declares_stages_by_section():
     from ftdeploy.pipeline import declared
 
     assert declared(load_config(None)) == ["train"]
-    assert declared(load_config(REPO / "configs" / "digits.yaml")) == ["train", "export", "quantize"]
-    assert declared(load_config(REPO / "configs" / "digits-compressed.yaml")) == ["train", "prune", "export", "quantize"]
+    assert declared(load_config(REPO / "configs" / "digits.yaml")) == ["train", "export", "quantize", "report"]
+    assert declared(load_config(REPO / "configs" / "digits-compressed.yaml")) == ["train", "prune", "export", "quantize", "report"]

@@ -307,3 +307,31 @@ def test_sigterm_finishes_the_request_in_flight(model_file):
     assert httpx.Response(200, content=payload).json()["predictions"][0]["top_k"][0]["label"] == offline(model_file, [body])[0]
     out, _ = srv.proc.communicate(timeout=30)
     assert srv.proc.returncode in (0, -signal.SIGTERM) and "Application shutdown complete" in out
+
+
+@pytest.mark.slow
+def test_a_temperature_in_the_file_scales_the_probabilities_served(model_file, tmp_path):
+    """`ftdeploy report --calibrate` stores a temperature; the server divides the logits by it."""
+    import json
+
+    import onnx
+
+    from ftdeploy.onnx_model import OnnxClassifier, write_metadata
+
+    model = onnx.load(str(model_file))
+    meta = {p.key.removeprefix("ftdeploy."): json.loads(p.value) for p in model.metadata_props}
+    write_metadata(model, {**meta, "temperature": 3.0})
+    onnx.save(model, str(tmp_path / "calibrated.onnx"))
+    srv = Server(tmp_path / "calibrated.onnx", "--threads", "1")
+    try:
+        srv.wait_ready()
+        assert srv.client.get("/v1/model").json()["temperature"] == 3.0
+        body = png(21)
+        served = srv.client.post("/v1/predict?k=3", files={"f": ("a.png", body, "image/png")}).json()
+    finally:
+        srv.stop()
+    clf = OnnxClassifier(tmp_path / "calibrated.onnx", threads=1)
+    logits = clf.logits(clf.preprocess([Image.open(io.BytesIO(body))]))[0] / 3.0
+    expected = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    got = {p["index"]: p["probability"] for p in served["predictions"][0]["top_k"]}
+    assert got == pytest.approx({i: float(expected[i]) for i in range(3)}, rel=1e-5)

@@ -115,6 +115,21 @@ def test_report_fills_every_section_for_every_variant(export_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_compare_adds_the_variants_of_another_export_directory(export_dir, tmp_path):
+    from ftdeploy.config import ExportConfig, ReportConfig
+    from ftdeploy.export import export
+    from ftdeploy.rundir import load_export
+    from ftdeploy.usability import report
+
+    other = export(load_export(export_dir).source_run, tmp_path / "again" / "export", ExportConfig(**FAST_EXPORT))
+    out = report(export_dir, ReportConfig(output=tmp_path / "r.html", compare=[other], severities=[3], batch_sizes=[1],
+                                          threads=[1], latency_seconds=0.05, samples=2, corruptions=["blur"]))
+    data = json.loads(out.with_name("usability.json").read_text())
+    assert list(data["variants"]) == ["torch", "fp32", "again/fp32"]
+    assert data["variants"]["again/fp32"]["accuracy"] == data["variants"]["fp32"]["accuracy"]  # the same model
+
+
+@pytest.mark.slow
 def test_strict_with_an_impossible_budget_exits_2_and_writes_both_files(export_dir, tmp_path):
     result = run_cli("report", str(export_dir), "-o", str(tmp_path / "r.html"), "--strict",
                      "--set", "report.max_p99_ms=0.000001", "--set", "report.min_accuracy=0.0", *QUICK)
