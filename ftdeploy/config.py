@@ -82,8 +82,9 @@ class TrainConfig(Section):
     progress: bool = True
     bn_reestimate: Literal["auto", "always", "never"] = Field(
         "auto", description="after training, re-estimate BatchNorm running statistics on training batches: "
-        "auto keeps them when validation accuracy does not drop (BatchNorm with a small momentum, e.g. "
-        "torchvision's MobileNetV3 at 0.01, lags far behind the weights after a short run)")
+        "auto does it for BatchNorm with a momentum below 0.1 (e.g. torchvision's MobileNetV3 at 0.01, whose "
+        "statistics lag far behind the weights after a short run) and keeps them when validation accuracy "
+        "does not drop")
     bn_reestimate_batches: int = Field(50, ge=1, description="training batches the statistics are averaged over")
 
 
@@ -96,7 +97,9 @@ class ExportConfig(Section):
         "auto", description="auto: the dynamo exporter, falling back to TorchScript when it fails")
     optimization: Literal["none", "basic", "extended"] = Field(
         "extended", description="onnxruntime graph optimizations applied offline to the shipped file")
-    atol: float = Field(1e-4, gt=0, description="FP32 gate: max |logit difference| against PyTorch")
+    atol: float = Field(1e-4, gt=0, description="FP32 gate: |logit difference| against PyTorch may reach atol + rtol*|logit|")
+    rtol: float = Field(1e-4, ge=0, description="FP32 gate: the part of the tolerance that grows with the logit: float32 "
+                        "kernels (oneDNN in PyTorch, MLAS in onnxruntime) sum in different orders on different CPUs")
     parity_batch_sizes: list[int] = Field([1, 7], min_length=1, description="batch sizes the parity runs at")
     parity_samples: int = Field(2000, ge=1, description="validation images compared (at most)")
     batch_sizes: list[int] = Field([1, 32], min_length=1, description="latency batch sizes")

@@ -30,6 +30,10 @@ from .preprocessing import Preprocessing
 from .rundir import WEIGHTS, is_run_dir, load_run, write_json, write_run_files
 
 
+# BatchNorm momentum below PyTorch's default: running statistics lag the weights in a short fine-tune.
+SLOW_BN_MOMENTUM = 0.1
+
+
 class Callback(Protocol):
     """Hooks into the loop (all optional); used by tests and by callers who want to watch or stop it."""
 
@@ -370,12 +374,17 @@ def end_epoch(job: Job, accelerator, trained, state: TrainState, record: dict[st
 
 
 def finish_batchnorm(job: Job, accelerator, trained, train_loader, val_loader, state: TrainState) -> dict[str, Any]:
-    """Re-estimate BatchNorm statistics for the best weights (``train.bn_reestimate``); with ``auto``,
-    keep them only when validation accuracy does not drop."""
+    """Re-estimate BatchNorm statistics for the best weights (``train.bn_reestimate``). ``auto`` does it
+    where it helps, for BatchNorm slower than PyTorch's default momentum (torchvision's MobileNetV3
+    uses 0.01), and keeps the result only when validation accuracy does not drop."""
     policy = job.cfg.train.bn_reestimate
     if policy == "never" or job.cfg.train.mode == "head":  # head mode: the frozen backbone keeps its statistics
         return {"policy": policy, "applied": False}
     model = accelerator.unwrap_model(trained)
+    momenta = [m.momentum for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if policy == "auto" and all(m is None or m >= SLOW_BN_MOMENTUM for m in momenta):
+        return {"policy": policy, "applied": False,
+                "reason": f"no BatchNorm slower than momentum {SLOW_BN_MOMENTUM}: its statistics keep up"}
     best = state.best_weights
     if best is None and (job.out / WEIGHTS).is_file():  # resumed after the best epoch
         from safetensors.torch import load_file

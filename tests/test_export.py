@@ -24,7 +24,8 @@ def test_export_keeps_parity_with_pytorch(tmp_path, model):
     report = json.loads((out / "report.json").read_text())
     fp32 = report["variants"]["fp32"]
     assert report["gates"] == {"passed": True, "failures": []}
-    assert fp32["parity"]["max_abs_diff"] <= 1e-4 and fp32["parity"]["top1_agreement"] == 1.0
+    assert fp32["parity"]["max_abs_diff"] <= 1e-3 and fp32["parity"]["worst_tolerance_fraction"] <= 1.0
+    assert fp32["parity"]["top1_agreement"] == 1.0
     assert fp32["parity"]["batch_sizes"] == [1, 7]
     assert fp32["accuracy"] == report["variants"]["torch"]["accuracy"]
     assert fp32["exporter"] in ("dynamo", "torchscript") and fp32["size_bytes"] > 0
@@ -63,7 +64,7 @@ def test_perturbed_weights_fail_the_gate_with_every_failure_listed(exported, tmp
     result = run_cli("validate", str(tmp_path / "corrupt.onnx"), "--run", str(run), "--output-dir", str(tmp_path / "rep"),
                      "--batch-sizes", "1")
     assert result.returncode == 2
-    assert "fp32 parity: max |logit diff|" in result.stderr and "> atol 0.0001" in result.stderr
+    assert "fp32 parity: max |logit diff|" in result.stderr and "exceeds atol 0.0001 + rtol 0.0001" in result.stderr
     assert "Traceback" not in result.stderr
     report = json.loads((tmp_path / "rep" / "report.json").read_text())  # written before the exit
     assert report["gates"]["passed"] is False and report["gates"]["failures"]

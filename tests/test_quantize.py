@@ -77,25 +77,43 @@ class SetFigures:
 
 @pytest.mark.slow
 def test_the_search_picks_the_fastest_configuration_that_passes(tiny_export, tmp_path):
-    """Apart from this machine's speed: all ops is fast but loses 3 points; the search then keeps the
-    most sensitive nodes in FP32, stops at the first count that passes, and picks the fastest passing."""
+    """Apart from this machine's speed: all ops is fast but loses 3 points; the search times the
+    other type schemes too, then keeps the most sensitive nodes in FP32, stops at the first count
+    that passes, and picks the fastest passing configuration."""
     _, out, data = tiny_export
     evaluator = SetFigures({
         "all ops": (0.87, 1.60, 1.50, 1.70),
         "compute ops only": (0.90, 1.30, 1.20, 1.35),
         "first/last in fp32": (0.90, 1.04, 0.98, 1.10),  # inside the noise floor
+        "all ops, u8s8, per-tensor": (0.86, 1.62, 1.55, 1.70),
+        "all ops, s8s8, per-channel": (0.90, 0.80, 0.75, 0.85),  # slower
         "all ops + 1 most sensitive in fp32": (0.88, 1.55, 1.45, 1.60),
         "all ops + 2 most sensitive in fp32": (0.898, 1.50, 1.40, 1.55),
         "all ops + 4 most sensitive in fp32": (0.90, 1.45, 1.40, 1.50),
     })
+    vnni = preflight({"avx2", "avx512_vnni"})  # a fixed CPU: the schemes tried do not depend on this one
     chosen, tried, mode = search(out / "model.unoptimized.onnx", out / "model.onnx", tmp_path, QuantizeConfig(),
-                                 data.calibration, evaluator, preflight(), noise_floor=0.08, progress=lambda _: None)
+                                 data.calibration, evaluator, vnni, noise_floor=0.08, progress=lambda _: None)
     assert mode == "static"
-    assert [a.name for a in tried] == ["all ops", "compute ops only", "first/last in fp32",
-                                       "all ops + 1 most sensitive in fp32", "all ops + 2 most sensitive in fp32"]
-    assert [a.verdict for a in tried][:3] == ["faster", "faster", "not distinguishable"]
+    assert [a.name for a in tried] == ["all ops", "compute ops only", "first/last in fp32", "all ops, u8s8, per-tensor",
+                                       "all ops, s8s8, per-channel", "all ops + 1 most sensitive in fp32",
+                                       "all ops + 2 most sensitive in fp32"]
+    assert [a.verdict for a in tried][:5] == ["faster", "faster", "not distinguishable", "faster", "slower"]
     assert chosen.name == "all ops + 2 most sensitive in fp32" and len(chosen.excluded_nodes) == 2
-    assert [a.passed for a in tried] == [False, True, False, False, True]
+    assert [a.passed for a in tried] == [False, True, False, False, False, False, True]
+    assert tried[4].scheme.activation_type == "int8" and tried[3].scheme.per_channel is False
+
+
+def test_speedups_within_the_noise_floor_are_a_tie_won_by_the_simplest():
+    from ftdeploy.quantize import Attempt, choose
+
+    def tried(name, speedup):
+        return Attempt(name, "static", [], None, speedup=speedup, passed=True)
+
+    first, second = tried("all ops", 1.50), tried("first/last in fp32", 1.53)
+    assert choose([first, second], noise_floor=0.05) is first  # 1.53 vs 1.50: inside a 5 % noise floor
+    assert choose([first, second], noise_floor=0.01) is second
+    assert choose([Attempt("x", "static", [], None, speedup=2.0, passed=False)], 0.05) is None
 
 
 @pytest.mark.slow
