@@ -65,7 +65,7 @@ def int8_section(q: dict[str, Any]) -> list[str]:
     shipped = (f"**Shipped** `{q['chosen']}`: {q['search_speedup']['median']:.2f}x in the search, "
                f"{q['final_speedup']['median']:.2f}x [{q['final_speedup']['low']:.2f}-{q['final_speedup']['high']:.2f}] "
                f"in the final measurement at batch {q['final_speedup']['batch_size']} "
-               f"({'agree' if q['search_final_agree'] else 'differ by more than'} within the noise floor)."
+               f"({'they agree within' if q['search_final_agree'] else 'they differ by more than'} the noise floor)."
                if q.get("shipped") else f"**INT8 not shipped**: {q.get('not_shipped_reason')}. FP32 ships alone.")
     return ["", "## INT8", "", f"Preflight: {q['preflight']['reason']}.", "",
             f"Mode {q['mode']}, activations {q['activation_type']}, weights {q['weight_type']}, "

@@ -1,0 +1,506 @@
+"""ftdeploy beside what users would pick instead: one FP32 ONNX file per model, every contender on it.
+
+For each model, fine-tuned on the embedded digits and exported by ftdeploy, every contender works
+on the same FP32 file (``model.unoptimized.onnx``: the checked export before onnxruntime's own
+fusions, which other tools cannot read) through its own public API with its documented defaults,
+the same 256 calibration images and the same validation images:
+
+  torch_eager, ort_fp32                    PyTorch eager, onnxruntime FP32
+  ort_dynamic_default, ort_static_default  onnxruntime quantize_dynamic / quantize_static, defaults
+  optimum_preset                           Optimum ORTQuantizer, the AutoQuantizationConfig preset for this CPU
+  olive_static_default                     Olive's OnnxStaticQuantization pass, defaults
+  openvino_fp32, openvino_nncf_int8        OpenVINO runtime; INT8 from nncf.quantize (default preset)
+  ort_openvino_ep_fp32/_int8               onnxruntime-openvino (its own venv) on ftdeploy's FP32 and INT8 files
+  ftdeploy_int8                            ftdeploy quantize
+  grid_best                                the best point of {u8s8, s8s8, u8u8} x per-channel x reduce_range
+                                           (QDQ) within the accuracy budget: the ceiling for ftdeploy's search
+  ftdeploy_pruned_fp32/_int8               ResNet-18 only: ftdeploy prune to 0.5x MACs, then export/quantize
+
+Latency: every in-process contender is timed side by side under ftdeploy's latency protocol (batch 1:
+p50/p90; batch 32: throughput; threads = physical cores); the onnxruntime-openvino contenders in
+their venv, under the same protocol. A contender that fails records its error and the script goes on.
+
+    python benchmarks/compare.py --output benchmarks/results/compare [--models resnet18,efficientnet_lite0,mobilenet_v3_large] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ftdeploy.config import ExportConfig, PruneConfig, QuantizeConfig, load_config
+from ftdeploy.evaluation import EvalData, accuracy, batched, onnx_predictor, torch_predictor
+from ftdeploy.export import export
+from ftdeploy.latency import compare, format_table, ort_runner, session_policy, tile_batch
+from ftdeploy.machine import cpu_flags, machine_info, physical_cores
+from ftdeploy.onnx_model import open_session
+from ftdeploy.prune import prune
+from ftdeploy.quantize import CalibrationReader, quantize
+from ftdeploy.rundir import load_export, load_run, read_json
+from ftdeploy.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+# name -> overrides of configs/digits.yaml; input sizes chosen so that one run fits on a 2-core machine
+MODELS = {
+    "efficientnet_lite0": [],
+    "resnet18": ["model.name=torchvision:resnet18", "model.weights=none", "preprocessing.input_size=128",
+                 "preprocessing.resize_size=128", "train.epochs=3", "train.lr=0.001"],
+    "mobilenet_v3_large": ["model.name=timm:mobilenetv3_large_100", "model.weights=none",
+                           "preprocessing.input_size=128", "preprocessing.resize_size=128", "train.epochs=4"],
+    "resnet50": ["model.name=torchvision:resnet50", "model.weights=none", "preprocessing.input_size=128",
+                 "preprocessing.resize_size=128", "train.epochs=3", "train.lr=0.001"],
+}
+BUDGET_POINTS = 0.5
+
+
+@dataclass
+class Contender:
+    engine: str
+    int8: bool
+    predictor: Callable[[int], Callable[[np.ndarray], np.ndarray]] | None = None  # threads -> batch -> logits
+    path: Path | None = None
+    quantize_seconds: float | None = None
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def onnx_contender(path: Path, int8: bool, seconds: float | None = None, **extra) -> Contender:
+    return Contender("onnxruntime", int8, lambda threads: onnx_predictor(open_session(path, threads)), path, seconds,
+                     extra=extra)
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+def reader(data: EvalData) -> CalibrationReader:
+    return CalibrationReader(data.calibration)
+
+
+def ort_dynamic_default(file: Path, work: Path, data: EvalData) -> Contender:
+    from onnxruntime.quantization import quantize_dynamic
+
+    out = work / "ort_dynamic.onnx"
+    _, seconds = timed(lambda: quantize_dynamic(str(file), str(out)))
+    return onnx_contender(out, True, seconds)
+
+
+def ort_static_default(file: Path, work: Path, data: EvalData) -> Contender:
+    from onnxruntime.quantization import quantize_static
+
+    out = work / "ort_static.onnx"
+    _, seconds = timed(lambda: quantize_static(str(file), str(out), reader(data)))
+    return onnx_contender(out, True, seconds)
+
+
+def optimum_preset(file: Path, work: Path, data: EvalData) -> Contender:
+    from datasets import Dataset
+    from optimum.onnxruntime import AutoCalibrationConfig, AutoQuantizationConfig, ORTQuantizer
+
+    flags = cpu_flags()
+    preset = ("avx512_vnni" if "avx512_vnni" in flags else "avx512" if "avx512f" in flags else "avx2"
+              if "avx2" in flags else "arm64")
+
+    def run() -> Path:
+        quantizer = ORTQuantizer.from_pretrained(file.parent, file_name=file.name)
+        qconfig = getattr(AutoQuantizationConfig, preset)(is_static=True, per_channel=True)
+        dataset = Dataset.from_dict({"input": list(data.calibration)})
+        ranges = quantizer.fit(dataset=dataset, calibration_config=AutoCalibrationConfig.minmax(dataset),
+                               operators_to_quantize=qconfig.operators_to_quantize,
+                               onnx_augmented_model_name=work / "optimum_augmented.onnx")
+        return quantizer.quantize(quantization_config=qconfig, save_dir=work / "optimum",
+                                  calibration_tensors_range=ranges)
+
+    out, seconds = timed(run)
+    path = next(Path(out).glob("*.onnx")) if Path(out).is_dir() else Path(out)
+    return onnx_contender(path, True, seconds, preset=preset)
+
+
+def olive_static_default(file: Path, work: Path, data: EvalData) -> Contender:
+    from olive.data.registry import Registry
+    from olive.model import ONNXModelHandler
+    from olive.passes.olive_pass import create_pass_from_dict
+    from olive.passes.onnx.quantization import OnnxStaticQuantization
+
+    name = f"ftdeploy_calibration_{os.getpid()}_{len(data.calibration)}"
+    if name not in getattr(Registry, "_REGISTRY", {}).get("dataset", {}):
+        # Olive's calibration reader takes dict batches keyed by input name
+        Registry.register_dataset(name)(lambda **_: [({"input": x}, 0) for x in data.calibration])
+    config = {"data_config": {"name": "calibration", "load_dataset_config": {"type": name},
+                              "dataloader_config": {"batch_size": 16}}}
+    olive_pass = create_pass_from_dict(OnnxStaticQuantization, config, disable_search=True)
+    result, seconds = timed(lambda: olive_pass.run(ONNXModelHandler(str(file)), str(work / "olive_static.onnx")))
+    return onnx_contender(Path(result.model_path), True, seconds)
+
+
+def openvino_fp32(file: Path, work: Path, data: EvalData) -> Contender:
+    import openvino as ov
+
+    core = ov.Core()
+
+    def make(threads: int):
+        compiled = core.compile_model(core.read_model(str(file)), "CPU", {"INFERENCE_NUM_THREADS": threads})
+        return lambda x: compiled([x])[0]
+
+    # OpenVINO computes "FP32" in bf16 on CPUs that have it: recorded beside its figures
+    return Contender("openvino", False, make, file,
+                     extra={"inference_precision": str(core.get_property("CPU", "INFERENCE_PRECISION_HINT"))})
+
+
+def openvino_nncf_int8(file: Path, work: Path, data: EvalData) -> Contender:
+    import nncf
+    import openvino as ov
+
+    core = ov.Core()
+    quantized, seconds = timed(lambda: nncf.quantize(core.read_model(str(file)),
+                                                     nncf.Dataset([x[None] for x in data.calibration])))
+    out = work / "nncf_int8.xml"
+    ov.save_model(quantized, str(out))
+
+    def make(threads: int):
+        compiled = core.compile_model(quantized, "CPU", {"INFERENCE_NUM_THREADS": threads})
+        return lambda x: compiled([x])[0]
+
+    return Contender("openvino", True, make, out, seconds)
+
+
+def grid(file: Path, work: Path, data: EvalData, fp32_accuracy: float, threads: int, seconds: float) -> Contender:
+    """Every point of the grid, each timed beside ORT FP32; the fastest within the budget."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, quantize_static
+
+    pre = work / "grid_pre.onnx"
+    quant_pre_process(str(file), str(pre))
+    batch = tile_batch(data.inputs, 1)
+    fp32 = ort_runner(open_session(file, threads), batch)
+    points = []
+    for act, weight in (("QUInt8", "QInt8"), ("QInt8", "QInt8"), ("QUInt8", "QUInt8")):
+        for per_channel in (True, False):
+            for reduce_range in (False, True):
+                out = work / f"grid_{act}_{weight}_{per_channel}_{reduce_range}.onnx"
+                _, q_seconds = timed(lambda: quantize_static(
+                    str(pre), str(out), reader(data), quant_format=QuantFormat.QDQ, activation_type=QuantType[act],
+                    weight_type=QuantType[weight], per_channel=per_channel, reduce_range=reduce_range))
+                acc = accuracy(batched(onnx_predictor(open_session(out, threads)), data.inputs, 32), data.labels)
+                speed = compare({"fp32": fp32, "int8": ort_runner(open_session(out, threads), batch)}, 1,
+                                seconds=seconds).speedup("fp32", "int8")
+                points.append({"activation_type": act, "weight_type": weight, "per_channel": per_channel,
+                               "reduce_range": reduce_range, "accuracy": acc, "speedup": speed.median,
+                               "speedup_low": speed.low, "path": str(out), "quantize_seconds": q_seconds})
+                print(f"  grid {act}/{weight} per_channel={per_channel} reduce_range={reduce_range}: "
+                      f"{100 * acc:.2f}% {speed.median:.2f}x", flush=True)
+    within = [p for p in points if 100 * (fp32_accuracy - p["accuracy"]) <= BUDGET_POINTS]
+    if not within:
+        return Contender("onnxruntime", True, error="no grid point within the accuracy budget", extra={"grid": points})
+    best = max(within, key=lambda p: p["speedup"])
+    return onnx_contender(Path(best["path"]), True, best["quantize_seconds"], grid=points,
+                          point={k: best[k] for k in ("activation_type", "weight_type", "per_channel", "reduce_range")})
+
+
+ORT_OPENVINO_SCRIPT = """
+import json, sys
+import numpy as np
+from ftdeploy.latency import compare, ort_session, tile_batch
+files, inputs, threads, seconds = json.loads(sys.argv[1]), np.load(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+out = {}
+sessions = {}
+for name, path in files.items():
+    try:
+        sessions[name] = ort_session(path, threads, providers=["OpenVINOExecutionProvider"])
+        if "OpenVINOExecutionProvider" not in sessions[name].get_providers():
+            raise RuntimeError("the OpenVINO execution provider did not load")
+        feed = sessions[name].get_inputs()[0].name
+        logits = np.concatenate([sessions[name].run(None, {feed: inputs[i:i + 32]})[0] for i in range(0, len(inputs), 32)])
+        np.save(sys.argv[2] + f".{name}.npy", logits)
+        out[name] = {"error": None}
+    except Exception as e:
+        out[name] = {"error": f"{type(e).__name__}: {e}"[:500]}
+        sessions.pop(name, None)
+for bs in (1, 32):
+    if not sessions:
+        break
+    batch = tile_batch(inputs, bs)
+    runners = {n: (lambda s=s, b=batch, f=s.get_inputs()[0].name: s.run(None, {f: b})) for n, s in sessions.items()}
+    result = compare(runners, bs, rounds=5 if bs == 1 else 3, seconds=seconds)
+    for n, st in result.stats.items():
+        out[n]["p50_ms_bs%d" % bs], out[n]["p90_ms_bs%d" % bs] = st.p50, st.p90
+        if bs == 32:
+            out[n]["throughput_bs32"] = st.throughput
+print(json.dumps(out))
+"""
+
+
+def ort_openvino_ep(venv: Path, files: dict[str, Path], data: EvalData, threads: int, seconds: float) -> dict[str, dict]:
+    """ftdeploy's own files in onnxruntime-openvino, which replaces onnxruntime: a venv of its own."""
+    python = venv / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "onnxruntime-openvino", "numpy"], check=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        np.save(Path(tmp) / "inputs.npy", data.inputs)
+        result = subprocess.run([str(python), "-c", ORT_OPENVINO_SCRIPT, json.dumps({k: str(v) for k, v in files.items()}),
+                                 str(Path(tmp) / "inputs.npy"), str(threads), str(seconds)],
+                                capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=1800)
+        if result.returncode != 0:
+            raise RuntimeError(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed")
+        out = json.loads(result.stdout.strip().splitlines()[-1])
+        for name in files:
+            logits = Path(tmp) / f"inputs.npy.{name}.npy"
+            out[name]["logits"] = np.load(logits) if logits.exists() else None
+    return out
+
+
+def fine_tuned(name: str, workdir: Path, quick: bool):
+    run_dir = workdir / name
+    cfg = load_config(REPO / "configs" / "digits.yaml",
+                      [*MODELS[name], *(["train.epochs=1"] if quick else []), "train.progress=false"])
+    if not (run_dir / "manifest.json").is_file():
+        print(f"== {name}: fine-tuning", flush=True)
+        train(cfg, run_dir)
+    return run_dir, cfg
+
+
+def exported(run_dir: Path, cfg, qcfg: QuantizeConfig) -> Path:
+    out = run_dir / "export"
+    if not (out / "manifest.json").is_file() or read_json(out / "manifest.json")["stage"] != "quantize":
+        export(run_dir, out, cfg.export or ExportConfig())
+        quantize(out, None, qcfg)
+    return out
+
+
+def contenders_for(name: str, run_dir: Path, cfg, work: Path, data: EvalData, args, qcfg: QuantizeConfig) -> dict[str, Contender]:
+    threads = physical_cores()
+    export_dir = exported(run_dir, cfg, qcfg)
+    file = export_dir / "model.unoptimized.onnx"
+    model = load_run(run_dir).load_model()
+    def torch_eager(threads: int):
+        import torch
+
+        torch.set_num_threads(threads)
+        return torch_predictor(model)
+
+    out: dict[str, Contender] = {"torch_eager": Contender("torch", False, torch_eager), "ort_fp32": onnx_contender(file, False)}
+    fp32_accuracy = accuracy(batched(onnx_predictor(open_session(file, threads)), data.inputs, 32), data.labels)
+    builders = {"ort_dynamic_default": ort_dynamic_default, "ort_static_default": ort_static_default,
+                "optimum_preset": optimum_preset, "olive_static_default": olive_static_default,
+                "openvino_fp32": openvino_fp32, "openvino_nncf_int8": openvino_nncf_int8}
+    for key, build in builders.items():
+        print(f"== {name}: {key}", flush=True)
+        out[key] = attempt(lambda: build(file, work, data), "onnxruntime" if key.startswith(("ort", "optimum", "olive"))
+                           else "openvino", True)
+    report = load_export(export_dir).report
+    q = report["quantization"]
+    int8 = export_dir / "model.int8.onnx"
+    out["ftdeploy_int8"] = (onnx_contender(int8, True, q.get("seconds"), chosen=q["chosen"])
+                            if int8.is_file() else Contender("onnxruntime", True, error=q["not_shipped_reason"]))
+    out["grid_best"] = attempt(lambda: grid(file, work, data, fp32_accuracy, threads, 1.0), "onnxruntime", True)
+    if name == "resnet18":
+        pruned = run_dir.with_name(f"{name}-pruned50")
+        if not (pruned / "manifest.json").is_file():
+            prune(run_dir, pruned, PruneConfig(target_macs=0.5, finetune_epochs=1 if args.quick else 2, distill_alpha=0.5))
+        pruned_export = exported(pruned, cfg, qcfg)
+        out["ftdeploy_pruned_fp32"] = onnx_contender(pruned_export / "model.onnx", False)
+        pruned_int8 = pruned_export / "model.int8.onnx"
+        out["ftdeploy_pruned_int8"] = (onnx_contender(pruned_int8, True) if pruned_int8.is_file() else Contender(
+            "onnxruntime", True, error=load_export(pruned_export).report["quantization"]["not_shipped_reason"]))
+    return out
+
+
+def attempt(build: Callable[[], Contender], engine: str, int8: bool) -> Contender:
+    try:
+        return build()
+    except Exception as e:  # a contender that fails records why; the comparison goes on
+        traceback.print_exc(limit=3)
+        return Contender(engine, int8, error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}")
+
+
+def measure(name: str, contenders: dict[str, Contender], data: EvalData, seconds: float) -> dict[str, dict]:
+    """Accuracy, agreement with ORT FP32, size, and latency timed side by side under the protocol."""
+    threads = physical_cores()
+    rows: dict[str, dict] = {}
+    predictors = {}
+    for key, c in contenders.items():
+        row = {"engine": c.engine, "int8": c.int8, "quantize_seconds": c.quantize_seconds, "error": c.error, **c.extra}
+        if c.error is None:
+            try:
+                predictors[key] = c.predictor(threads)
+                row["logits"] = batched(predictors[key], data.inputs, 32)
+                row["size_bytes"] = file_size(c.path) if c.path else None
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+                predictors.pop(key, None)
+        rows[key] = row
+    reference = rows["ort_fp32"]["logits"]
+    for row in rows.values():
+        logits = row.pop("logits", None)
+        if logits is not None:
+            row["accuracy"] = accuracy(logits, data.labels)
+            row["accuracy_drop_points"] = 100 * (accuracy(reference, data.labels) - row["accuracy"])
+            row["top1_agreement"] = float((logits.argmax(-1) == reference.argmax(-1)).mean())
+    print(f"== {name}: timing {len(predictors)} contenders side by side", flush=True)
+    for bs, rounds in ((1, 5), (32, 3)):
+        batch = tile_batch(data.inputs, bs)
+        result = compare({k: (lambda p=p, b=batch: p(b)) for k, p in predictors.items()}, bs, rounds=rounds, seconds=seconds)
+        for key, st in result.stats.items():
+            if bs == 1:
+                rows[key].update(p50_ms_bs1=st.p50, p90_ms_bs1=st.p90)
+            else:
+                rows[key]["throughput_bs32"] = st.throughput
+    return rows
+
+
+def noise_floor(file: Path, data: EvalData, seconds: float) -> float:
+    batch = tile_batch(data.inputs, 1)
+    threads = physical_cores()
+    return compare({"a": ort_runner(open_session(file, threads), batch), "b": ort_runner(open_session(file, threads), batch)},
+                   1, seconds=seconds).speedup("a", "b").noise
+
+
+def file_size(path: Path) -> int:
+    files = [path, path.with_name(path.name + ".data")] + ([path.with_suffix(".bin")] if path.suffix == ".xml" else [])
+    return sum(f.stat().st_size for f in files if f.is_file())
+
+
+def search_decisions(export_dir: Path, qcfg: QuantizeConfig, work: Path) -> dict[str, Any]:
+    """Two more runs of ftdeploy's search on the same files: do they reach the same decision?"""
+    decisions = []
+    for i in range(2):
+        out = quantize(export_dir, work / f"search{i}", qcfg)
+        q = read_json(out / "report.json")["quantization"]
+        decisions.append({"chosen": q["chosen"], "shipped": q["shipped"], "search_speedup": q.get("search_speedup"),
+                          "final_speedup": q.get("final_speedup"), "search_final_agree": q.get("search_final_agree"),
+                          "noise_floor": q["noise_floor"]})
+    return {"runs": decisions, "same_decision": len({(d["chosen"], d["shipped"]) for d in decisions}) == 1}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="resnet18,efficientnet_lite0,mobilenet_v3_large")
+    parser.add_argument("--quick", action="store_true", help="one small model, one epoch, short timing")
+    parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--workdir", type=Path, default=None, help="runs (default: OUTPUT/runs)")
+    parser.add_argument("--seconds", type=float, default=4.0, help="timed seconds per contender and batch size")
+    args = parser.parse_args()
+    models = ["efficientnet_lite0"] if args.quick else args.models.split(",")
+    seconds = 1.0 if args.quick else args.seconds
+    args.output.mkdir(parents=True, exist_ok=True)
+    workdir = args.workdir or args.output / "runs"
+    qcfg = QuantizeConfig(max_accuracy_drop=BUDGET_POINTS, latency_seconds=1.0 if args.quick else 2.0)
+    results: dict[str, Any] = {"machine": machine_info(), "session": session_policy(physical_cores()),
+                               "versions": versions(), "budget_points": BUDGET_POINTS, "models": {}}
+    for name in models:
+        run_dir, cfg = fine_tuned(name, workdir, args.quick)
+        work = args.output / "work" / name
+        work.mkdir(parents=True, exist_ok=True)
+        data = EvalData.from_run(load_run(run_dir), 2000, 256)
+        contenders = contenders_for(name, run_dir, cfg, work, data, args, qcfg)
+        rows = measure(name, contenders, data, seconds)
+        export_dir = run_dir / "export"
+        ep_files = {"ort_openvino_ep_fp32": export_dir / "model.unoptimized.onnx"}
+        if (export_dir / "model.int8.onnx").is_file():
+            ep_files["ort_openvino_ep_int8"] = export_dir / "model.int8.onnx"
+        try:
+            ep = ort_openvino_ep(args.output / "venv-ort-openvino", ep_files, data, physical_cores(), seconds)
+        except Exception as e:
+            ep = {k: {"error": f"{type(e).__name__}: {e}"[:300], "logits": None} for k in ep_files}
+        ref_logits = batched(contenders["ort_fp32"].predictor(physical_cores()), data.inputs, 32)
+        for key in ("ort_openvino_ep_fp32", "ort_openvino_ep_int8"):
+            r = ep.get(key, {"error": "INT8 not shipped by ftdeploy for this model", "logits": None})
+            logits = r.pop("logits", None)
+            row = {"engine": "onnxruntime-openvino", "int8": key.endswith("int8"), "quantize_seconds": None, **r}
+            if logits is not None:
+                row.update(accuracy=accuracy(logits, data.labels), top1_agreement=float((logits.argmax(-1) == ref_logits.argmax(-1)).mean()),
+                           accuracy_drop_points=100 * (accuracy(ref_logits, data.labels) - accuracy(logits, data.labels)),
+                           size_bytes=file_size(ep_files[key]))
+            rows[key] = row
+        report = load_export(export_dir).report
+        q = report["quantization"]
+        results["models"][name] = {
+            "file": str(export_dir / "model.unoptimized.onnx"), "fp32_accuracy": rows["ort_fp32"].get("accuracy"),
+            "noise_floor": noise_floor(export_dir / "model.unoptimized.onnx", data, seconds),
+            "ftdeploy_search": {"chosen": q["chosen"], "search_speedup": q.get("search_speedup"),
+                                "final_speedup": q.get("final_speedup"), "search_final_agree": q.get("search_final_agree"),
+                                "noise_floor": q["noise_floor"], "decisions": search_decisions(export_dir, qcfg, work)},
+            "contenders": rows}
+        (args.output / "compare.json").write_text(json.dumps(results, indent=2, default=str))
+    write_outputs(results, args.output)
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("ftdeploy", "torch", "onnx", "onnxruntime", "optimum", "optimum-onnx", "olive-ai", "openvino", "nncf"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def write_outputs(results: dict[str, Any], out: Path) -> None:
+    (out / "compare.json").write_text(json.dumps(results, indent=2, default=str))
+    lines = [f"# ftdeploy beside the alternatives", "",
+             f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, ISA "
+             f"{', '.join(results['machine']['isa'])}. Accuracy budget {results['budget_points']} points.", ""]
+    for name, m in results["models"].items():
+        rows = [{"contender": k, **v} for k, v in m["contenders"].items()]
+        fp32 = m["contenders"]["ort_fp32"].get("p50_ms_bs1")
+        for r in rows:
+            r["speedup"] = fp32 / r["p50_ms_bs1"] if fp32 and r.get("p50_ms_bs1") else None
+            r["error_short"] = (r["error"] or "")[:80]
+        s = m["ftdeploy_search"]
+        lines += [f"## {name}", "", f"FP32 accuracy {100 * m['fp32_accuracy']:.2f} %; noise floor ±{m['noise_floor']:.3f}; "
+                  f"ftdeploy chose `{s['chosen']}`; two more searches: "
+                  f"{[d['chosen'] for d in s['decisions']['runs']]} (same decision: {s['decisions']['same_decision']}).", "",
+                  format_table(rows, [("contender", "contender", ""), ("engine", "engine", ""), ("int8", "int8", ""),
+                                      ("accuracy", "accuracy", ".4f"), ("accuracy_drop_points", "drop (pts)", "+.2f"),
+                                      ("top1_agreement", "agreement", ".4f"), ("size_bytes", "bytes", ",d"),
+                                      ("p50_ms_bs1", "p50 ms @1", ".2f"), ("p90_ms_bs1", "p90 ms @1", ".2f"),
+                                      ("speedup", "vs ort_fp32 @1", ".2f"), ("throughput_bs32", "img/s @32", ".0f"),
+                                      ("quantize_seconds", "quantize s", ".1f"), ("error_short", "error", "")]), ""]
+    (out / "compare.md").write_text("\n".join(lines) + "\n")
+    plot(results, out / "compare.png")
+    print("\n".join(lines))
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    from ftdeploy.report import pyplot
+
+    plt = pyplot()
+    if plt is None:
+        return
+    models = list(results["models"])
+    fig, axes = plt.subplots(len(models), 1, figsize=(10, 3.6 * len(models)), squeeze=False)
+    for ax, name in zip(axes[:, 0], models):
+        rows = {k: v for k, v in results["models"][name]["contenders"].items() if v.get("p50_ms_bs1")}
+        fp32 = results["models"][name]["contenders"]["ort_fp32"]["p50_ms_bs1"]
+        names = sorted(rows, key=lambda k: fp32 / rows[k]["p50_ms_bs1"])
+        speed = [fp32 / rows[k]["p50_ms_bs1"] for k in names]
+        colors = ["tab:red" if rows[k].get("accuracy_drop_points", 0) > results["budget_points"]
+                  else "tab:green" if k.startswith("ftdeploy") else "tab:blue" for k in names]
+        ax.barh(names, speed, color=colors)
+        for y, k in enumerate(names):
+            ax.text(speed[y], y, f" {speed[y]:.2f}x, {100 * rows[k].get('accuracy', 0):.1f}%", va="center", fontsize=8)
+        ax.axvline(1, color="k", lw=0.8)
+        ax.set(title=f"{name}: batch-1 speedup over onnxruntime FP32 (red: outside the {results['budget_points']}-point "
+                     "accuracy budget)", xlabel="speedup (x)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
