@@ -62,6 +62,8 @@ MODELS = {
                  "preprocessing.resize_size=128", "train.epochs=3", "train.lr=0.001"],
 }
 BUDGET_POINTS = 0.5
+FIELDS = ("accuracy", "accuracy_drop_points", "top1_agreement", "size_bytes", "p50_ms_bs1", "p90_ms_bs1",
+          "throughput_bs32")  # every contender has them, null when it failed
 
 
 @dataclass
@@ -332,7 +334,8 @@ def measure(name: str, contenders: dict[str, Contender], data: EvalData, seconds
     rows: dict[str, dict] = {}
     predictors = {}
     for key, c in contenders.items():
-        row = {"engine": c.engine, "int8": c.int8, "quantize_seconds": c.quantize_seconds, "error": c.error, **c.extra}
+        row = {"engine": c.engine, "int8": c.int8, **dict.fromkeys(FIELDS), "quantize_seconds": c.quantize_seconds,
+               "error": c.error, **c.extra}
         if c.error is None:
             try:
                 predictors[key] = c.predictor(threads)
@@ -374,11 +377,10 @@ def file_size(path: Path) -> int:
 
 
 def search_decisions(export_dir: Path, qcfg: QuantizeConfig, work: Path) -> dict[str, Any]:
-    """Two more runs of ftdeploy's search on the same files: do they reach the same decision?"""
+    """The search of the export directory and one more run of it on the same files: the same decision?"""
     decisions = []
-    for i in range(2):
-        out = quantize(export_dir, work / f"search{i}", qcfg)
-        q = read_json(out / "report.json")["quantization"]
+    for report in (export_dir / "report.json", quantize(export_dir, work / "search_again", qcfg) / "report.json"):
+        q = read_json(report)["quantization"]
         decisions.append({"chosen": q["chosen"], "shipped": q["shipped"], "search_speedup": q.get("search_speedup"),
                           "final_speedup": q.get("final_speedup"), "search_final_agree": q.get("search_final_agree"),
                           "noise_floor": q["noise_floor"]})
@@ -419,7 +421,8 @@ def main() -> None:
         for key in ("ort_openvino_ep_fp32", "ort_openvino_ep_int8"):
             r = ep.get(key, {"error": "INT8 not shipped by ftdeploy for this model", "logits": None})
             logits = r.pop("logits", None)
-            row = {"engine": "onnxruntime-openvino", "int8": key.endswith("int8"), "quantize_seconds": None, **r}
+            row = {"engine": "onnxruntime-openvino", "int8": key.endswith("int8"), **dict.fromkeys(FIELDS),
+                   "quantize_seconds": None, **r}
             if logits is not None:
                 row.update(accuracy=accuracy(logits, data.labels), top1_agreement=float((logits.argmax(-1) == ref_logits.argmax(-1)).mean()),
                            accuracy_drop_points=100 * (accuracy(ref_logits, data.labels) - accuracy(logits, data.labels)),
@@ -432,7 +435,8 @@ def main() -> None:
             "noise_floor": noise_floor(export_dir / "model.unoptimized.onnx", data, seconds),
             "ftdeploy_search": {"chosen": q["chosen"], "search_speedup": q.get("search_speedup"),
                                 "final_speedup": q.get("final_speedup"), "search_final_agree": q.get("search_final_agree"),
-                                "noise_floor": q["noise_floor"], "decisions": search_decisions(export_dir, qcfg, work)},
+                                "noise_floor": q["noise_floor"], "seconds": q.get("seconds"),
+                                "decisions": search_decisions(export_dir, qcfg, work)},
             "contenders": rows}
         (args.output / "compare.json").write_text(json.dumps(results, indent=2, default=str))
     write_outputs(results, args.output)
@@ -463,7 +467,7 @@ def write_outputs(results: dict[str, Any], out: Path) -> None:
             r["error_short"] = (r["error"] or "")[:80]
         s = m["ftdeploy_search"]
         lines += [f"## {name}", "", f"FP32 accuracy {100 * m['fp32_accuracy']:.2f} %; noise floor ±{m['noise_floor']:.3f}; "
-                  f"ftdeploy chose `{s['chosen']}`; two more searches: "
+                  f"ftdeploy chose `{s['chosen']}`; two runs of its search chose "
                   f"{[d['chosen'] for d in s['decisions']['runs']]} (same decision: {s['decisions']['same_decision']}).", "",
                   format_table(rows, [("contender", "contender", ""), ("engine", "engine", ""), ("int8", "int8", ""),
                                       ("accuracy", "accuracy", ".4f"), ("accuracy_drop_points", "drop (pts)", "+.2f"),

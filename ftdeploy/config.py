@@ -82,9 +82,8 @@ class TrainConfig(Section):
     progress: bool = True
     bn_reestimate: Literal["auto", "always", "never"] = Field(
         "auto", description="after training, re-estimate BatchNorm running statistics on training batches: "
-        "auto does it for BatchNorm with a momentum below 0.1 (e.g. torchvision's MobileNetV3 at 0.01, whose "
-        "statistics lag far behind the weights after a short run) and keeps them when validation accuracy "
-        "does not drop")
+        "auto keeps them when validation accuracy does not drop (running statistics lag the weights after a "
+        "short run, far behind with a small momentum such as torchvision MobileNetV3's 0.01)")
     bn_reestimate_batches: int = Field(50, ge=1, description="training batches the statistics are averaged over")
 
 

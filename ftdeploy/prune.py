@@ -277,8 +277,11 @@ def _finetune(run: Run, out: Path, model: nn.Module, head_name: str, base: nn.Mo
     tcfg.train.epochs, tcfg.train.mode = epochs, "full"
     if cfg.finetune_lr is not None:
         tcfg.train.lr = cfg.finetune_lr
+    from accelerate.utils import set_seed
+
     built = BuiltModel(model, head_name, {}, architecture={"pruned": architecture_delta(base, model)})
     accelerator = make_accelerator(tcfg, out)
+    set_seed(tcfg.train.seed)
     splits = setup(tcfg, out, built, run.preprocessing, accelerator)
     fine_tune(Job(tcfg, out, built, run.preprocessing, splits, teacher, (cfg.distill_alpha, cfg.distill_temperature)),
               accelerator)

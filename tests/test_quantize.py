@@ -142,7 +142,9 @@ def test_quantize_stage_ships_only_a_measured_better_model(tiny_export, tmp_path
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "report.json").read_text())
     q = report["quantization"]
-    assert q["mode"] == "static" and q["per_channel"] is True and q["tried"] and q["noise_floor"] >= 0
+    assert q["mode"] == "static" and q["tried"] and q["noise_floor"] >= 0
+    chosen_scheme = next((t["scheme"] for t in q["tried"] if t["name"] == q["chosen"]), q["tried"][0]["scheme"])
+    assert (q["activation_type"], q["per_channel"]) == (chosen_scheme["activation_type"], chosen_scheme["per_channel"])
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert [e["stage"] for e in manifest["lineage"]] == ["data", "train", "export"] and manifest["stage"] == "quantize"
     assert manifest["config"]["max_accuracy_drop"] == 5
