@@ -3,7 +3,7 @@
 Each model is fine-tuned (ftdeploy train), exported (ftdeploy export) and quantized (ftdeploy
 quantize: the preflight, the calibrated static QDQ model and the measured exclusion search), and
 the report's FP32 and INT8 figures are tabulated: the batch-1 speedup in the search and in the
-final side-by-side measurement (median and range of per-round ratios), the noise floor, accuracy
+final side-by-side measurement (median and interquartile range of per-round ratios), the noise floor, accuracy
 drop, top-1 agreement and size.
 
     python benchmarks/quantize.py --json benchmarks/results/quantize.json

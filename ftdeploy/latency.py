@@ -6,8 +6,10 @@
   call inflates both and pulls their ratio towards 1). Each block starts after an idle gap that lets
   spinning worker threads (onnxruntime's, PyTorch's OpenMP) go to sleep, then warm-up calls, so no
   variant runs against another's leftovers. The order rotates every round.
-- A speedup is the median of per-round ratios, with their range as the spread: "faster by at least
-  ``min_speedup``" needs the low end to clear it (:meth:`Speedup.verdict`).
+- A speedup is the median of per-round ratios, with their interquartile range as the spread: "faster
+  by at least ``min_speedup``" needs the low end (the 25th percentile) to clear it
+  (:meth:`Speedup.verdict`). The extremes are kept too; one round disturbed by another tenant of a
+  shared machine should not decide alone.
 - An A/A comparison (a file against itself) gives the noise floor: a candidate whose speedup lies
   inside it is "not distinguishable", not faster.
 
@@ -80,14 +82,15 @@ class Speedup:
     """How much faster a candidate is than a baseline: per-round ratios of block medians."""
 
     median: float
-    low: float
-    high: float
+    low: float  # 25th percentile of the per-round ratios
+    high: float  # 75th percentile
     rounds: list[float] = field(default_factory=list)
 
     @classmethod
     def of(cls, baseline_ms: list[float], candidate_ms: list[float]) -> "Speedup":
         ratios = [b / c for b, c in zip(baseline_ms, candidate_ms)]
-        return cls(statistics.median(ratios), min(ratios), max(ratios), ratios)
+        low, median, high = (float(v) for v in np.percentile(ratios, [25, 50, 75]))
+        return cls(median, low, high, ratios)
 
     @property
     def noise(self) -> float:
