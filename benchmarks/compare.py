@@ -456,7 +456,7 @@ def versions() -> dict[str, str]:
 
 def write_outputs(results: dict[str, Any], out: Path) -> None:
     (out / "compare.json").write_text(json.dumps(results, indent=2, default=str))
-    lines = [f"# ftdeploy beside the alternatives", "",
+    lines = ["# ftdeploy beside the alternatives", "",
              f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, ISA "
              f"{', '.join(results['machine']['isa'])}. Accuracy budget {results['budget_points']} points.", ""]
     for name, m in results["models"].items():

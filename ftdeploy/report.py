@@ -172,7 +172,6 @@ def usability_html(data: dict[str, Any]) -> str:
 
     plt = pyplot()
     v = data["variants"]
-    names = list(v)
     m = data["machine"]
     status = '<span class="badge pass">budgets passed</span>' if data["passed"] else '<span class="badge fail">budgets failed</span>'
     parts = [f"<h1>Usability report</h1><p class='meta'>{html.escape(data['source'])} (run {html.escape(data['source_run'])}); "

@@ -39,7 +39,7 @@ from .config import ReportConfig
 from .errors import FtdeployError
 from .evaluation import Predictor, batched, onnx_predictor, torch_predictor
 from .gates import Gates
-from .latency import compare, ort_runner, session_policy, tile_batch
+from .latency import compare, session_policy, tile_batch
 from .machine import machine_info, physical_cores
 from .onnx_model import onnx_size, open_session, read_metadata, write_metadata
 from .report import usability_html

@@ -4,7 +4,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import torch
 
 from conftest import FAST_EXPORT, make_run, run_cli
 from ftdeploy.config import QuantizeConfig

@@ -7,7 +7,7 @@ import torch
 
 from conftest import FAST_EXPORT, make_run, run_cli
 from test_cli import assert_one_line_error
-from ftdeploy.usability import (calibration, expected_calibration_error, occlusion_map, softmax, validation_images)
+from ftdeploy.usability import (calibration, expected_calibration_error, occlusion_map, validation_images)
 
 QUICK = ["--set", "report.severities=[1,5]", "--set", "report.batch_sizes=[1,4]", "--set", "report.threads=[1]",
          "--set", "report.latency_seconds=0.1", "--samples", "3"]
