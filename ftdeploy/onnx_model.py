@@ -37,6 +37,11 @@ def onnx_size(path: Path) -> int:
     return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
 
 
+def model_metadata(model) -> dict[str, object]:
+    """ftdeploy's metadata from an ``onnx.ModelProto`` (no session needed)."""
+    return {p.key[len(PREFIX):]: json.loads(p.value) for p in model.metadata_props if p.key.startswith(PREFIX)}
+
+
 def read_metadata(session) -> dict[str, object]:
     """ftdeploy's metadata from an onnxruntime session (the file as shipped)."""
     props = session.get_modelmeta().custom_metadata_map

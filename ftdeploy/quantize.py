@@ -32,9 +32,9 @@ from .errors import FtdeployError, NotShipped
 from .evaluation import EvalData, accuracy, batched, logits_at_batch_sizes, onnx_predictor, parity
 from .latency import Speedup, compare, ort_runner, profile, tile_batch
 from .machine import cpu_flags, physical_cores
-from .onnx_model import onnx_size, open_session, write_metadata
+from .onnx_model import model_metadata, onnx_size, open_session, write_metadata
 from .report import write_report
-from .rundir import load_export, load_run, manifest, read_json, write_manifest
+from .rundir import load_export, load_run, manifest, write_manifest
 
 COMPUTE_OPS = ["Conv", "Gemm", "MatMul"]
 
@@ -338,10 +338,10 @@ def quantize(export_dir: str | Path, output_dir: str | Path | None = None, cfg: 
     evaluator = Evaluator(data.inputs, data.labels, threads, cfg.latency_seconds)
     source = src.variant_path("fp32") if not src.report["variants"]["fp32"].get("unoptimized_path") \
         else Path(src.report["variants"]["fp32"]["unoptimized_path"])
-    report = read_json(src.path / "report.json")
+    report = src.report
     started = time.perf_counter()
     record, reason = ship(source, src.model, int8_path, cfg, data.calibration, evaluator,
-                          {**dict(_metadata(src.model)), "variant": "int8"})
+                          {**_metadata(src.model), "variant": "int8"})
     record["seconds"] = time.perf_counter() - started  # the whole search: what a user waits for
     report["quantization"] = record
     report["variants"].pop("int8", None)
@@ -360,9 +360,9 @@ def quantize(export_dir: str | Path, output_dir: str | Path | None = None, cfg: 
 
 
 def _metadata(path: Path) -> dict[str, Any]:
-    from .onnx_model import read_metadata
+    import onnx
 
-    return read_metadata(open_session(path, 1))
+    return model_metadata(onnx.load(str(path), load_external_data=False))
 
 
 def ship(source: Path, fp32: Path, out: Path, cfg: QuantizeConfig, calibration: np.ndarray, evaluator,

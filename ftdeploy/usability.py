@@ -41,7 +41,7 @@ from .evaluation import Predictor, batched, onnx_predictor, torch_predictor
 from .gates import Gates
 from .latency import compare, session_policy, tile_batch
 from .machine import machine_info, physical_cores
-from .onnx_model import onnx_size, open_session, read_metadata, write_metadata
+from .onnx_model import model_metadata, onnx_size, open_session, write_metadata
 from .report import usability_html
 from .preprocessing import Preprocessing, normalize, prepare
 from .registry import Registry
@@ -522,8 +522,7 @@ def store_temperatures(variants: list[Variant], results: dict[str, dict[str, Any
         if v.kind != "onnx":
             continue
         model = onnx.load(str(v.path))
-        meta = read_metadata(open_session(v.path, 1))
-        write_metadata(model, {**meta, "temperature": results[v.name]["calibration"]["temperature"]})
+        write_metadata(model, {**model_metadata(model), "temperature": results[v.name]["calibration"]["temperature"]})
         onnx.save(model, str(v.path))
         results[v.name]["calibration"]["temperature_stored"] = True
 

@@ -312,15 +312,13 @@ def test_sigterm_finishes_the_request_in_flight(model_file):
 @pytest.mark.slow
 def test_a_temperature_in_the_file_scales_the_probabilities_served(model_file, tmp_path):
     """`ftdeploy report --calibrate` stores a temperature; the server divides the logits by it."""
-    import json
 
     import onnx
 
-    from ftdeploy.onnx_model import OnnxClassifier, write_metadata
+    from ftdeploy.onnx_model import OnnxClassifier, model_metadata, write_metadata
 
     model = onnx.load(str(model_file))
-    meta = {p.key.removeprefix("ftdeploy."): json.loads(p.value) for p in model.metadata_props}
-    write_metadata(model, {**meta, "temperature": 3.0})
+    write_metadata(model, {**model_metadata(model), "temperature": 3.0})
     onnx.save(model, str(tmp_path / "calibrated.onnx"))
     srv = Server(tmp_path / "calibrated.onnx", "--threads", "1")
     try:
