@@ -62,6 +62,7 @@ MODELS = {
                  "preprocessing.resize_size=128", "train.epochs=3", "train.lr=0.001"],
 }
 BUDGET_POINTS = 0.5
+SKIPPED = "skipped (--skip)"
 FIELDS = ("accuracy", "accuracy_drop_points", "top1_agreement", "size_bytes", "p50_ms_bs1", "p90_ms_bs1",
           "throughput_bs32")  # every contender has them, null when it failed
 
@@ -300,14 +301,16 @@ def contenders_for(name: str, run_dir: Path, cfg, work: Path, data: EvalData, ar
                 "openvino_fp32": openvino_fp32, "openvino_nncf_int8": openvino_nncf_int8}
     for key, build in builders.items():
         print(f"== {name}: {key}", flush=True)
-        out[key] = attempt(lambda: build(file, work, data), "onnxruntime" if key.startswith(("ort", "optimum", "olive"))
-                           else "openvino", True)
+        engine = "onnxruntime" if key.startswith(("ort", "optimum", "olive")) else "openvino"
+        out[key] = (Contender(engine, key != "openvino_fp32", error=SKIPPED) if key in args.skip
+                    else attempt(lambda: build(file, work, data), engine, key != "openvino_fp32"))
     report = load_export(export_dir).report
     q = report["quantization"]
     int8 = export_dir / "model.int8.onnx"
     out["ftdeploy_int8"] = (onnx_contender(int8, True, q.get("seconds"), chosen=q["chosen"])
                             if int8.is_file() else Contender("onnxruntime", True, error=q["not_shipped_reason"]))
-    out["grid_best"] = attempt(lambda: grid(file, work, data, fp32_accuracy, threads, 1.0), "onnxruntime", True)
+    out["grid_best"] = attempt(lambda: grid(file, work, data, fp32_accuracy, threads, 0.3 if args.quick else 1.0),
+                               "onnxruntime", True)
     if name == "resnet18":
         pruned = run_dir.with_name(f"{name}-pruned50")
         if not (pruned / "manifest.json").is_file():
@@ -394,13 +397,16 @@ def main() -> None:
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--workdir", type=Path, default=None, help="runs (default: OUTPUT/runs)")
     parser.add_argument("--seconds", type=float, default=4.0, help="timed seconds per contender and batch size")
+    parser.add_argument("--skip", default="", help="contenders to leave out (recorded with an error), comma-separated")
     args = parser.parse_args()
+    args.skip = set(filter(None, args.skip.split(",")))
     models = ["efficientnet_lite0"] if args.quick else args.models.split(",")
-    seconds = 1.0 if args.quick else args.seconds
+    seconds = 0.5 if args.quick else args.seconds
     args.output.mkdir(parents=True, exist_ok=True)
     workdir = args.workdir or args.output / "runs"
-    qcfg = QuantizeConfig(max_accuracy_drop=BUDGET_POINTS, latency_seconds=1.0 if args.quick else 2.0)
-    results: dict[str, Any] = {"machine": machine_info(), "session": session_policy(physical_cores()),
+    qcfg = QuantizeConfig(max_accuracy_drop=BUDGET_POINTS, latency_seconds=0.5 if args.quick else 2.0)
+    results: dict[str, Any] = {"command": "python " + " ".join(sys.argv), "machine": machine_info(),
+                               "session": session_policy(physical_cores()),
                                "versions": versions(), "budget_points": BUDGET_POINTS, "models": {}}
     for name in models:
         run_dir, cfg = fine_tuned(name, workdir, args.quick)
@@ -413,10 +419,13 @@ def main() -> None:
         ep_files = {"ort_openvino_ep_fp32": export_dir / "model.unoptimized.onnx"}
         if (export_dir / "model.int8.onnx").is_file():
             ep_files["ort_openvino_ep_int8"] = export_dir / "model.int8.onnx"
+        ep = {k: {"error": SKIPPED, "logits": None} for k in ep_files if k in args.skip}
         try:
-            ep = ort_openvino_ep(args.output / "venv-ort-openvino", ep_files, data, physical_cores(), seconds)
+            if len(ep) < len(ep_files):
+                ep.update(ort_openvino_ep(args.output / "venv-ort-openvino", {k: v for k, v in ep_files.items() if k not in ep},
+                                          data, physical_cores(), seconds))
         except Exception as e:
-            ep = {k: {"error": f"{type(e).__name__}: {e}"[:300], "logits": None} for k in ep_files}
+            ep.update({k: {"error": f"{type(e).__name__}: {e}"[:300], "logits": None} for k in ep_files if k not in ep})
         ref_logits = batched(contenders["ort_fp32"].predictor(physical_cores()), data.inputs, 32)
         for key in ("ort_openvino_ep_fp32", "ort_openvino_ep_int8"):
             r = ep.get(key, {"error": "INT8 not shipped by ftdeploy for this model", "logits": None})
@@ -458,7 +467,8 @@ def write_outputs(results: dict[str, Any], out: Path) -> None:
     (out / "compare.json").write_text(json.dumps(results, indent=2, default=str))
     lines = ["# ftdeploy beside the alternatives", "",
              f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, ISA "
-             f"{', '.join(results['machine']['isa'])}. Accuracy budget {results['budget_points']} points.", ""]
+             f"{', '.join(results['machine']['isa'])}. Accuracy budget {results['budget_points']} points.", "",
+             f"Command: `{results.get('command')}`", ""]
     for name, m in results["models"].items():
         rows = [{"contender": k, **v} for k, v in m["contenders"].items()]
         fp32 = m["contenders"]["ort_fp32"].get("p50_ms_bs1")

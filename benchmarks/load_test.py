@@ -6,6 +6,9 @@ p50/p99 latency, errors and the batch sizes the server formed.
 
     python benchmarks/load_test.py runs/digits/export/model.onnx --requests 2000 --concurrency 16 \
         --json benchmarks/results/load_test.json
+
+``--workers 1,2`` instead compares server processes (each with ``--threads``) side by side;
+``--drain`` sends SIGTERM in the middle of the load and counts answered, refused and reset requests.
 """
 
 from __future__ import annotations
@@ -92,23 +95,42 @@ class Connection:
         self.port = port
         self.reader = self.writer = None
 
-    async def post(self, path: str, body: bytes, content_type: str) -> tuple[int, bytes]:
+    async def request(self, method: str, path: str, body: bytes = b"", content_type: str = "text/plain") -> tuple[int, bytes]:
+        """Raises ConnectionRefusedError when the server does not accept the connection, and
+        Reset when a connection it accepted ends without an answer."""
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
-        head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
+        head = (f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
                 f"Content-Length: {len(body)}\r\n\r\n").encode()
-        self.writer.write(head + body)
-        await self.writer.drain()
-        status_line = await self.reader.readline()
-        length = 0
-        while (line := await self.reader.readline()) not in (b"\r\n", b""):
-            if line.lower().startswith(b"content-length:"):
-                length = int(line.split(b":")[1])
-        return int(status_line.split()[1]), await self.reader.readexactly(length)
+        try:
+            self.writer.write(head + body)
+            await self.writer.drain()
+            status_line = await self.reader.readline()
+            length, close = 0, False
+            while (line := await self.reader.readline()) not in (b"\r\n", b""):
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+                elif name.strip().lower() == b"connection" and value.strip().lower() == b"close":
+                    close = True
+            status, payload = int(status_line.split()[1]), await self.reader.readexactly(length)
+        except (OSError, asyncio.IncompleteReadError, ValueError, IndexError) as e:
+            raise Reset(f"{type(e).__name__}: {e}") from None
+        if close:  # the server is shutting down this connection: the next request opens another
+            self.close()
+        return status, payload
+
+    async def post(self, path: str, body: bytes, content_type: str) -> tuple[int, bytes]:
+        return await self.request("POST", path, body, content_type)
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        self.reader = self.writer = None
+
+
+class Reset(Exception):
+    """A connection the server had accepted ended without an answer."""
 
 
 def multipart(blob: bytes, boundary: str = "ftdeploy-load-test") -> tuple[bytes, str]:
@@ -122,13 +144,14 @@ class Tally:
 
     def __init__(self):
         self.latencies: list[float] = []  # of the requests answered, whatever the status
-        self.sent = self.errors = self.wrong = 0
+        self.sent = self.errors = self.wrong = self.refused = self.reset = self.ok = 0
         self.wall = 0.0
 
     def result(self, concurrency: int) -> dict:
         ms = np.asarray(self.latencies) * 1000
-        return {"requests": self.sent, "concurrency": concurrency, "errors": self.errors,
-                "mismatched_predictions": self.wrong, "throughput": self.sent / self.wall,
+        return {"requests": self.sent, "concurrency": concurrency, "errors": self.errors, "answered_200": self.ok,
+                "refused": self.refused, "reset": self.reset,
+                "mismatched_predictions": self.wrong, "throughput": len(self.latencies) / self.wall,
                 "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
 
 
@@ -146,15 +169,20 @@ async def load(port: int, bodies: list[tuple[bytes, str]], expected: list[str], 
                 t0 = time.perf_counter()
                 try:
                     status, payload = await conn.post("/v1/predict?k=1", body, ctype)
-                except (OSError, asyncio.IncompleteReadError, ValueError, IndexError):
+                except (ConnectionRefusedError, Reset) as e:
                     tally.errors += 1
+                    if isinstance(e, Reset):
+                        tally.reset += 1
+                    else:
+                        tally.refused += 1
                     conn.close()
-                    conn = Connection(port)
                     continue
                 tally.latencies.append(time.perf_counter() - t0)
                 if status != 200:
                     tally.errors += 1
-                elif json.loads(payload)["predictions"][0]["top_k"][0]["label"] != expected[i % len(bodies)]:
+                    continue
+                tally.ok += 1
+                if json.loads(payload)["predictions"][0]["top_k"][0]["label"] != expected[i % len(bodies)]:
                     tally.wrong += 1
         finally:
             conn.close()
@@ -184,6 +212,49 @@ def raw_and_server_c1(port: int, clf: OnnxClassifier, images: list[bytes], bodie
     return raw.result(1), server.result(1)
 
 
+def workers_side_by_side(model: Path, counts: list[int], common: list[str], bodies, expected, n: int, concurrency: int,
+                         rounds: int = 6) -> dict[int, dict]:
+    """Servers with each worker count, all up at once, loaded in alternating rounds (the drift of
+    this VM's speed hits all alike)."""
+    servers = {w: Server(model, *common, "--workers", str(w)) for w in counts}
+    tallies = {w: Tally() for w in counts}
+    try:
+        per_round = -(-n // rounds)
+        for r in range(rounds):
+            for w, server in servers.items():
+                asyncio.run(load(server.port, bodies, expected, range(r * per_round, (r + 1) * per_round), concurrency,
+                                 tallies[w]))
+    finally:
+        for server in servers.values():
+            server.stop()
+    return {w: t.result(concurrency) for w, t in tallies.items()}
+
+
+def drain_scenario(model: Path, common: list[str], bodies, expected, n: int, concurrency: int, drain_seconds: float) -> dict:
+    """SIGTERM once half of ``n`` requests are answered, the load going on: every request is
+    answered, refused (the server no longer accepts: fine) or reset (accepted, then dropped: lost)."""
+    server = Server(model, *common, "--drain-seconds", str(drain_seconds))
+    tally = Tally()
+    probe = {}
+
+    async def scenario():
+        task = asyncio.create_task(load(server.port, bodies, expected, range(n), concurrency, tally))
+        while len(tally.latencies) < n // 2 and not task.done():
+            await asyncio.sleep(0.002)
+        server.proc.send_signal(signal.SIGTERM)
+        probe["signal_at_answered"] = len(tally.latencies)
+        if drain_seconds > 0:  # a load balancer's health check, during the drain
+            conn = Connection(server.port)
+            probe["readyz_status"] = (await conn.request("GET", "/readyz"))[0]
+            conn.close()
+        await task
+
+    asyncio.run(scenario())
+    exit_code = server.proc.wait(timeout=60)
+    return {**tally.result(concurrency), **probe, "drain_seconds": drain_seconds, "exit_code": exit_code,
+            "answered_other": len(tally.latencies) - tally.ok}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path)
@@ -192,6 +263,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime threads (the client needs a core too)")
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--max-wait-ms", type=float, default=2.0)
+    parser.add_argument("--workers", default=None,
+                        help="compare server worker counts side by side instead, e.g. 1,2 (--threads each)")
+    parser.add_argument("--drain", action="store_true", help="instead: SIGTERM in the middle of the load")
+    parser.add_argument("--drain-seconds", type=float, default=1.0, help="the server's --drain-seconds in --drain")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
@@ -200,8 +275,31 @@ def main() -> None:
     expected = [clf.classes[i] for i in np.concatenate([clf.predict([Image.open(io.BytesIO(b)) for b in images[j:j + 64]])
                                                         for j in range(0, len(images), 64)])]
     bodies = [multipart(b) for b in images]
+    common = ["--threads", str(args.threads), "--max-wait-ms", str(args.max_wait_ms), "--max-batch-size",
+              str(args.max_batch_size), "--drain-seconds", "0"]
+    columns = [("run", "run", ""), ("requests", "requests", "d"), ("answered_200", "200", "d"), ("errors", "errors", "d"),
+               ("refused", "refused", "d"), ("reset", "reset", "d"), ("mismatched_predictions", "wrong", "d"),
+               ("throughput", "req/s", ".1f"), ("p50_ms", "p50 ms", ".2f"), ("p99_ms", "p99 ms", ".2f")]
+    if args.drain:
+        result = drain_scenario(args.model, common, bodies, expected, args.requests, args.concurrency, args.drain_seconds)
+        summary = {"zero_resets": result["reset"] == 0, "every_answer_200": result["answered_other"] == 0,
+                   "exit_code": result["exit_code"], "readyz_during_drain": result.get("readyz_status")}
+        print(format_table([{"run": f"SIGTERM at {result['signal_at_answered']} answered", **result}], columns))
+        print(f"\nexit code {result['exit_code']}; /readyz during the drain: {result.get('readyz_status')}")
+        write_json(args, {"drain": result}, summary)
+        return
+    if args.workers:
+        counts = [int(w) for w in args.workers.split(",")]
+        results = workers_side_by_side(args.model, counts, common, bodies, expected, args.requests, args.concurrency)
+        base = results[counts[0]]["throughput"]
+        summary = {f"throughput_workers{w}_to_workers{counts[0]}": r["throughput"] / base for w, r in results.items()}
+        summary["zero_errors"] = all(r["errors"] == 0 and r["mismatched_predictions"] == 0 for r in results.values())
+        print(format_table([{"run": f"--workers {w} --threads {args.threads}, c{args.concurrency}", **r}
+                            for w, r in results.items()], columns))
+        print("\n" + ", ".join(f"{k}: {v:.2f}x" if isinstance(v, float) else f"{k}: {v}" for k, v in summary.items()))
+        write_json(args, {f"workers{w}": r for w, r in results.items()}, summary)
+        return
 
-    common = ["--threads", str(args.threads), "--max-wait-ms", str(args.max_wait_ms)]
     results = {}
     for mode, batch in (("batching_on", args.max_batch_size), ("batching_off", 1)):
         server = Server(args.model, *common, "--max-batch-size", str(batch))
@@ -228,9 +326,7 @@ def main() -> None:
     rows = [{"run": name, **r} for name, r in (("raw path (in-process)", raw), ("concurrency 1", c1),
                                                  (f"c{args.concurrency} batching on", on),
                                                  (f"c{args.concurrency} batching off", off))]
-    print(format_table(rows, [("run", "run", ""), ("requests", "requests", "d"), ("errors", "errors", "d"),
-                              ("mismatched_predictions", "wrong", "d"), ("throughput", "req/s", ".1f"),
-                              ("p50_ms", "p50 ms", ".2f"), ("p99_ms", "p99 ms", ".2f")]))
+    print(format_table(rows, columns))
     print(f"\nraw path p50 {raw['p50_ms']:.2f} ms; server p50 at c1 {c1['p50_ms']:.2f} ms (budget {budget:.2f} ms)")
     print(f"throughput c{args.concurrency}/c1: {summary['throughput_ratio_c16_to_c1']:.2f}x; "
           f"batching on/off: {summary['batching_on_to_off']:.2f}x")
@@ -240,9 +336,13 @@ def main() -> None:
         previous = cumulative
     print(f"batches formed at c{args.concurrency} with batching on: {on['batch_sizes']['runs']:.0f} runs, "
           f"mean {on['batch_sizes']['mean']:.2f} images ({', '.join(counts)})")
+    write_json(args, results, summary)
+
+
+def write_json(args, results: dict, summary: dict) -> None:
     if args.json:
         args.json.write_text(json.dumps({"model": str(args.model), "machine": machine_info(args.threads),
-                                         "results": results, "summary": summary}, indent=2))
+                                         "command": " ".join(sys.argv), "results": results, "summary": summary}, indent=2))
 
 
 if __name__ == "__main__":

@@ -260,8 +260,16 @@ def bench(model: Path = typer.Argument(..., help="an ONNX file"),
 @app.command()
 def serve(model: Path = typer.Argument(..., help="an ONNX file written by ftdeploy export"),
           host: str = typer.Option("127.0.0.1", "--host", help="interface to bind (0.0.0.0 to expose it)"),
-          port: int = typer.Option(8000, "--port"),
-          threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime intra-op threads [default: physical cores]"),
+          port: int = typer.Option(8000, "--port", min=1, max=65535),
+          threads: Optional[int] = typer.Option(None, "--threads", min=1,
+                                                help="onnxruntime intra-op threads per worker [default: physical cores / workers]"),
+          workers: str = typer.Option("1", "--workers", help="server processes sharing the port, each with its own "
+                                      "session; 'auto' = physical cores / --threads"),
+          provider: str = typer.Option("cpu", "--provider", help="onnxruntime execution provider: cpu, openvino "
+                                       "(onnxruntime-openvino installed), or auto (the fastest measured for this file "
+                                       "in its export directory, else cpu)"),
+          drain_seconds: float = typer.Option(5.0, "--drain-seconds", min=0, help="after SIGTERM, /readyz says 503 "
+                                              "and requests are still answered this long, then the server stops"),
           max_batch_size: int = typer.Option(16, "--max-batch-size", min=1, help="micro-batch cap (1 turns batching off)"),
           max_wait_ms: float = typer.Option(2.0, "--max-wait-ms", min=0, help="how long a batch waits to fill"),
           max_image_bytes: int = typer.Option(10 * 2**20, "--max-image-bytes", min=1),
@@ -269,10 +277,18 @@ def serve(model: Path = typer.Argument(..., help="an ONNX file written by ftdepl
           max_images: int = typer.Option(32, "--max-images", min=1, help="images per request"),
           warmup_runs: int = typer.Option(3, "--warmup-runs", min=1, help="inferences before /readyz turns ready")) -> None:
     """Serve an ONNX classifier over HTTP (FastAPI + uvicorn); needs only the file."""
-    from .serve import Limits, serve as run_server
+    from .machine import physical_cores
+    from .serve import Limits, ServeOptions, serve as run_server
 
-    run_server(model, host, port, threads, max_batch_size, max_wait_ms,
-               Limits(max_image_bytes, max_image_pixels, max_images), warmup_runs)
+    if workers == "auto":
+        count = max(1, physical_cores() // (threads or 1))
+    elif workers.isdigit() and int(workers) >= 1:
+        count = int(workers)
+    else:
+        raise typer.BadParameter(f"{workers!r} is not a number of workers", param_hint="--workers")
+    run_server(ServeOptions(str(model), host, port, threads or max(1, physical_cores() // count), max_batch_size,
+                            max_wait_ms, Limits(max_image_bytes, max_image_pixels, max_images), warmup_runs,
+                            provider, drain_seconds), count)
 
 
 # Recent typer vendors click under its own name; older ones use click itself. Catch whichever is live.

@@ -26,13 +26,14 @@ from .config import ExportConfig
 from .conversion import export_onnx, finalize, onnx_metadata
 from .evaluation import EvalData, accuracy, logits_at_batch_sizes, onnx_predictor, parity, torch_predictor
 from .gates import Gates
-from .latency import ort_runner, profile, session_policy
+from .latency import ort_runner, profile, provider_latency, session_policy
 from .machine import machine_info, physical_cores
-from .onnx_model import onnx_size, open_session
+from .onnx_model import encode_samples, onnx_size, open_session
 from .report import write_report
 from .rundir import Run, load_run, manifest, write_manifest
 
 UNOPTIMIZED = "model.unoptimized.onnx"
+SAMPLES = 8  # validation images stored in the file, for checks where it runs (serve --provider)
 STALE = ("model.int8.onnx", "usability.json", "report.html")  # a later stage's files, from an older export
 
 
@@ -51,7 +52,8 @@ def export(run_dir: str | Path, output_dir: str | Path | None = None, cfg: Expor
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "model.onnx"
         exporter, reason = export_onnx(model, sample, raw, cfg.opset, cfg.exporter)
-        finalize(raw, out / "model.onnx", onnx_metadata(run, "fp32"), cfg.optimization)
+        samples = encode_samples(EvalData.from_run(run, SAMPLES, calibration_samples=1).inputs, run.preprocessing)
+        finalize(raw, out / "model.onnx", {**onnx_metadata(run, "fp32"), "samples": samples}, cfg.optimization)
         (out / UNOPTIMIZED).unlink(missing_ok=True)
         if cfg.optimization != "none":
             shutil.copy(raw, out / UNOPTIMIZED)
@@ -97,6 +99,7 @@ def validate(onnx_path: Path, run: Run, cfg: ExportConfig, model=None) -> tuple[
     figures_by_variant, _ = profile(runners, data.inputs[: max(cfg.batch_sizes)], cfg.batch_sizes, cfg.latency_seconds)
     for name, figures in figures_by_variant.items():
         report["variants"][name].update(figures, latency_measured_by="export")
+    report["variants"]["fp32"]["providers_p50_ms"] = provider_latency(onnx_path, data.inputs, threads, cfg.latency_seconds)
     gates = Gates()
     gates.check(worst <= 1.0, f"fp32 parity: max |logit diff| {fp32_parity['max_abs_diff']:.3g} exceeds atol "
                               f"{cfg.atol:g} + rtol {cfg.rtol:g} x |logit| ({worst:.1f}x the tolerance; vs torch)")

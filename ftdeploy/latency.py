@@ -176,6 +176,27 @@ def ort_session(path: str | Path, threads: int, providers: list[str] | None = No
     return ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
 
 
+# Execution providers ftdeploy can serve with, by the name --provider takes.
+PROVIDERS = {"cpu": "CPUExecutionProvider", "openvino": "OpenVINOExecutionProvider"}
+
+
+def installed_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return [name for name, ep in PROVIDERS.items() if ep in ort.get_available_providers()]
+
+
+def provider_latency(path: str | Path, samples: np.ndarray, threads: int, seconds: float) -> dict[str, float] | None:
+    """Batch-1 p50 (ms) of ``path`` on every installed provider of :data:`PROVIDERS`, timed side by
+    side; None when the CPU provider is the only one (nothing to choose between)."""
+    names = installed_providers()
+    if len(names) < 2:
+        return None
+    batch = tile_batch(samples, 1)
+    result = compare({n: ort_runner(ort_session(path, threads, [PROVIDERS[n]]), batch) for n in names}, 1, seconds=seconds)
+    return {n: st.p50 for n, st in result.stats.items()}
+
+
 def ort_runner(session, batch: np.ndarray) -> Callable[[], object]:
     name = session.get_inputs()[0].name
     return lambda: session.run(None, {name: batch})

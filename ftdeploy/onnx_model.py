@@ -10,6 +10,8 @@ Example::
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 from pathlib import Path
 
@@ -48,7 +50,7 @@ def read_metadata(session) -> dict[str, object]:
     return {k[len(PREFIX):]: json.loads(v) for k, v in props.items() if k.startswith(PREFIX)}
 
 
-def open_session(path: str | Path, threads: int | None = None):
+def open_session(path: str | Path, threads: int | None = None, providers: list[str] | None = None):
     """An onnxruntime session for ``path`` built as serving builds it, or an FtdeployError saying why not."""
     from .latency import ort_session
     from .machine import physical_cores
@@ -57,7 +59,7 @@ def open_session(path: str | Path, threads: int | None = None):
     if not path.is_file():
         raise FtdeployError(f"ONNX file {str(path)!r} not found", "pass the model.onnx written by ftdeploy export")
     try:
-        return ort_session(path, threads or physical_cores())
+        return ort_session(path, threads or physical_cores(), providers)
     except Exception as e:  # onnxruntime raises its own exception types for unreadable files
         raise FtdeployError(f"onnxruntime cannot load {path}: {str(e).strip().splitlines()[0][:300]}",
                             "pass an ONNX file written by ftdeploy export") from None
@@ -66,8 +68,8 @@ def open_session(path: str | Path, threads: int | None = None):
 class OnnxClassifier:
     """An onnxruntime session plus what the file says about its input and classes."""
 
-    def __init__(self, path: str | Path, threads: int | None = None):
-        self.session = open_session(path, threads)
+    def __init__(self, path: str | Path, threads: int | None = None, providers: list[str] | None = None):
+        self.session = open_session(path, threads, providers)
         self.path = Path(path)
         self.metadata = read_metadata(self.session)
         missing = [k for k in ("classes", "preprocessing") if k not in self.metadata]
@@ -86,6 +88,28 @@ class OnnxClassifier:
     def logits(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: batch})[0]
 
+    def samples(self) -> np.ndarray | None:
+        """The sample inputs the file carries (validation images stored at export), preprocessed."""
+        encoded = self.metadata.get("samples")
+        if not encoded:
+            return None
+        return self.preprocess([Image.open(io.BytesIO(base64.b64decode(b))) for b in encoded])
+
     def predict(self, images: list[Image.Image]) -> np.ndarray:
         """Class indices for PIL images, preprocessed exactly as in training."""
         return self.logits(self.preprocess(images)).argmax(-1)
+
+
+def encode_samples(inputs: np.ndarray, spec: Preprocessing) -> list[str]:
+    """Preprocessed inputs back to the images they were made from (PNG, base64), to store in the
+    file: whoever runs the file elsewhere (another execution provider) can check its outputs on
+    real inputs without the dataset."""
+    mean = np.asarray(spec.mean, np.float32)[:, None, None]
+    std = np.asarray(spec.std, np.float32)[:, None, None]
+    out = []
+    for x in inputs:
+        pixels = np.clip((x * std + mean) * 255, 0, 255).round().astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(pixels[0] if len(pixels) == 1 else pixels.transpose(1, 2, 0)).save(buf, format="PNG")
+        out.append(base64.b64encode(buf.getvalue()).decode())
+    return out

@@ -30,7 +30,7 @@ from onnxruntime.quantization import CalibrationDataReader
 from .config import QuantizeConfig
 from .errors import FtdeployError, NotShipped
 from .evaluation import EvalData, accuracy, batched, logits_at_batch_sizes, onnx_predictor, parity
-from .latency import Speedup, compare, ort_runner, profile, tile_batch
+from .latency import Speedup, compare, ort_runner, profile, provider_latency, tile_batch
 from .machine import cpu_flags, physical_cores
 from .onnx_model import model_metadata, onnx_size, open_session, write_metadata
 from .report import write_report
@@ -134,6 +134,8 @@ class Attempt:
     speedup: float | None = None  # median of per-round ratios against FP32
     speedup_low: float | None = None
     speedup_high: float | None = None
+    noise_floor: float = 0.0  # the A/A spread this attempt was judged against
+    first_pass: dict | None = None  # its first measurement, when the final round measured it again
     verdict: str = ""
     accuracy_drop_points: float | None = None
     passed: bool = False
@@ -218,16 +220,21 @@ class Evaluator:
     def accuracy(self, name: str, path: Path) -> float:
         return accuracy(batched(onnx_predictor(open_session(path, self.threads)), self.inputs, 32), self.labels)
 
-    def speedup(self, name: str, path: Path, reference: Path) -> tuple[Speedup, float]:
-        """(speedup of ``path`` over ``reference``, p50 ms of ``path``) at batch 1."""
+    def speedups(self, candidates: dict[str, Path], reference: Path, longer: float = 1.0
+                 ) -> tuple[dict[str, tuple[Speedup, float]], float]:
+        """({name: (speedup over ``reference``, p50 ms)}, noise) at batch 1, every candidate timed in
+        the same alternating rounds. A second session on ``reference`` runs in those rounds too: its
+        A/A spread is the noise during this very measurement, not only at the start of the search."""
         batch = tile_batch(self.inputs, 1)
-        result = compare({"reference": ort_runner(open_session(reference, self.threads), batch),
-                          "candidate": ort_runner(open_session(path, self.threads), batch)}, 1, seconds=self.seconds)
-        return result.speedup("reference", "candidate"), result.stats["candidate"].p50
+        sessions = {"reference": reference, "reference A/A": reference, **candidates}
+        result = compare({name: ort_runner(open_session(path, self.threads), batch) for name, path in sessions.items()},
+                         1, seconds=longer * self.seconds)
+        return ({name: (result.speedup("reference", name), result.stats[name].p50) for name in candidates},
+                result.speedup("reference", "reference A/A").noise)
 
     def noise_floor(self, reference: Path) -> float:
-        """The A/A check: the reference file against itself (two sessions) under the same protocol."""
-        return self.speedup("A/A", reference, reference)[0].noise
+        """The A/A check before the search: the reference file against itself (two sessions)."""
+        return self.speedups({}, reference)[1]
 
 
 def search(source: Path, fp32: Path, workdir: Path, cfg: QuantizeConfig, calibration: np.ndarray, evaluator,
@@ -236,7 +243,8 @@ def search(source: Path, fp32: Path, workdir: Path, cfg: QuantizeConfig, calibra
 
     A configuration passes when it loses at most ``max_accuracy_drop`` points and its speedup's
     verdict is ``faster``: the low end of its per-round ratios clears ``min_speedup`` and its median
-    lies outside the noise floor.
+    lies outside the noise floor: ``noise_floor`` (the A/A check before the search) or the A/A
+    spread measured beside it, whichever is larger. Each attempt records the floor it was judged by.
     """
     import onnx
     from onnxruntime.quantization import quant_pre_process
@@ -251,15 +259,19 @@ def search(source: Path, fp32: Path, workdir: Path, cfg: QuantizeConfig, calibra
 
     default, *other_schemes = schemes(plan, cfg)
 
+    def judge(a: Attempt, speedup: Speedup, latency_ms: float, noise: float) -> None:
+        a.speedup, a.speedup_low, a.speedup_high, a.latency_ms = speedup.median, speedup.low, speedup.high, latency_ms
+        a.noise_floor = max(noise_floor, noise)
+        a.verdict = speedup.verdict(a.noise_floor, cfg.min_speedup)
+        a.passed = a.accuracy_drop_points <= cfg.max_accuracy_drop and a.verdict == "faster"
+
     def attempt(name: str, excluded: list[str], op_types: list[str] | None, scheme: Scheme = default) -> Attempt:
         a = Attempt(name, mode, sorted(set(excluded)), op_types, scheme, path=workdir / f"try{len(tried)}.onnx")
         quantize_once(pre, a.path, mode, scheme, cfg, reader, a.excluded_nodes, op_types)
         a.accuracy = evaluator.accuracy(name, a.path)
-        speedup, a.latency_ms = evaluator.speedup(name, a.path, fp32)
-        a.speedup, a.speedup_low, a.speedup_high = speedup.median, speedup.low, speedup.high
-        a.verdict = speedup.verdict(noise_floor, cfg.min_speedup)
         a.accuracy_drop_points = 100 * (fp32_accuracy - a.accuracy)
-        a.passed = a.accuracy_drop_points <= cfg.max_accuracy_drop and a.verdict == "faster"
+        measured, noise = evaluator.speedups({name: a.path}, fp32)
+        judge(a, *measured[name], noise)
         tried.append(a)
         progress(f"  int8 try {len(tried)} [{name}]: accuracy {100 * a.accuracy:.2f}% "
                  f"(drop {a.accuracy_drop_points:+.2f} pts), {a.latency_ms:.2f} ms = {a.speedup:.2f}x fp32 "
@@ -289,7 +301,30 @@ def search(source: Path, fp32: Path, workdir: Path, cfg: QuantizeConfig, calibra
                 if attempt(f"{base.name} + {k} most sensitive in fp32", base.excluded_nodes + ranked[:k],
                            base.op_types, base.scheme).passed:
                     break
-    return choose(tried, noise_floor), tried, mode
+        final_round(tried, fp32, evaluator, judge, cfg.max_accuracy_drop, progress)
+    return choose(tried, max(a.noise_floor for a in tried)), tried, mode
+
+
+FINALISTS = 4
+
+
+def final_round(tried: list[Attempt], fp32: Path, evaluator, judge, budget: float, progress=print) -> None:
+    """Time the configurations that could win (within the accuracy budget, and faster than FP32 in
+    their first measurement) again, together in the same rounds and twice as long, and judge them on
+    that: the decision then rests on one long side-by-side measurement instead of separate short ones
+    taken minutes apart, which on a shared machine can disagree by more than the gap between them.
+    Their first-pass figures are kept in ``first_pass``."""
+    contenders = sorted((a for a in tried if a.accuracy_drop_points <= budget
+                         and a.verdict in ("faster", "faster, below min_speedup")), key=lambda a: -a.speedup)[:FINALISTS]
+    if not contenders:
+        return
+    measured, noise = evaluator.speedups({a.name: a.path for a in contenders}, fp32, longer=2.0)
+    for a in contenders:
+        a.first_pass = {"median": a.speedup, "low": a.speedup_low, "high": a.speedup_high, "verdict": a.verdict}
+        judge(a, *measured[a.name], noise)
+        progress(f"  int8 final round [{a.name}]: {a.speedup:.2f}x fp32 [{a.speedup_low:.2f}-{a.speedup_high:.2f}]: "
+                 f"{a.verdict}{' ✓' if a.passed else ''}")
+
 
 
 def choose(tried: list[Attempt], noise_floor: float = 0.0) -> Attempt | None:
@@ -385,7 +420,10 @@ def ship(source: Path, fp32: Path, out: Path, cfg: QuantizeConfig, calibration: 
     record = {"mode": mode, "activation_type": scheme.activation_type if mode == "static" else "uint8 (dynamic)",
               "weight_type": scheme.weight_type, "calibration": cfg.calibration if mode == "static" else None,
               "calibration_samples": len(calibration), "per_channel": scheme.per_channel,
-              "reduce_range": scheme.reduce_range, "preflight": asdict(plan), "noise_floor": noise,
+              "reduce_range": scheme.reduce_range, "preflight": asdict(plan),
+              # the largest A/A spread seen: before the search, beside every attempt (and, once
+              # confirmed, beside the final measurement)
+              "noise_floor": max([noise] + [a.noise_floor for a in tried]), "noise_floor_before_search": noise,
               "min_speedup": cfg.min_speedup, "max_accuracy_drop": cfg.max_accuracy_drop,
               "excluded_nodes": chosen.excluded_nodes if chosen else None, "chosen": chosen.name if chosen else None,
               "search_speedup": {"median": chosen.speedup, "low": chosen.speedup_low, "high": chosen.speedup_high}
@@ -400,26 +438,31 @@ def confirm(report: dict[str, Any], fp32: Path, int8: Path, data: EvalData, thre
     report shows) and record its parity; remove it and say why when this measurement does not
     confirm it is faster."""
     fp32_session, int8_session = open_session(fp32, threads), open_session(int8, threads)
+    again = open_session(fp32, threads)
     batch_sizes = [int(b) for b in report["variants"]["fp32"]["latency_ms"]]
     fp32_logits = logits_at_batch_sizes(onnx_predictor(fp32_session), data.inputs, [1])[0]
     int8_logits = logits_at_batch_sizes(onnx_predictor(int8_session), data.inputs, [1])[0]
-    figures, comparisons = profile({"fp32": lambda b: ort_runner(fp32_session, b), "int8": lambda b: ort_runner(int8_session, b)},
+    figures, comparisons = profile({"fp32": lambda b: ort_runner(fp32_session, b), "int8": lambda b: ort_runner(int8_session, b),
+                                    "fp32 A/A": lambda b: ort_runner(again, b)},
                                    data.inputs[: max(batch_sizes)], batch_sizes, cfg.latency_seconds)
     bs = 1 if 1 in batch_sizes else batch_sizes[0]
     final = comparisons[bs].speedup("fp32", "int8")
-    record["final_speedup"] = {**final.as_dict(), "batch_size": bs,
-                               "verdict": final.verdict(record["noise_floor"], cfg.min_speedup)}
-    record["search_final_agree"] = abs(final.median - record["search_speedup"]["median"]) <= record["noise_floor"]
+    record["noise_floor_final"] = comparisons[bs].speedup("fp32", "fp32 A/A").noise
+    record["noise_floor"] = noise = max(record["noise_floor"], record["noise_floor_final"])
+    record["final_speedup"] = {**final.as_dict(), "batch_size": bs, "verdict": final.verdict(noise, cfg.min_speedup)}
+    # two measurements of one ratio agree when they differ by less than the noise, relative to it
+    record["search_final_agree"] = abs(final.median / record["search_speedup"]["median"] - 1) <= noise
     report["variants"]["fp32"].update(figures["fp32"], latency_measured_by="quantize")
     report["variants"]["int8"] = {"path": str(int8), "size_bytes": onnx_size(int8),
                                   "accuracy": accuracy(int8_logits, data.labels),
                                   "parity": {**parity(fp32_logits, int8_logits), "reference": "fp32", "batch_sizes": [1]},
-                                  **figures["int8"], "latency_measured_by": "quantize"}
+                                  **figures["int8"], "latency_measured_by": "quantize",
+                                  "providers_p50_ms": provider_latency(int8, data.inputs, threads, cfg.latency_seconds)}
     if record["final_speedup"]["verdict"] != "faster":
         int8.unlink(missing_ok=True)
         report["variants"].pop("int8")
         return (f"the final measurement did not confirm the search: {final.median:.2f}x "
                 f"[{final.low:.2f}-{final.high:.2f}] against fp32 at batch {bs} is "
-                f"'{record['final_speedup']['verdict']}' (noise floor ±{record['noise_floor']:.3f}, "
+                f"'{record['final_speedup']['verdict']}' (noise floor ±{noise:.3f}, "
                 f"min_speedup {cfg.min_speedup})")
     return None

@@ -15,16 +15,24 @@ import asyncio
 import base64
 import binascii
 import io
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import tempfile
 import time
 import warnings
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from .errors import DependencyError
+from .errors import DependencyError, FtdeployError
+from .latency import PROVIDERS, installed_providers
 from .onnx_model import OnnxClassifier
 
 try:
@@ -33,11 +41,17 @@ try:
     from fastapi.openapi.docs import get_swagger_ui_html
     from fastapi.responses import JSONResponse, PlainTextResponse
     from fastapi.staticfiles import StaticFiles
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
     from pydantic import BaseModel
     from starlette.exceptions import HTTPException
+    import uvicorn
     from swagger_ui_bundle import swagger_ui_path
 except ImportError:  # pragma: no cover - exercised by users without the extra
-    raise DependencyError("serving needs FastAPI, uvicorn and swagger-ui-bundle-v2", "pip install 'ftdeploy[serve]'") from None
+    raise DependencyError("serving needs FastAPI, uvicorn, prometheus-client and swagger-ui-bundle-v2",
+                          "pip install 'ftdeploy[serve]'") from None
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+log = logging.getLogger("uvicorn.error")  # the logger uvicorn configures and prints
 
 
 @dataclass(frozen=True)
@@ -97,73 +111,75 @@ def decode_image(data: bytes, limits: Limits) -> Image.Image:
 
 
 class Metrics:
-    """Counters and histograms in Prometheus' text format (no client library: the extra stays small)."""
+    """Request and batch metrics (prometheus_client). With ``--workers N`` every worker writes to the
+    shared ``PROMETHEUS_MULTIPROC_DIR`` and ``/metrics``, whichever worker answers, covers them all."""
 
     LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
     def __init__(self, max_batch_size: int):
-        self.requests: dict[tuple[str, int], int] = {}
-        self.latency_counts = [0] * (len(self.LATENCY_BUCKETS) + 1)
-        self.latency_sum = 0.0
-        self.batch_buckets = sorted({1, 2, 4, 8, 16, 32, 64, max_batch_size})
-        self.batch_counts = [0] * (len(self.batch_buckets) + 1)
-        self.batch_sum = 0
-        self.images = 0
+        self.registry = CollectorRegistry()  # one per app: tests build several apps in one process
+        self.requests = Counter("ftdeploy_requests", "HTTP requests by path and status.", ["path", "status"],
+                                registry=self.registry)
+        self.latency = Histogram("ftdeploy_request_duration_seconds", "Request latency.",
+                                 buckets=self.LATENCY_BUCKETS, registry=self.registry)
+        self.batch = Histogram("ftdeploy_batch_size", "Images per onnxruntime run.",
+                               buckets=sorted({1, 2, 4, 8, 16, 32, 64, max_batch_size}), registry=self.registry)
+        self.images = Counter("ftdeploy_images", "Images classified.", registry=self.registry)
 
     def observe_request(self, path: str, status: int, seconds: float) -> None:
-        self.requests[(path, status)] = self.requests.get((path, status), 0) + 1
-        self.latency_sum += seconds
-        self.latency_counts[_bucket(self.LATENCY_BUCKETS, seconds)] += 1
+        self.requests.labels(path, str(status)).inc()
+        self.latency.observe(seconds)
 
     def observe_batch(self, size: int) -> None:
-        self.batch_counts[_bucket(self.batch_buckets, size)] += 1
-        self.batch_sum += size
-        self.images += size
+        self.batch.observe(size)
+        self.images.inc(size)
 
-    def render(self) -> str:
-        lines = ["# HELP ftdeploy_requests_total HTTP requests by path and status.",
-                 "# TYPE ftdeploy_requests_total counter"]
-        lines += [f'ftdeploy_requests_total{{path="{p}",status="{s}"}} {n}' for (p, s), n in sorted(self.requests.items())]
-        lines += _histogram("ftdeploy_request_duration_seconds", "Request latency.", self.LATENCY_BUCKETS,
-                            self.latency_counts, self.latency_sum)
-        lines += _histogram("ftdeploy_batch_size", "Images per onnxruntime run.", self.batch_buckets,
-                            self.batch_counts, self.batch_sum)
-        lines += ["# HELP ftdeploy_images_total Images classified.", "# TYPE ftdeploy_images_total counter",
-                  f"ftdeploy_images_total {self.images}"]
-        return "\n".join(lines) + "\n"
+    def render(self) -> bytes:
+        if not os.environ.get(MULTIPROC_ENV):
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
 
 
-def _bucket(bounds, value) -> int:
-    return next((i for i, b in enumerate(bounds) if value <= b), len(bounds))
+@dataclass
+class Lifecycle:
+    """Where one server process stands: warming up, ready, draining (SIGTERM received: /readyz says
+    503, requests are still answered), closing (no longer accepting: every answer says
+    ``Connection: close``, so no client sends on a connection the server is about to close)."""
 
-
-def _histogram(name, help_text, bounds, counts, total) -> list[str]:
-    lines, running = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"], 0
-    for bound, count in zip(list(bounds) + ["+Inf"], counts):
-        running += count
-        lines.append(f'{name}_bucket{{le="{bound}"}} {running}')
-    return lines + [f"{name}_sum {total}", f"{name}_count {running}"]
+    ready: bool = False
+    draining: bool = False
+    closing: bool = False
+    in_flight: int = 0
+    last_answer: float = 0.0  # time.monotonic() of the latest response
 
 
 class RequestMetrics:
-    """Pure ASGI middleware (Starlette's BaseHTTPMiddleware costs about a millisecond a request)."""
+    """Pure ASGI middleware (Starlette's BaseHTTPMiddleware costs about a millisecond a request):
+    metrics, requests in flight, and ``Connection: close`` once the server stops accepting."""
 
-    def __init__(self, app, metrics: Metrics):
-        self.app, self.metrics = app, metrics
+    def __init__(self, app, metrics: Metrics, lifecycle: Lifecycle):
+        self.app, self.metrics, self.lifecycle = app, metrics, lifecycle
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        start, status = time.perf_counter(), [500]
+        start, status, life = time.perf_counter(), [500], self.lifecycle
 
         async def record_status(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                if life.closing:
+                    message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
             await send(message)
 
+        life.in_flight += 1
         try:
             await self.app(scope, receive, record_status)
         finally:
+            life.in_flight -= 1
+            life.last_answer = time.monotonic()
             self.metrics.observe_request(scope["path"], status[0], time.perf_counter() - start)
 
 
@@ -278,14 +294,27 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def create_app(model_path: str | Path, threads: int | None = None, max_batch_size: int = 16, max_wait_ms: float = 2.0,
-               limits: Limits = Limits(), warmup_runs: int = 3) -> FastAPI:
-    """The serving app for one ONNX file (loaded now, so a bad file fails before the server binds)."""
+               limits: Limits = Limits(), warmup_runs: int = 3, provider: str = "cpu",
+               lifecycle: Lifecycle | None = None) -> FastAPI:
+    """The serving app for one ONNX file (loaded now, so a bad file fails before the server binds).
+    ``provider``: ``cpu``, ``openvino`` or ``auto`` (see :func:`choose_provider`)."""
     from . import __version__
 
-    model = OnnxClassifier(model_path, threads)
+    chosen, why = choose_provider(model_path, provider)
+    model = OnnxClassifier(model_path, threads, providers=[PROVIDERS[chosen]])
+    agreement = None
+    if chosen != "cpu":
+        try:
+            agreement = check_agreement(model, threads)
+        except FtdeployError as e:
+            if provider != "auto":
+                raise
+            log.warning("--provider auto: %s; serving on cpu", e)
+            chosen, why = "cpu", str(e)
+            model = OnnxClassifier(model_path, threads)
     metrics = Metrics(max_batch_size)
     batcher = MicroBatcher(model, metrics, max_batch_size, max_wait_ms)
-    state = {"ready": False}
+    state = lifecycle or Lifecycle()
     # Fitted by `ftdeploy report --calibrate` and stored in the file: probabilities that mean what they say.
     temperature = float(model.metadata.get("temperature") or 1.0)
     info = {"classes": model.classes, "input_size": model.preprocessing.input_size,
@@ -293,13 +322,14 @@ def create_app(model_path: str | Path, threads: int | None = None, max_batch_siz
             "source_run": model.metadata.get("source_run"), "model": model.metadata.get("model"),
             "exported_by": model.metadata.get("version"), "server_version": __version__, "file": str(model.path),
             "max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms, "limits": limits.__dict__,
-            "temperature": temperature}
+            "temperature": temperature, "provider": chosen, "provider_reason": why, "provider_agreement": agreement,
+            "pid": os.getpid()}
 
     async def warm_up() -> None:
         dummy = np.zeros((1, *model.preprocessing.input_shape), np.float32)
         for _ in range(warmup_runs):
             await batcher.infer(dummy)
-        state["ready"] = True
+        state.ready = True
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -312,7 +342,7 @@ def create_app(model_path: str | Path, threads: int | None = None, max_batch_siz
     app = FastAPI(title="ftdeploy model server", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description=f"Image classification with {model.path.name} ({len(model.classes)} classes).")
 
-    app.add_middleware(RequestMetrics, metrics=metrics)
+    app.add_middleware(RequestMetrics, metrics=metrics, lifecycle=state)
     add_docs(app)
 
     @app.exception_handler(BadInput)
@@ -338,8 +368,10 @@ def create_app(model_path: str | Path, threads: int | None = None, max_batch_siz
 
     @app.get("/readyz")
     async def readyz():
-        """Ready: the model is loaded and has answered its warm-up requests."""
-        return JSONResponse({"ready": state["ready"]}, status_code=200 if state["ready"] else 503)
+        """Ready: the model is loaded and has answered its warm-up requests, and the server is not
+        draining (after SIGTERM it answers 503 here at once, and still answers requests)."""
+        ready = state.ready and not state.draining
+        return JSONResponse({"ready": ready, "draining": state.draining}, status_code=200 if ready else 503)
 
     @app.get("/v1/model")
     async def model_info():
@@ -347,6 +379,7 @@ def create_app(model_path: str | Path, threads: int | None = None, max_batch_siz
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus():
+        """Prometheus metrics, of every worker process."""
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.post("/v1/predict", responses=ERRORS)
@@ -417,10 +450,183 @@ async def read_images(request: Request, limits: Limits) -> list[bytes]:
     return blobs
 
 
-def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, threads: int | None = None,
-          max_batch_size: int = 16, max_wait_ms: float = 2.0, limits: Limits = Limits(), warmup_runs: int = 3) -> None:
-    """Run the server until interrupted; SIGTERM/SIGINT finish in-flight requests first."""
-    import uvicorn
+AGREEMENT_MAX_PROB_DIFF = 0.05  # probabilities; top-1 must agree on every sample as well
 
-    app = create_app(model_path, threads, max_batch_size, max_wait_ms, limits, warmup_runs)
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=30, access_log=False)
+
+def choose_provider(model_path: str | Path, provider: str) -> tuple[str, str]:
+    """(provider name, why) for ``--provider``: ``cpu``; ``openvino`` (onnxruntime-openvino must be
+    installed); ``auto``: the fastest for this file in the measurements of its export directory
+    (``report.json``, written by export and quantize where more than one provider is installed),
+    else ``cpu``."""
+    import json
+
+    installed = installed_providers()
+    if provider not in ("auto", *PROVIDERS):
+        raise FtdeployError(f"--provider {provider!r} is not known", f"use auto, {', '.join(PROVIDERS)}")
+    if provider != "auto":
+        if provider not in installed:
+            raise FtdeployError(f"--provider {provider}: its onnxruntime execution provider is not installed "
+                                f"(installed: {', '.join(installed)})", OPENVINO_HINT)
+        return provider, "asked for"
+    if installed == ["cpu"]:
+        return "cpu", "onnxruntime-openvino is not installed, so the CPU provider is the only one"
+    path = Path(model_path)
+    report = path.parent / "report.json"
+    variants = json.loads(report.read_text()).get("variants", {}) if report.is_file() else {}
+    measured = next((v.get("providers_p50_ms") for v in variants.values()
+                     if isinstance(v, dict) and Path(str(v.get("path", ""))).name == path.name and v.get("providers_p50_ms")), None)
+    measured = {k: v for k, v in (measured or {}).items() if k in installed}
+    if not measured:
+        return "cpu", f"no provider measurements for {path.name} in {report}"
+    fastest = min(measured, key=measured.get)
+    return fastest, "fastest in " + ", ".join(f"{k} {v:.2f} ms" for k, v in measured.items()) + f" (batch-1 p50, {report})"
+
+
+OPENVINO_HINT = ("pip uninstall -y onnxruntime && pip install onnxruntime-openvino (it replaces onnxruntime), or "
+                 "docker build --build-arg PROVIDER=openvino; or serve with --provider cpu")
+
+
+def check_agreement(model: OnnxClassifier, threads: int | None) -> dict:
+    """The file's own sample inputs through ``model``'s provider and through the CPU provider: top-1
+    must agree on every sample and probabilities within AGREEMENT_MAX_PROB_DIFF, or FtdeployError."""
+    samples = model.samples()
+    provider = model.session.get_providers()[0]
+    if samples is None:
+        raise FtdeployError(f"{model.path} carries no sample inputs to check {provider} against the CPU provider",
+                            "export it again with this version of ftdeploy, or serve with --provider cpu")
+    reference = OnnxClassifier(model.path, threads).logits(samples)
+    logits = model.logits(samples)
+    result = {"samples": len(samples), "top1_agreement": float((logits.argmax(-1) == reference.argmax(-1)).mean()),
+              "max_abs_logit_diff": float(np.abs(logits - reference).max()),
+              "max_prob_diff": float(np.abs(softmax(logits) - softmax(reference)).max())}
+    if result["top1_agreement"] < 1 or result["max_prob_diff"] > AGREEMENT_MAX_PROB_DIFF:
+        raise FtdeployError(f"{provider} disagrees with the CPU provider on the file's {len(samples)} sample inputs: "
+                            f"top-1 agreement {result['top1_agreement']:.0%}, max probability difference "
+                            f"{result['max_prob_diff']:.3f} (allowed {AGREEMENT_MAX_PROB_DIFF})", "serve with --provider cpu")
+    return result
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, draining on SIGTERM/SIGINT: /readyz turns 503 at once while requests are still
+    answered for ``drain_seconds`` (a load balancer or Kubernetes keeps sending for a few seconds
+    after the signal); then it stops accepting, answers what still arrives on open connections with
+    ``Connection: close`` until they go quiet, finishes in-flight and batched work, and exits.
+    A second signal skips what is left of the drain."""
+
+    LINGER_S = 0.25  # quiet time on open connections before closing them; a keep-alive client under
+    MAX_LINGER_S = 5.0  # load sends again within milliseconds, and is told to close
+
+    def __init__(self, config, lifecycle: Lifecycle, drain_seconds: float):
+        super().__init__(config)
+        self.lifecycle, self.drain_seconds, self.drain_started = lifecycle, drain_seconds, None
+
+    def handle_exit(self, sig, frame) -> None:
+        if self.drain_started is None:
+            self.drain_started = time.monotonic()
+            self.lifecycle.draining = True
+            log.info("draining for %.1f s (signal %s)", self.drain_seconds, sig)
+        else:
+            super().handle_exit(sig, frame)
+
+    async def on_tick(self, counter: int) -> bool:
+        started = self.drain_started
+        if started is not None and not self.should_exit and time.monotonic() - started >= self.drain_seconds:
+            await self.stop_accepting()
+            self.should_exit = True
+        return await super().on_tick(counter)
+
+    async def stop_accepting(self) -> None:
+        for server in self.servers:
+            server.close()
+        life = self.lifecycle
+        life.closing = True
+        deadline = time.monotonic() + self.MAX_LINGER_S
+        while self.server_state.connections and time.monotonic() < deadline and not self.force_exit:
+            if life.in_flight == 0 and time.monotonic() - life.last_answer >= self.LINGER_S:
+                break
+            await asyncio.sleep(0.02)
+
+
+@dataclass
+class ServeOptions:
+    """Everything a worker process needs to build its app and server (picklable)."""
+
+    model_path: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    threads: int | None = None
+    max_batch_size: int = 16
+    max_wait_ms: float = 2.0
+    limits: Limits = field(default_factory=Limits)
+    warmup_runs: int = 3
+    provider: str = "cpu"
+    drain_seconds: float = 5.0
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket on (host, port) that every worker binds with SO_REUSEPORT: the kernel spreads new
+    connections over the workers evenly (one shared accept queue lets the first to wake take a burst)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise FtdeployError(f"cannot listen on {host}:{port} ({e.strerror})", "pick another --port or stop what uses it") from None
+    return sock
+
+
+def run_worker(options: ServeOptions) -> None:
+    """One server process: its own onnxruntime session, batcher and event loop."""
+    lifecycle = Lifecycle()
+    app = create_app(options.model_path, options.threads, options.max_batch_size, options.max_wait_ms, options.limits,
+                     options.warmup_runs, options.provider, lifecycle)
+    sock = listening_socket(options.host, options.port)
+    sock.listen(2048)
+    config = uvicorn.Config(app, log_level="info", access_log=False, timeout_graceful_shutdown=30)
+    DrainingServer(config, lifecycle, options.drain_seconds).run(sockets=[sock])
+
+
+def serve(options: ServeOptions, workers: int = 1) -> None:
+    """Run the server until SIGTERM/SIGINT, then drain (see :class:`DrainingServer`). ``workers``
+    processes share the port, each with its own session; /metrics covers them all."""
+    chosen, why = choose_provider(options.model_path, options.provider)
+    print(f"provider: {chosen} ({why})", flush=True)
+    OnnxClassifier(options.model_path, 1)  # a bad file fails here, once, before any worker starts
+    probe = listening_socket(options.host, options.port)  # the port is free (bound, never listening)
+    if workers == 1:
+        probe.close()
+        return run_worker(options)
+    metrics_dir = tempfile.mkdtemp(prefix="ftdeploy-metrics-")
+    os.environ[MULTIPROC_ENV] = metrics_dir  # read by prometheus_client when a worker imports it
+    context = multiprocessing.get_context("spawn")
+    procs = [context.Process(target=run_worker, args=(options,), name=f"ftdeploy-worker-{i}") for i in range(workers)]
+    stopping = []
+
+    def forward(sig, _frame):
+        stopping.append(sig)
+        for p in procs:
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGTERM if len(stopping) == 1 else sig)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for p in procs:
+            p.start()
+        print(f"{workers} workers: pids {', '.join(str(p.pid) for p in procs)}", flush=True)
+        while not stopping and all(p.is_alive() for p in procs):
+            time.sleep(0.2)
+        if not stopping:  # a worker died on its own: stop the others; the orchestrator restarts the whole
+            forward(signal.SIGTERM, None)
+        for p in procs:
+            p.join()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        probe.close()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    failed = [p for p in procs if p.exitcode != 0]
+    if failed:
+        raise FtdeployError(f"worker {failed[0].name} exited with code {failed[0].exitcode}", "see the log above")
