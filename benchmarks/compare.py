@@ -398,7 +398,10 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="runs (default: OUTPUT/runs)")
     parser.add_argument("--seconds", type=float, default=4.0, help="timed seconds per contender and batch size")
     parser.add_argument("--skip", default="", help="contenders to leave out (recorded with an error), comma-separated")
+    parser.add_argument("--replot", action="store_true", help="only rewrite compare.md and compare.png from compare.json")
     args = parser.parse_args()
+    if args.replot:
+        return write_outputs(json.loads((args.output / "compare.json").read_text()), args.output)
     args.skip = set(filter(None, args.skip.split(",")))
     models = ["efficientnet_lite0"] if args.quick else args.models.split(",")
     seconds = 0.5 if args.quick else args.seconds
@@ -491,27 +494,34 @@ def write_outputs(results: dict[str, Any], out: Path) -> None:
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
+    from matplotlib.patches import Patch
+
     from ftdeploy.report import pyplot
 
     plt = pyplot()
     if plt is None:
         return
     models = list(results["models"])
-    fig, axes = plt.subplots(len(models), 1, figsize=(10, 3.6 * len(models)), squeeze=False)
+    fig, axes = plt.subplots(len(models), 1, figsize=(10, 3.8 * len(models)), squeeze=False)
     for ax, name in zip(axes[:, 0], models):
-        rows = {k: v for k, v in results["models"][name]["contenders"].items() if v.get("p50_ms_bs1")}
-        fp32 = results["models"][name]["contenders"]["ort_fp32"]["p50_ms_bs1"]
+        contenders = results["models"][name]["contenders"]
+        rows = {k: v for k, v in contenders.items() if v.get("p50_ms_bs1")}
+        fp32 = contenders["ort_fp32"]["p50_ms_bs1"]
         names = sorted(rows, key=lambda k: fp32 / rows[k]["p50_ms_bs1"])
         speed = [fp32 / rows[k]["p50_ms_bs1"] for k in names]
-        colors = ["tab:red" if rows[k].get("accuracy_drop_points", 0) > results["budget_points"]
+        colors = ["tab:red" if (rows[k].get("accuracy_drop_points") or 0) > results["budget_points"]
                   else "tab:green" if k.startswith("ftdeploy") else "tab:blue" for k in names]
         ax.barh(names, speed, color=colors)
         for y, k in enumerate(names):
             ax.text(speed[y], y, f" {speed[y]:.2f}x, {100 * rows[k].get('accuracy', 0):.1f}%", va="center", fontsize=8)
         ax.axvline(1, color="k", lw=0.8)
-        ax.set(title=f"{name}: batch-1 speedup over onnxruntime FP32 (red: outside the {results['budget_points']}-point "
-                     "accuracy budget)", xlabel="speedup (x)")
-    fig.tight_layout()
+        missing = [k for k, v in contenders.items() if v.get("error")]
+        ax.set(title=f"{name}: batch-1 speedup over onnxruntime FP32 (p50)", xlim=(0, max(speed) * 1.18),
+               xlabel="speedup (x)" + (f"\nno figures: {', '.join(missing)}" if missing else ""))
+    fig.legend(handles=[Patch(color="tab:green", label="ftdeploy"), Patch(color="tab:blue", label="other contenders"),
+                        Patch(color="tab:red", label=f"loses more than {results['budget_points']} points of accuracy")],
+               loc="lower center", ncol=3, frameon=False)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=90)
     plt.close(fig)
 

@@ -96,22 +96,37 @@ def test_the_search_picks_the_fastest_configuration_that_passes(tiny_export, tmp
         "all ops + 1 most sensitive in fp32": (0.88, 1.55, 1.45, 1.60),
         "all ops + 2 most sensitive in fp32": (0.898, 1.50, 1.40, 1.55),
         "all ops + 4 most sensitive in fp32": (0.90, 1.45, 1.40, 1.50),
+        "all ops + 8 most sensitive in fp32": (0.90, 1.35, 1.30, 1.40),
     }, noise={"compute ops only": 0.02})  # a quiet moment: the floor before the search (0.08) still holds
     vnni = preflight({"avx2", "avx512_vnni"})  # a fixed CPU: the schemes tried do not depend on this one
     chosen, tried, mode = search(out / "model.unoptimized.onnx", out / "model.onnx", tmp_path, QuantizeConfig(),
                                  data.calibration, evaluator, vnni, noise_floor=0.08, progress=lambda _: None)
     assert mode == "static"
     assert [a.name for a in tried] == ["all ops", "compute ops only", "first/last in fp32", "all ops, u8s8, per-tensor",
-                                       "all ops, s8s8, per-channel", "all ops + 1 most sensitive in fp32",
-                                       "all ops + 2 most sensitive in fp32"]
+                                       "all ops, s8s8, per-channel", "all ops + 8 most sensitive in fp32",
+                                       "all ops + 1 most sensitive in fp32", "all ops + 2 most sensitive in fp32"]
     assert [a.verdict for a in tried][:5] == ["faster", "faster", "not distinguishable", "faster", "slower"]
     assert chosen.name == "all ops + 2 most sensitive in fp32" and len(chosen.excluded_nodes) == 2
-    assert [a.passed for a in tried] == [False, True, False, False, False, False, True]
+    assert [a.passed for a in tried] == [False, True, False, False, False, True, False, True]
     assert tried[4].scheme.activation_type == "int8" and tried[3].scheme.per_channel is False
     assert all(a.noise_floor == 0.08 for a in tried)
     # the final round timed the two within budget and faster, together, and judged them on that
-    assert evaluator.rounds[-1] == ["all ops + 2 most sensitive in fp32", "compute ops only"]
+    assert evaluator.rounds[-1] == ["all ops + 2 most sensitive in fp32", "all ops + 8 most sensitive in fp32",
+                                    "compute ops only"]
     assert tried[1].first_pass["median"] == 1.30 and tried[0].first_pass is None
+
+
+@pytest.mark.slow
+def test_when_eight_nodes_in_fp32_do_not_help_fewer_are_not_tried(tiny_export, tmp_path):
+    _, out, data = tiny_export
+    evaluator = SetFigures({"all ops": (0.40, 1.60, 1.50, 1.70), "compute ops only": (0.40, 1.50, 1.45, 1.55),
+                            "first/last in fp32": (0.40, 1.40, 1.35, 1.45), "all ops, u8s8, per-tensor": (0.30, 1.70, 1.6, 1.8),
+                            "all ops, s8s8, per-channel": (0.40, 0.80, 0.75, 0.85),
+                            "all ops + 8 most sensitive in fp32": (0.42, 1.45, 1.40, 1.50)})
+    chosen, tried, _ = search(out / "model.unoptimized.onnx", out / "model.onnx", tmp_path, QuantizeConfig(),
+                              data.calibration, evaluator, preflight({"avx2", "avx512_vnni"}), noise_floor=0.05,
+                              progress=lambda _: None)
+    assert chosen is None and tried[-1].name == "all ops + 8 most sensitive in fp32"
 
 
 @pytest.mark.slow
