@@ -256,6 +256,12 @@ def drain_scenario(model: Path, common: list[str], bodies, expected, n: int, con
 
 
 def main() -> None:
+    try:  # the client shares the server's cores: its own event loop should cost as little as the server's
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:
+        pass
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path)
     parser.add_argument("--requests", type=int, default=2000)

@@ -288,7 +288,7 @@ def serve(model: Path = typer.Argument(..., help="an ONNX file written by ftdepl
         raise typer.BadParameter(f"{workers!r} is not a number of workers", param_hint="--workers")
     run_server(ServeOptions(str(model), host, port, threads or max(1, physical_cores() // count), max_batch_size,
                             max_wait_ms, Limits(max_image_bytes, max_image_pixels, max_images), warmup_runs,
-                            provider, drain_seconds), count)
+                            provider, drain_seconds, count))
 
 
 # Recent typer vendors click under its own name; older ones use click itself. Catch whichever is live.

@@ -187,8 +187,9 @@ class MicroBatcher:
     """Gathers concurrent requests into one onnxruntime run of up to ``max_batch_size`` images,
     waiting at most ``max_wait_ms`` for a batch to fill; results go back to each caller."""
 
-    def __init__(self, model: OnnxClassifier, metrics: Metrics, max_batch_size: int, max_wait_ms: float):
-        self.model, self.metrics = model, metrics
+    def __init__(self, model: OnnxClassifier, metrics: Metrics, max_batch_size: int, max_wait_ms: float,
+                 process_per_core: bool = False):
+        self.model, self.metrics, self.process_per_core = model, metrics, process_per_core
         self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000
         self.queue: asyncio.Queue = asyncio.Queue()
         self.task: asyncio.Task | None = None
@@ -257,10 +258,13 @@ class MicroBatcher:
     def _run_inline(self, images: int) -> bool:
         """Whether to run this batch on the event loop itself. The hop to a worker thread and back
         (two thread wake-ups) costs ~0.4 ms, an eighth of a small model's request on 2 cores, and buys
-        nothing when no other request is in the server to use the loop meanwhile. A model slower
-        than INLINE_MAX_RUN_S always goes to the thread, so the loop (health checks, new arrivals)
-        is never blocked for longer than that."""
-        return images == 1 and self.active <= 1 and self.single_run_s <= INLINE_MAX_RUN_S
+        nothing when no other request is in the server to use the loop meanwhile, nor when worker
+        processes already cover every core (``process_per_core``): the thread's overlap with the
+        loop then only takes CPU from another worker. A model slower than INLINE_MAX_RUN_S always
+        goes to the thread, so the loop (health checks, new arrivals) is never blocked for long."""
+        if self.single_run_s > INLINE_MAX_RUN_S:
+            return False
+        return self.process_per_core or (images == 1 and self.active <= 1)
 
     def _logits(self, batch: np.ndarray) -> np.ndarray:
         start = time.perf_counter()
@@ -295,9 +299,10 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 def create_app(model_path: str | Path, threads: int | None = None, max_batch_size: int = 16, max_wait_ms: float = 2.0,
                limits: Limits = Limits(), warmup_runs: int = 3, provider: str = "cpu",
-               lifecycle: Lifecycle | None = None) -> FastAPI:
+               lifecycle: Lifecycle | None = None, process_per_core: bool = False) -> FastAPI:
     """The serving app for one ONNX file (loaded now, so a bad file fails before the server binds).
-    ``provider``: ``cpu``, ``openvino`` or ``auto`` (see :func:`choose_provider`)."""
+    ``provider``: ``cpu``, ``openvino`` or ``auto`` (see :func:`choose_provider`);
+    ``process_per_core``: worker processes cover every core (see :meth:`MicroBatcher._run_inline`)."""
     from . import __version__
 
     chosen, why = choose_provider(model_path, provider)
@@ -313,7 +318,7 @@ def create_app(model_path: str | Path, threads: int | None = None, max_batch_siz
             chosen, why = "cpu", str(e)
             model = OnnxClassifier(model_path, threads)
     metrics = Metrics(max_batch_size)
-    batcher = MicroBatcher(model, metrics, max_batch_size, max_wait_ms)
+    batcher = MicroBatcher(model, metrics, max_batch_size, max_wait_ms, process_per_core)
     state = lifecycle or Lifecycle()
     # Fitted by `ftdeploy report --calibrate` and stored in the file: probabilities that mean what they say.
     temperature = float(model.metadata.get("temperature") or 1.0)
@@ -561,6 +566,7 @@ class ServeOptions:
     warmup_runs: int = 3
     provider: str = "cpu"
     drain_seconds: float = 5.0
+    workers: int = 1
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -581,17 +587,21 @@ def listening_socket(host: str, port: int) -> socket.socket:
 def run_worker(options: ServeOptions) -> None:
     """One server process: its own onnxruntime session, batcher and event loop."""
     lifecycle = Lifecycle()
+    from .machine import physical_cores
+
+    per_core = options.workers > 1 and options.workers * (options.threads or 1) >= physical_cores()
     app = create_app(options.model_path, options.threads, options.max_batch_size, options.max_wait_ms, options.limits,
-                     options.warmup_runs, options.provider, lifecycle)
+                     options.warmup_runs, options.provider, lifecycle, per_core)
     sock = listening_socket(options.host, options.port)
     sock.listen(2048)
     config = uvicorn.Config(app, log_level="info", access_log=False, timeout_graceful_shutdown=30)
     DrainingServer(config, lifecycle, options.drain_seconds).run(sockets=[sock])
 
 
-def serve(options: ServeOptions, workers: int = 1) -> None:
-    """Run the server until SIGTERM/SIGINT, then drain (see :class:`DrainingServer`). ``workers``
-    processes share the port, each with its own session; /metrics covers them all."""
+def serve(options: ServeOptions) -> None:
+    """Run the server until SIGTERM/SIGINT, then drain (see :class:`DrainingServer`).
+    ``options.workers`` processes share the port, each with its own session; /metrics covers them all."""
+    workers = options.workers
     chosen, why = choose_provider(options.model_path, options.provider)
     print(f"provider: {chosen} ({why})", flush=True)
     OnnxClassifier(options.model_path, 1)  # a bad file fails here, once, before any worker starts

@@ -211,7 +211,7 @@ def test_quantize_stage_ships_only_a_measured_better_model(tiny_export, tmp_path
         assert q["shipped"] and "INT8 not shipped" not in result.stdout
         chosen = next(t for t in q["tried"] if t["name"] == q["chosen"])
         assert chosen["passed"] and chosen["speedup_low"] >= 1.1 and chosen["accuracy_drop_points"] <= 5
-        assert q["final_speedup"]["verdict"] == "faster" and isinstance(q["search_final_agree"], bool)
+        assert q["final_speedup"]["verdict"].startswith("faster") and isinstance(q["search_final_agree"], bool)
         int8 = report["variants"]["int8"]
         assert int8["parity"]["reference"] == "fp32" and int8["size_bytes"] < report["variants"]["fp32"]["size_bytes"]
         meta = {p.key: p.value for p in onnx.load(str(tmp_path / "model.int8.onnx")).metadata_props}
