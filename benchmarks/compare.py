@@ -46,7 +46,7 @@ from ftdeploy.latency import compare, format_table, ort_runner, session_policy, 
 from ftdeploy.machine import cpu_flags, machine_info, physical_cores
 from ftdeploy.onnx_model import open_session
 from ftdeploy.prune import prune
-from ftdeploy.quantize import CalibrationReader, quantize
+from ftdeploy.quantize import CalibrationReader, Evaluator, quantize
 from ftdeploy.rundir import load_export, load_run, read_json
 from ftdeploy.train import train
 
@@ -370,13 +370,6 @@ def measure(name: str, contenders: dict[str, Contender], data: EvalData, seconds
     return rows
 
 
-def noise_floor(file: Path, data: EvalData, seconds: float) -> float:
-    batch = tile_batch(data.inputs, 1)
-    threads = physical_cores()
-    return compare({"a": ort_runner(open_session(file, threads), batch), "b": ort_runner(open_session(file, threads), batch)},
-                   1, seconds=seconds).speedup("a", "b").noise
-
-
 def file_size(path: Path) -> int:
     files = [path, path.with_name(path.name + ".data")] + ([path.with_suffix(".bin")] if path.suffix == ".xml" else [])
     return sum(f.stat().st_size for f in files if f.is_file())
@@ -458,7 +451,8 @@ def compare_model(name: str, workdir: Path, args, qcfg: QuantizeConfig, seconds:
     q = report["quantization"]
     return {
         "file": str(export_dir / "model.unoptimized.onnx"), "fp32_accuracy": rows["ort_fp32"].get("accuracy"),
-        "noise_floor": noise_floor(export_dir / "model.unoptimized.onnx", data, seconds),
+        "noise_floor": Evaluator(data.inputs, data.labels, physical_cores(), seconds).noise_floor(
+            export_dir / "model.unoptimized.onnx"),
         "ftdeploy_search": {"chosen": q["chosen"], "search_speedup": q.get("search_speedup"),
                             "final_speedup": q.get("final_speedup"), "search_final_agree": q.get("search_final_agree"),
                             "noise_floor": q["noise_floor"], "seconds": q.get("seconds"),

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -52,12 +53,16 @@ def export(run_dir: str | Path, output_dir: str | Path | None = None, cfg: Expor
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "model.onnx"
         exporter, reason = export_onnx(model, sample, raw, cfg.opset, cfg.exporter)
-        samples = encode_samples(EvalData.from_run(run, SAMPLES, calibration_samples=1).inputs, run.preprocessing)
+        # one load for both (building an image folder decodes every file): the samples stored in
+        # the file and the parity images
+        data = EvalData.from_run(run, max(cfg.parity_samples, SAMPLES), calibration_samples=1)
+        samples = encode_samples(data.inputs[:SAMPLES], run.preprocessing)
+        data = replace(data, inputs=data.inputs[:cfg.parity_samples], labels=data.labels[:cfg.parity_samples])
         finalize(raw, out / "model.onnx", {**onnx_metadata(run, "fp32"), "samples": samples}, cfg.optimization)
         (out / UNOPTIMIZED).unlink(missing_ok=True)
         if cfg.optimization != "none":
             shutil.copy(raw, out / UNOPTIMIZED)
-    report, gates = validate(out / "model.onnx", run, cfg, model)
+    report, gates = validate(out / "model.onnx", run, cfg, model, data)
     report["variants"]["fp32"].update(exporter=exporter, exporter_fallback_reason=reason, opset=cfg.opset,
                                       optimization=cfg.optimization,
                                       unoptimized_path=str(out / UNOPTIMIZED) if cfg.optimization != "none" else None)
@@ -67,12 +72,13 @@ def export(run_dir: str | Path, output_dir: str | Path | None = None, cfg: Expor
     return out
 
 
-def validate(onnx_path: Path, run: Run, cfg: ExportConfig, model=None) -> tuple[dict[str, Any], Gates]:
-    """Parity of ``onnx_path`` against the run's PyTorch model on its validation images, and both
-    models' latency; returns (report, gates)."""
+def validate(onnx_path: Path, run: Run, cfg: ExportConfig, model=None, data: EvalData | None = None
+             ) -> tuple[dict[str, Any], Gates]:
+    """Parity of ``onnx_path`` against the run's PyTorch model on its validation images (``data``,
+    when the caller has loaded them already), and both models' latency; returns (report, gates)."""
     threads = cfg.threads or physical_cores()
     torch.set_num_threads(threads)
-    data = EvalData.from_run(run, cfg.parity_samples, calibration_samples=1)
+    data = data or EvalData.from_run(run, cfg.parity_samples, calibration_samples=1)
     model = model if model is not None else run.load_model()
     session = open_session(onnx_path, threads)
     torch_logits = logits_at_batch_sizes(torch_predictor(model), data.inputs, cfg.parity_batch_sizes)

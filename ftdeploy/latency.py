@@ -77,6 +77,9 @@ def measure(fn: Callable[[], object], batch_size: int, warmup: int = 5, min_iter
     return _stats(times, batch_size)
 
 
+FASTER = ("faster", "faster, below min_speedup")  # the verdicts of a speedup outside the noise floor
+
+
 @dataclass
 class Speedup:
     """How much faster a candidate is than a baseline: per-round ratios of block medians."""

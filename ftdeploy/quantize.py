@@ -30,7 +30,7 @@ from onnxruntime.quantization import CalibrationDataReader
 from .config import QuantizeConfig
 from .errors import FtdeployError, NotShipped
 from .evaluation import EvalData, accuracy, batched, logits_at_batch_sizes, onnx_predictor, parity
-from .latency import Speedup, compare, ort_runner, profile, provider_latency, tile_batch
+from .latency import FASTER, Speedup, compare, ort_runner, profile, provider_latency, tile_batch
 from .machine import cpu_flags, physical_cores
 from .onnx_model import model_metadata, onnx_size, open_session, write_metadata
 from .report import write_report
@@ -318,7 +318,7 @@ def final_round(tried: list[Attempt], fp32: Path, evaluator, judge, budget: floa
     taken minutes apart, which on a shared machine can disagree by more than the gap between them.
     Their first-pass figures are kept in ``first_pass``."""
     contenders = sorted((a for a in tried if a.accuracy_drop_points <= budget
-                         and a.verdict in ("faster", "faster, below min_speedup")), key=lambda a: -a.speedup)[:FINALISTS]
+                         and a.verdict in FASTER), key=lambda a: -a.speedup)[:FINALISTS]
     if not contenders:
         return
     measured, noise = evaluator.speedups({a.name: a.path for a in contenders}, fp32, longer=2.0)
@@ -464,7 +464,7 @@ def confirm(report: dict[str, Any], fp32: Path, int8: Path, data: EvalData, thre
     # The search applied min_speedup to its own (longer, side-by-side) measurement; this one guards
     # against what it cannot see twice: an INT8 file that is not faster at all. Applying the
     # threshold again would flip a borderline decision on every other run.
-    if record["final_speedup"]["verdict"] not in ("faster", "faster, below min_speedup"):
+    if record["final_speedup"]["verdict"] not in FASTER:
         int8.unlink(missing_ok=True)
         report["variants"].pop("int8")
         return (f"the final measurement did not confirm the search: {final.median:.2f}x "

@@ -604,11 +604,10 @@ def serve(options: ServeOptions) -> None:
     workers = options.workers
     chosen, why = choose_provider(options.model_path, options.provider)
     print(f"provider: {chosen} ({why})", flush=True)
+    if workers == 1:  # this process serves: it loads the file and binds the port itself, once
+        return run_worker(options)
     OnnxClassifier(options.model_path, 1)  # a bad file fails here, once, before any worker starts
     probe = listening_socket(options.host, options.port)  # the port is free (bound, never listening)
-    if workers == 1:
-        probe.close()
-        return run_worker(options)
     metrics_dir = tempfile.mkdtemp(prefix="ftdeploy-metrics-")
     os.environ[MULTIPROC_ENV] = metrics_dir  # read by prometheus_client when a worker imports it
     context = multiprocessing.get_context("spawn")
