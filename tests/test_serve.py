@@ -191,7 +191,7 @@ def test_bad_input_gets_a_4xx_and_the_next_request_succeeds(server, name, kwargs
 
 
 @pytest.mark.slow
-def test_metrics_count_requests_and_concurrent_requests_are_batched(model_file):
+def test_metrics_count_requests_and_images_under_concurrent_load(model_file):
     srv = Server(model_file, "--max-batch-size", "8", "--max-wait-ms", "20", "--threads", "1")
     try:
         srv.wait_ready()
@@ -208,7 +208,8 @@ def test_metrics_count_requests_and_concurrent_requests_are_batched(model_file):
         count = int(float(re.search(r"^ftdeploy_batch_size_count (\S+)$", text, re.M).group(1)))
         total = int(float(re.search(r"^ftdeploy_batch_size_sum (\S+)$", text, re.M).group(1)))
         assert total == 24 + 3  # 24 images plus the 3 warm-up runs
-        assert count < 24 + 3  # some requests shared an onnxruntime run
+        # How many runs these shared depends on arrival timing (see the in-process batching test).
+        assert 3 <= count <= 24 + 3
     finally:
         srv.stop()
 
@@ -243,15 +244,37 @@ def test_serving_works_where_importing_torch_fails(model_file, tmp_path):
 
 
 class RecordingModel:
-    """Stands in for the session to see which thread each run took; ``delay`` makes it a slow model."""
+    """Stands in for the session to see which thread and how many images each run took; ``delay``
+    makes it a slow model."""
 
     def __init__(self, delay: float):
-        self.delay, self.threads = delay, []
+        self.delay, self.threads, self.sizes = delay, [], []
 
     def logits(self, batch):
         time.sleep(self.delay)
         self.threads.append(threading.current_thread())
+        self.sizes.append(len(batch))
         return batch.reshape(len(batch), -1)[:, :2]
+
+
+def test_requests_waiting_together_share_runs_under_the_cap_and_each_gets_its_own_answer():
+    from ftdeploy.serve import Metrics, MicroBatcher
+
+    model = RecordingModel(0.0)
+    # All queued before the batcher first wakes: fourteen requests of one image, then one of three.
+    requests = [np.full((1, 3, 2, 2), i, np.float32) for i in range(14)] + [np.full((3, 3, 2, 2), 14, np.float32)]
+
+    async def scenario():
+        batcher = MicroBatcher(model, Metrics(8), max_batch_size=8, max_wait_ms=5)
+        batcher.start()
+        answers = await asyncio.gather(*(batcher.infer(r) for r in requests))
+        await batcher.stop()
+        return answers
+
+    answers = asyncio.run(scenario())
+    assert model.sizes == [8, 6, 3]  # 6 + 3 would pass the cap of 8: the 3-image request starts a run
+    for r, logits in zip(requests, answers):
+        np.testing.assert_array_equal(logits, r.reshape(len(r), -1)[:, :2])
 
 
 @pytest.mark.parametrize("delay,lone_inline", [(0.0, True), (0.02, False)], ids=["fast model", "slow model"])
