@@ -39,15 +39,18 @@ def onnx_size(path: Path) -> int:
     return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
 
 
+def _decode(props: dict[str, str]) -> dict[str, object]:
+    return {k[len(PREFIX):]: json.loads(v) for k, v in props.items() if k.startswith(PREFIX)}
+
+
 def model_metadata(model) -> dict[str, object]:
     """ftdeploy's metadata from an ``onnx.ModelProto`` (no session needed)."""
-    return {p.key[len(PREFIX):]: json.loads(p.value) for p in model.metadata_props if p.key.startswith(PREFIX)}
+    return _decode({p.key: p.value for p in model.metadata_props})
 
 
 def read_metadata(session) -> dict[str, object]:
     """ftdeploy's metadata from an onnxruntime session (the file as shipped)."""
-    props = session.get_modelmeta().custom_metadata_map
-    return {k[len(PREFIX):]: json.loads(v) for k, v in props.items() if k.startswith(PREFIX)}
+    return _decode(session.get_modelmeta().custom_metadata_map)
 
 
 def open_session(path: str | Path, threads: int | None = None, providers: list[str] | None = None):

@@ -329,7 +329,6 @@ def final_round(tried: list[Attempt], fp32: Path, evaluator, judge, budget: floa
                  f"{a.verdict}{' ✓' if a.passed else ''}")
 
 
-
 def choose(tried: list[Attempt], noise_floor: float = 0.0) -> Attempt | None:
     """The fastest passing configuration. Configurations whose median speedups lie within the noise
     floor of the fastest are a tie, broken by the order they were tried in (the simplest first), so

@@ -317,6 +317,7 @@ def create_app(model_path: str | Path, threads: int | None = None, max_batch_siz
             log.warning("--provider auto: %s; serving on cpu", e)
             chosen, why = "cpu", str(e)
             model = OnnxClassifier(model_path, threads)
+    print(f"provider: {chosen} ({why})", flush=True)
     metrics = Metrics(max_batch_size)
     batcher = MicroBatcher(model, metrics, max_batch_size, max_wait_ms, process_per_core)
     state = lifecycle or Lifecycle()
@@ -586,9 +587,9 @@ def listening_socket(host: str, port: int) -> socket.socket:
 
 def run_worker(options: ServeOptions) -> None:
     """One server process: its own onnxruntime session, batcher and event loop."""
-    lifecycle = Lifecycle()
     from .machine import physical_cores
 
+    lifecycle = Lifecycle()
     per_core = options.workers > 1 and options.workers * (options.threads or 1) >= physical_cores()
     app = create_app(options.model_path, options.threads, options.max_batch_size, options.max_wait_ms, options.limits,
                      options.warmup_runs, options.provider, lifecycle, per_core)
@@ -602,11 +603,11 @@ def serve(options: ServeOptions) -> None:
     """Run the server until SIGTERM/SIGINT, then drain (see :class:`DrainingServer`).
     ``options.workers`` processes share the port, each with its own session; /metrics covers them all."""
     workers = options.workers
-    chosen, why = choose_provider(options.model_path, options.provider)
-    print(f"provider: {chosen} ({why})", flush=True)
     if workers == 1:  # this process serves: it loads the file and binds the port itself, once
         return run_worker(options)
-    OnnxClassifier(options.model_path, 1)  # a bad file fails here, once, before any worker starts
+    # a bad file or --provider fails here, once, before any worker starts
+    OnnxClassifier(options.model_path, 1)
+    choose_provider(options.model_path, options.provider)
     probe = listening_socket(options.host, options.port)  # the port is free (bound, never listening)
     metrics_dir = tempfile.mkdtemp(prefix="ftdeploy-metrics-")
     os.environ[MULTIPROC_ENV] = metrics_dir  # read by prometheus_client when a worker imports it
