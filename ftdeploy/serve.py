@@ -309,14 +309,14 @@ def create_app(model_path: str | Path, threads: int | None = None, max_batch_siz
     model = OnnxClassifier(model_path, threads, providers=[PROVIDERS[chosen]])
     agreement = None
     if chosen != "cpu":
+        reference = OnnxClassifier(model_path, threads)  # the CPU provider: the check's reference, the fallback
         try:
-            agreement = check_agreement(model, threads)
+            agreement = check_agreement(model, reference)
         except FtdeployError as e:
             if provider != "auto":
                 raise
             log.warning("--provider auto: %s; serving on cpu", e)
-            chosen, why = "cpu", str(e)
-            model = OnnxClassifier(model_path, threads)
+            chosen, why, model = "cpu", str(e), reference
     print(f"provider: {chosen} ({why})", flush=True)
     metrics = Metrics(max_batch_size)
     batcher = MicroBatcher(model, metrics, max_batch_size, max_wait_ms, process_per_core)
@@ -492,19 +492,19 @@ OPENVINO_HINT = ("pip uninstall -y onnxruntime && pip install onnxruntime-openvi
                  "docker build --build-arg PROVIDER=openvino; or serve with --provider cpu")
 
 
-def check_agreement(model: OnnxClassifier, threads: int | None) -> dict:
-    """The file's own sample inputs through ``model``'s provider and through the CPU provider: top-1
-    must agree on every sample and probabilities within AGREEMENT_MAX_PROB_DIFF, or FtdeployError."""
+def check_agreement(model: OnnxClassifier, reference: OnnxClassifier) -> dict:
+    """The file's own sample inputs through ``model``'s provider and through ``reference`` (the same
+    file on the CPU provider): top-1 must agree on every sample and probabilities within
+    AGREEMENT_MAX_PROB_DIFF, or FtdeployError."""
     samples = model.samples()
     provider = model.session.get_providers()[0]
     if samples is None:
         raise FtdeployError(f"{model.path} carries no sample inputs to check {provider} against the CPU provider",
                             "export it again with this version of ftdeploy, or serve with --provider cpu")
-    reference = OnnxClassifier(model.path, threads).logits(samples)
-    logits = model.logits(samples)
-    result = {"samples": len(samples), "top1_agreement": float((logits.argmax(-1) == reference.argmax(-1)).mean()),
-              "max_abs_logit_diff": float(np.abs(logits - reference).max()),
-              "max_prob_diff": float(np.abs(softmax(logits) - softmax(reference)).max())}
+    expected, logits = reference.logits(samples), model.logits(samples)
+    result = {"samples": len(samples), "top1_agreement": float((logits.argmax(-1) == expected.argmax(-1)).mean()),
+              "max_abs_logit_diff": float(np.abs(logits - expected).max()),
+              "max_prob_diff": float(np.abs(softmax(logits) - softmax(expected)).max())}
     if result["top1_agreement"] < 1 or result["max_prob_diff"] > AGREEMENT_MAX_PROB_DIFF:
         raise FtdeployError(f"{provider} disagrees with the CPU provider on the file's {len(samples)} sample inputs: "
                             f"top-1 agreement {result['top1_agreement']:.0%}, max probability difference "

@@ -455,11 +455,11 @@ def test_a_provider_that_disagrees_on_the_files_samples_is_refused(model_file):
 
     model = OnnxClassifier(model_file, threads=1)
     assert model.samples() is not None and len(model.samples()) == 8
-    assert check_agreement(model, 1)["top1_agreement"] == 1.0
+    assert check_agreement(model, OnnxClassifier(model_file, threads=1))["top1_agreement"] == 1.0
 
     class Swapped(OnnxClassifier):  # a provider whose outputs come out in the wrong order
         def logits(self, batch):
             return super().logits(batch)[:, ::-1]
 
     with pytest.raises(FtdeployError, match="disagrees with the CPU provider"):
-        check_agreement(Swapped(model_file, threads=1), 1)
+        check_agreement(Swapped(model_file, threads=1), model)
