@@ -8,13 +8,17 @@ p50/p99 latency, errors and the batch sizes the server formed.
         --json benchmarks/results/load_test.json
 
 ``--workers 1,2`` instead compares server processes (each with ``--threads``) side by side;
-``--drain`` sends SIGTERM in the middle of the load and counts answered, refused and reset requests.
+``--drain`` sends SIGTERM in the middle of the load and counts answered, refused and reset requests,
+from keep-alive connections or, with ``--client urllib``, from a client that opens one connection per
+request (as urllib, curl and many proxies do).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
+import http.client
 import io
 import json
 import re
@@ -22,7 +26,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import httpx
@@ -230,29 +237,92 @@ def workers_side_by_side(model: Path, counts: list[int], common: list[str], bodi
     return {w: t.result(concurrency) for w, t in tallies.items()}
 
 
-def drain_scenario(model: Path, common: list[str], bodies, expected, n: int, concurrency: int, drain_seconds: float) -> dict:
-    """SIGTERM once half of ``n`` requests are answered, the load going on: every request is
-    answered, refused (the server no longer accepts: fine) or reset (accepted, then dropped: lost)."""
+def urllib_load(port: int, bodies, expected: list[str], indices: range, concurrency: int, tally: Tally) -> None:
+    """Send image ``i % len(bodies)`` for each i in ``indices`` from ``concurrency`` threads with urllib,
+    which opens a new connection for every request (``Connection: close``)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never a proxy
+    lock, queue = threading.Lock(), iter(indices)
+
+    def one(i: int) -> None:
+        body, ctype = bodies[i % len(bodies)]
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/predict?k=1", data=body,
+                                         headers={"Content-Type": ctype})
+        t0 = time.perf_counter()
+        status, payload, failure = None, b"", None
+        try:
+            with opener.open(request, timeout=60) as response:
+                status, payload = response.status, response.read()
+        except urllib.error.HTTPError as e:
+            status = e.code
+        except urllib.error.URLError as e:
+            failure = "refused" if isinstance(e.reason, ConnectionRefusedError) else "reset"
+        except (ConnectionError, http.client.HTTPException, OSError):  # reset, aborted, remote closed
+            failure = "reset"
+        with lock:
+            tally.sent += 1
+            if failure:
+                tally.errors += 1
+                setattr(tally, failure, getattr(tally, failure) + 1)
+                return
+            tally.latencies.append(time.perf_counter() - t0)
+            if status != 200:
+                tally.errors += 1
+                return
+            tally.ok += 1
+            if json.loads(payload)["predictions"][0]["top_k"][0]["label"] != expected[i % len(bodies)]:
+                tally.wrong += 1
+
+    def worker() -> None:
+        while True:
+            with lock:
+                i = next(queue, None)
+            if i is None:
+                return
+            one(i)
+
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(lambda _: worker(), range(concurrency)))
+    tally.wall += time.perf_counter() - start
+
+
+def drain_scenario(model: Path, common: list[str], bodies, expected, n: int, concurrency: int, drain_seconds: float,
+                   client: str = "keepalive", signal_at: float = 0.5) -> dict:
+    """SIGTERM once ``signal_at`` of ``n`` requests are answered, the load going on: every request is
+    answered, refused (the server no longer accepts: fine) or reset (accepted, then dropped: lost).
+    ``client``: ``keepalive`` connections, or ``urllib`` (a new connection per request)."""
     server = Server(model, *common, "--drain-seconds", str(drain_seconds))
     tally = Tally()
     probe = {}
 
-    async def scenario():
-        task = asyncio.create_task(load(server.port, bodies, expected, range(n), concurrency, tally))
-        while len(tally.latencies) < n // 2 and not task.done():
-            await asyncio.sleep(0.002)
+    def readyz() -> int | None:
+        try:
+            return urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
+                f"http://127.0.0.1:{server.port}/readyz", timeout=10).status
+        except urllib.error.HTTPError as e:
+            return e.code
+        except (urllib.error.URLError, OSError):
+            return None
+
+    def signal_at_half() -> None:
+        while len(tally.latencies) < n * signal_at and tally.sent < n:
+            time.sleep(0.002)
         server.proc.send_signal(signal.SIGTERM)
         probe["signal_at_answered"] = len(tally.latencies)
         if drain_seconds > 0:  # a load balancer's health check, during the drain
-            conn = Connection(server.port)
-            probe["readyz_status"] = (await conn.request("GET", "/readyz"))[0]
-            conn.close()
-        await task
+            probe["readyz_status"] = readyz()
 
-    asyncio.run(scenario())
+    trigger = threading.Thread(target=signal_at_half)
+    trigger.start()
+    if client == "urllib":
+        urllib_load(server.port, bodies, expected, range(n), concurrency, tally)
+    else:
+        asyncio.run(load(server.port, bodies, expected, range(n), concurrency, tally))
+    trigger.join()
     exit_code = server.proc.wait(timeout=60)
-    return {**tally.result(concurrency), **probe, "drain_seconds": drain_seconds, "exit_code": exit_code,
-            "answered_other": len(tally.latencies) - tally.ok}
+    probe["closed_before_the_load_ended"] = tally.refused > 0  # the load went on past the close
+    return {**tally.result(concurrency), **probe, "client": client, "drain_seconds": drain_seconds,
+            "exit_code": exit_code, "answered_other": len(tally.latencies) - tally.ok}
 
 
 def main() -> None:
@@ -273,6 +343,10 @@ def main() -> None:
                         help="compare server worker counts side by side instead, e.g. 1,2 (--threads each)")
     parser.add_argument("--drain", action="store_true", help="instead: SIGTERM in the middle of the load")
     parser.add_argument("--drain-seconds", type=float, default=1.0, help="the server's --drain-seconds in --drain")
+    parser.add_argument("--client", choices=("keepalive", "urllib"), default="keepalive",
+                        help="--drain: keep-alive connections, or urllib's new connection per request")
+    parser.add_argument("--signal-at", type=float, default=0.5,
+                        help="--drain: SIGTERM once this share of the requests is answered")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
@@ -287,10 +361,12 @@ def main() -> None:
                ("refused", "refused", "d"), ("reset", "reset", "d"), ("mismatched_predictions", "wrong", "d"),
                ("throughput", "req/s", ".1f"), ("p50_ms", "p50 ms", ".2f"), ("p99_ms", "p99 ms", ".2f")]
     if args.drain:
-        result = drain_scenario(args.model, common, bodies, expected, args.requests, args.concurrency, args.drain_seconds)
+        result = drain_scenario(args.model, common, bodies, expected, args.requests, args.concurrency, args.drain_seconds,
+                                args.client, args.signal_at)
         summary = {"zero_resets": result["reset"] == 0, "every_answer_200": result["answered_other"] == 0,
                    "exit_code": result["exit_code"], "readyz_during_drain": result.get("readyz_status")}
-        print(format_table([{"run": f"SIGTERM at {result['signal_at_answered']} answered", **result}], columns))
+        print(format_table([{"run": f"{args.client}, SIGTERM at {result['signal_at_answered']} answered", **result}],
+                           columns))
         print(f"\nexit code {result['exit_code']}; /readyz during the drain: {result.get('readyz_status')}")
         write_json(args, {"drain": result}, summary)
         return

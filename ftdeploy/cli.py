@@ -1,8 +1,8 @@
 """The ``ftdeploy`` command line: parses arguments and calls the library, nothing more.
 
-Exit codes: 0 done (INT8 refused counts as done: FP32 ships, the report says why); 2 a user error
-(bad config, missing path, missing extra), a failed gate (FP32 parity), or INT8 refused under
-``--strict``; 130 interrupted. User errors print one ``error:`` line, never a traceback.
+Exit codes: 0 done (INT8 refused counts as done: FP32 ships, the report says why); 1 the server
+stopped because it could no longer serve; 2 a user error (bad config, missing path, missing extra),
+a failed gate (FP32 parity), or INT8 refused under ``--strict``; 130 interrupted. User errors print one ``error:`` line, never a traceback.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def _csv_ints(value: Optional[str], option: str) -> Optional[list[int]]:
 
 
 ThreadsOpt = typer.Option(None, "--threads", help="intra-op threads for latency (default: physical cores)")
-AtolOpt = typer.Option(None, "--atol", help="FP32 parity gate: max |logit diff| vs PyTorch [default: 1e-4]")
+AtolOpt = typer.Option(None, "--atol", help="FP32 parity gate: absolute floor added to the allowed error [default: 1e-5]")
 BatchOpt = typer.Option(None, "--batch-sizes", help="latency batch sizes, comma-separated [default: 1,32]")
 ModeOpt = typer.Option(None, "--mode", help="auto | static | dynamic [default: auto]")
 DropOpt = typer.Option(None, "--max-accuracy-drop", help="INT8 budget in points [default: 0.5]")
@@ -220,12 +220,12 @@ def validate(model: Path = typer.Argument(..., help="an ONNX file written by ftd
              run_dir: Path = typer.Option(..., "--run", help="the run directory it was exported from"),
              output_dir: Path = typer.Option(..., "--output-dir", "-o", help="where report.json/.md go"),
              atol: Optional[float] = AtolOpt, batch_sizes: Optional[str] = BatchOpt,
-             threads: Optional[int] = ThreadsOpt) -> None:
+             threads: Optional[int] = ThreadsOpt, overrides: Optional[list[str]] = SetOpt) -> None:
     """Re-run the parity and latency gates on an existing ONNX file."""
     from .config import ExportConfig
 
     cfg = _section(ExportConfig, "export", {"atol": atol, "threads": threads,
-                                            "batch_sizes": _csv_ints(batch_sizes, "--batch-sizes")}, None, "validate")
+                                            "batch_sizes": _csv_ints(batch_sizes, "--batch-sizes")}, overrides, "validate")
     try:
         stage("export").revalidate(model, run_dir, output_dir, cfg)
     finally:
@@ -275,6 +275,12 @@ def serve(model: Path = typer.Argument(..., help="an ONNX file written by ftdepl
           max_image_bytes: int = typer.Option(10 * 2**20, "--max-image-bytes", min=1),
           max_image_pixels: int = typer.Option(40_000_000, "--max-image-pixels", min=1),
           max_images: int = typer.Option(32, "--max-images", min=1, help="images per request"),
+          max_request_bytes: int = typer.Option(32 * 2**20, "--max-request-bytes", min=1,
+                                                help="request body size, counted as it is read (chunked too): 413 beyond"),
+          max_queue: int = typer.Option(256, "--max-queue", min=1, help="requests waiting for the model; "
+                                        "beyond that 503 with Retry-After"),
+          request_timeout: float = typer.Option(30.0, "--request-timeout", min=0.001,
+                                                help="seconds a request may wait for its answer (then 504)"),
           warmup_runs: int = typer.Option(3, "--warmup-runs", min=1, help="inferences before /readyz turns ready")) -> None:
     """Serve an ONNX classifier over HTTP (FastAPI + uvicorn); needs only the file."""
     from .machine import physical_cores
@@ -287,8 +293,8 @@ def serve(model: Path = typer.Argument(..., help="an ONNX file written by ftdepl
     else:
         raise typer.BadParameter(f"{workers!r} is not a number of workers", param_hint="--workers")
     run_server(ServeOptions(str(model), host, port, threads or max(1, physical_cores() // count), max_batch_size,
-                            max_wait_ms, Limits(max_image_bytes, max_image_pixels, max_images), warmup_runs,
-                            provider, drain_seconds, count))
+                            max_wait_ms, Limits(max_image_bytes, max_image_pixels, max_images, max_request_bytes),
+                            warmup_runs, provider, drain_seconds, count, max_queue, request_timeout))
 
 
 # Recent typer vendors click under its own name; older ones use click itself. Catch whichever is live.
@@ -316,7 +322,7 @@ def main(argv: list[str] | None = None) -> None:
         command.main(args=args, prog_name="ftdeploy", standalone_mode=False)
     except FtdeployError as e:
         typer.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        sys.exit(e.exit_code)
     except typer.Abort:
         typer.echo("aborted", err=True)
         sys.exit(130)

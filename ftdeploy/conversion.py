@@ -23,10 +23,10 @@ import torch
 
 from . import __version__
 from .errors import ExportError
-from .onnx_model import write_metadata
+from .files import relative
+from .onnx_model import TWO_GB, save_onnx, write_metadata
 from .rundir import Run
 
-TWO_GB = 2**31 - 2**24  # protobuf's hard limit, less a margin for the graph itself
 INPUT, OUTPUT = "input", "logits"
 
 
@@ -110,19 +110,14 @@ def finalize(raw: Path, out: Path, metadata: dict[str, Any], optimization: str =
         ort.InferenceSession(str(raw), opts, providers=["CPUExecutionProvider"])
     model = onnx.load(str(optimized))
     write_metadata(model, metadata)
-    for stale in (out, out.with_name(out.name + ".data")):
-        stale.unlink(missing_ok=True)
-    onnx.save_model(model, str(out), save_as_external_data=large, all_tensors_to_one_file=True,
-                    location=out.name + ".data")
+    save_onnx(model, out)
 
 
-def onnx_metadata(run: Run, variant: str) -> dict[str, Any]:
+def onnx_metadata(run: Run, variant: str, out: Path) -> dict[str, Any]:
+    """What the file says about itself; ``source_run`` is relative to ``out``, the file's directory."""
     return {"classes": run.classes, "preprocessing": run.preprocessing.__dict__, "variant": variant,
-            "source_run": str(run.path), "model": run.architecture["name"], "version": __version__,
+            "source_run": relative(run.path, out), "model": run.architecture["name"], "version": __version__,
             "val_accuracy": run.metrics.get("val_accuracy")}
-
-
-
 
 
 @contextlib.contextmanager

@@ -51,6 +51,37 @@ class ImageDataset(torch.utils.data.Dataset):
         return x, self.labels[i]
 
 
+class InMemoryImages:
+    """Item ``i`` is ``images[index[i]]``. Loaders are plain picklable objects, not lambdas, so a
+    DataLoader's worker processes get them under any start method (spawn: macOS, Python 3.14)."""
+
+    def __init__(self, images: list[Image.Image], index: list[int]):
+        self.images, self.index = images, index
+
+    def __call__(self, i: int) -> Image.Image:
+        return self.images[self.index[i]]
+
+
+class ImageFiles:
+    """Item ``i`` is the image file ``paths[i]``, decoded on access."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths = paths
+
+    def __call__(self, i: int) -> Image.Image:
+        return load_image(self.paths[i])
+
+
+class DatasetImages:
+    """Item ``i`` is the image of item ``i`` of a torchvision dataset."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __call__(self, i: int) -> Image.Image:
+        return self.dataset[i][0]
+
+
 def _augmentation(spec: Preprocessing):
     from torchvision.transforms import v2
 
@@ -96,7 +127,7 @@ def _split_in_memory(images: list[Image.Image], labels: list[int], classes: list
     train_idx, val_idx = stratified_split(labels, cfg.val_fraction, cfg.split_seed)
 
     def part(idx: list[int], augment: bool) -> ImageDataset:
-        return ImageDataset(lambda i: images[idx[i]], [labels[i] for i in idx], spec, augment=augment, cache=True)
+        return ImageDataset(InMemoryImages(images, idx), [labels[i] for i in idx], spec, augment=augment, cache=True)
 
     return DatasetSplits(part(train_idx, cfg.augment), part(val_idx, False), classes, cfg.name)
 
@@ -190,8 +221,8 @@ def imagefolder(cfg: DataConfig, spec: Preprocessing) -> DatasetSplits:
         train_idx, val_idx = stratified_split(labels, cfg.val_fraction, cfg.split_seed)
         val_paths, val_labels = [paths[i] for i in val_idx], [labels[i] for i in val_idx]
     train_paths = [paths[i] for i in train_idx]
-    train = ImageDataset(lambda i: load_image(train_paths[i]), [labels[i] for i in train_idx], spec, cfg.augment)
-    val = ImageDataset(lambda i: load_image(val_paths[i]), val_labels, spec)
+    train = ImageDataset(ImageFiles(train_paths), [labels[i] for i in train_idx], spec, cfg.augment)
+    val = ImageDataset(ImageFiles(val_paths), val_labels, spec)
     return DatasetSplits(train, val, classes, cfg.name, skipped)
 
 
@@ -230,7 +261,7 @@ def torchvision_dataset(cfg: DataConfig, spec: Preprocessing) -> DatasetSplits:
         str(c) for c in sorted(set(int(t) for t in _targets(train_set)))]
 
     def part(ds, augment: bool) -> ImageDataset:
-        return ImageDataset(lambda i: ds[i][0], [int(t) for t in _targets(ds)], spec, augment=augment)
+        return ImageDataset(DatasetImages(ds), [int(t) for t in _targets(ds)], spec, augment=augment)
 
     return DatasetSplits(part(train_set, cfg.augment), part(val_set, False), classes, cfg.name)
 

@@ -4,6 +4,8 @@
 class FtdeployError(Exception):
     """Base class for errors caused by user input or the environment, not by a bug."""
 
+    exit_code = 2  # what the command line exits with
+
     def __init__(self, message: str, hint: str | None = None):
         super().__init__(message)
         self.message = message
@@ -44,6 +46,12 @@ class GateError(FtdeployError):
         where = f"; report written to {report_path}" if report_path else ""
         super().__init__(f"{len(failures)} gate check(s) failed{where}:\n  " + "\n  ".join(failures))
         self.failures = failures
+
+
+class ServiceError(FtdeployError):
+    """The server stopped because it could no longer serve (not a user error: the CLI exits 1)."""
+
+    exit_code = 1
 
 
 class NotShipped(FtdeployError):

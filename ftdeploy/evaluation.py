@@ -16,7 +16,9 @@ from typing import Callable
 
 import numpy as np
 
-from .rundir import Run
+from .config import DataConfig
+from .preprocessing import Preprocessing
+from .rundir import ExportDir, Run
 
 Predictor = Callable[[np.ndarray], np.ndarray]
 
@@ -33,13 +35,23 @@ class EvalData:
     dataset: str
 
     @classmethod
-    def from_run(cls, run: Run, val_limit: int = 2000, calibration_samples: int = 256) -> "EvalData":
+    def load(cls, data: DataConfig, spec: Preprocessing, val_limit: int = 2000,
+             calibration_samples: int = 256) -> "EvalData":
         from .data import build_datasets
 
-        splits = build_datasets(run.config.data.model_copy(update={"augment": False}), run.preprocessing)
+        splits = build_datasets(data.model_copy(update={"augment": False}), spec)
         inputs, labels = split_arrays(splits.val, val_limit)
         calibration, _ = split_arrays(splits.train, calibration_samples, shuffle=True)
         return cls(inputs, labels, calibration, splits.name)
+
+    @classmethod
+    def from_run(cls, run: Run, val_limit: int = 2000, calibration_samples: int = 256) -> "EvalData":
+        return cls.load(run.config.data, run.preprocessing, val_limit, calibration_samples)
+
+    @classmethod
+    def from_export(cls, export: ExportDir, val_limit: int = 2000, calibration_samples: int = 256) -> "EvalData":
+        """The data of the run an export directory came from, read from the directory itself."""
+        return cls.load(export.data, export.preprocessing, val_limit, calibration_samples)
 
 
 def split_arrays(ds, limit: int, shuffle: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -85,3 +97,48 @@ def parity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     return float((logits.argmax(-1) == labels).mean())
+
+
+def reference_logits(model, inputs: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """The PyTorch model's logits computed in float64 (on a copy): the yardstick both float32 answers,
+    PyTorch's and onnxruntime's, are measured against."""
+    import copy
+
+    import torch
+
+    double = copy.deepcopy(model).double().eval()
+    with torch.inference_mode():
+        return np.concatenate([double(torch.from_numpy(inputs[i:i + batch_size]).double()).numpy()
+                               for i in range(0, len(inputs), batch_size)])
+
+
+def fp32_parity(reference: np.ndarray, torch32: np.ndarray, onnx32: np.ndarray, error_ratio: float,
+                atol: float) -> dict[str, float]:
+    """Is the ONNX file as exact as PyTorch itself? Both float32 answers are measured against the
+    float64 ``reference`` (rows repeat it when the answers were computed at several batch sizes):
+    the file passes when its largest error is at most ``error_ratio`` x PyTorch float32's own plus
+    ``atol``. A top-1 disagreement between the two counts only where the reference's top-2 margin
+    exceeds both errors on that input: a near-tie inside float32 noise has no right answer.
+
+    >>> ref = np.array([[1.0, 0.999999], [3.0, 0.0]])
+    >>> torch32, onnx32 = ref + [[2e-6, 0.0], [1e-6, 0.0]], ref + [[-2e-6, 0.0], [2e-6, 0.0]]
+    >>> r = fp32_parity(ref, torch32, onnx32, error_ratio=4.0, atol=1e-6)
+    >>> r["top1_agreement"], r["top1_disagreements_counted"], r["passed"]
+    (0.5, 0, True)
+    """
+    reps = len(torch32) // len(reference)
+    reference = np.concatenate([reference] * reps).astype(np.float64)
+    err_torch = np.abs(torch32.astype(np.float64) - reference)
+    err_onnx = np.abs(onnx32.astype(np.float64) - reference)
+    torch_error, onnx_error = float(err_torch.max()), float(err_onnx.max())
+    bound = error_ratio * torch_error + atol
+    top2 = np.sort(reference, -1)[:, -2:]
+    margin = top2[:, 1] - top2[:, 0]
+    disagree = torch32.argmax(-1) != onnx32.argmax(-1)
+    counted = disagree & (margin > np.maximum(err_torch.max(-1), err_onnx.max(-1)))
+    return {**parity(torch32, onnx32), "reference": "torch", "error_reference": "torch float64",
+            "torch_fp32_error": torch_error,
+            "onnx_error": onnx_error, "error_ratio": onnx_error / torch_error if torch_error else None,
+            "allowed_error": bound, "worst_tolerance_fraction": onnx_error / bound,
+            "near_ties": int((disagree & ~counted).sum()), "top1_disagreements_counted": int(counted.sum()),
+            "passed": bool(onnx_error <= bound and not counted.any())}

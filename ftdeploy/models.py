@@ -1,4 +1,4 @@
-"""Models (a registry of families): ``torchvision:<name>`` and ``timm:<name>``.
+"""Models (a registry of families): ``torchvision:<name>``, ``timm:<name>`` and ``tiny:convnet``.
 
 Weights are ``none``, a torchvision weights name resolved through torchvision's own API (the torch
 hub cache first, then a download), ``DEFAULT`` for timm's pretrained tag,
@@ -268,3 +268,43 @@ def _load_lite0_package(model: nn.Module, arch: str) -> None:
     if len(source) != len(target) or any(a.shape != b.shape for a, b in zip(source.values(), target.values())):
         raise ModelError(f"{LITE0_PACKAGE} tensors do not line up with timm:{arch} (timm version change?)")
     model.load_state_dict(dict(zip(target.keys(), source.values())))
+
+
+class TinyConvNet(nn.Module):
+    """A small residual CNN (about 22,000 parameters at width 24) with the structures the stages
+    handle: convolutions with BatchNorm, a residual addition, a strided convolution, dropout and a
+    linear head. It trains, prunes, exports and quantizes in seconds: for smoke runs and tests where
+    the model's identity does not matter."""
+
+    def __init__(self, num_classes: int = 10, width: int = 24):
+        super().__init__()
+
+        def conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout))
+
+        self.stem = nn.Sequential(conv(3, width), nn.ReLU())
+        self.block = nn.Sequential(conv(width, width), nn.ReLU(), conv(width, width))
+        self.down = nn.Sequential(conv(width, 2 * width, stride=2), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(0.1)
+        self.fc = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.relu(x + self.block(x))
+        return self.fc(self.dropout(self.pool(self.down(x)).flatten(1)))
+
+
+TINY_ARCHITECTURES = {"convnet": TinyConvNet}
+
+
+@families.register("tiny")
+def tiny_model(arch: str, weights: str) -> BuiltModel:
+    """``tiny:convnet``, from scratch (weights ``none``) or a local checkpoint."""
+    if arch not in TINY_ARCHITECTURES:
+        raise ModelError(f"unknown tiny model {arch!r}", suggest(arch, sorted(TINY_ARCHITECTURES)))
+    if weights != "none":
+        raise ModelError(f"tiny:{arch} has no pretrained weights (got {weights!r})", "use none or a checkpoint path")
+    defaults = {"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25), "input_size": 32, "resize_size": 32,
+                "interpolation": "bilinear"}
+    return BuiltModel(TINY_ARCHITECTURES[arch](), "fc", defaults)

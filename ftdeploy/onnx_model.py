@@ -13,15 +13,20 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from .errors import FtdeployError
+from .files import atomic_path
 from .preprocessing import Preprocessing, preprocess
 
 PREFIX = "ftdeploy."
+TWO_GB = 2**31 - 2**24  # protobuf's hard limit, less a margin for the graph itself
 
 
 def write_metadata(model, metadata: dict[str, object]) -> None:
@@ -35,8 +40,71 @@ def write_metadata(model, metadata: dict[str, object]) -> None:
 
 
 def onnx_size(path: Path) -> int:
-    data = path.with_name(path.name + ".data")
+    data = external_data(path)
     return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+
+
+def external_data(path: Path) -> Path:
+    """Where ftdeploy keeps the weights of a file too large for one protobuf: ``<name>.data`` beside it."""
+    return path.with_name(path.name + ".data")
+
+
+def save_onnx(model, path: str | Path) -> None:
+    """Save an ``onnx.ModelProto`` atomically: written in a temporary folder beside ``path``, then moved
+    into place (the weights first). A model over 2 GB keeps its weights in ``<name>.data`` (onnx then
+    turns ``model``'s tensors into references to that file: load it again to save it elsewhere); a
+    stale one from an earlier, larger file is removed."""
+    import onnx
+
+    path = Path(path)
+    large = sum(t.ByteSize() for t in model.graph.initializer) > TWO_GB
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        onnx.save_model(model, str(tmp / path.name), save_as_external_data=large, all_tensors_to_one_file=True,
+                        location=external_data(path).name)
+        if large:
+            os.replace(tmp / external_data(path).name, external_data(path))
+        os.replace(tmp / path.name, path)
+        if not large:
+            external_data(path).unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def copy_onnx(src: str | Path, dst: str | Path) -> None:
+    """Copy an ONNX file (and its external weights) atomically. A file names its weights' file, so one
+    with external weights copied under another name is saved again instead."""
+    import onnx
+
+    src, dst = Path(src), Path(dst)
+    if external_data(src).is_file() and src.name != dst.name:
+        save_onnx(onnx.load(str(src)), dst)
+        return
+    for a, b in ((external_data(src), external_data(dst)), (src, dst)):  # the weights first
+        if a.is_file():
+            with atomic_path(b) as tmp:
+                shutil.copyfile(a, tmp)
+
+
+def move_onnx(src: str | Path, dst: str | Path) -> None:
+    """Rename an ONNX file (with its external weights, if any)."""
+    src, dst = Path(src), Path(dst)
+    if external_data(src).is_file():
+        copy_onnx(src, dst)
+        external_data(src).unlink()
+        src.unlink()
+        return
+    os.replace(src, dst)
+    external_data(dst).unlink(missing_ok=True)
+
+
+def update_metadata(path: str | Path, values: dict[str, object]) -> None:
+    """Add or change ftdeploy metadata keys of a file in place (atomically), keeping every other key."""
+    import onnx
+
+    model = onnx.load(str(path))
+    write_metadata(model, {**model_metadata(model), **values})
+    save_onnx(model, path)
 
 
 def _decode(props: dict[str, str]) -> dict[str, object]:
@@ -80,9 +148,7 @@ class OnnxClassifier:
             raise FtdeployError(f"{path} lacks ftdeploy metadata ({', '.join(missing)})",
                                 "export it with ftdeploy export, which stores class names and preprocessing in the file")
         self.classes: list[str] = list(self.metadata["classes"])
-        self.preprocessing = Preprocessing(**{**self.metadata["preprocessing"],
-                                              "mean": tuple(self.metadata["preprocessing"]["mean"]),
-                                              "std": tuple(self.metadata["preprocessing"]["std"])})
+        self.preprocessing = Preprocessing.from_dict(self.metadata["preprocessing"])
         self.input_name = self.session.get_inputs()[0].name
 
     def preprocess(self, images: list[Image.Image]) -> np.ndarray:

@@ -12,12 +12,14 @@ model was trained with: the spec is stored in the run directory and in the ONNX 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
-from typing import Literal
+import logging
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
 
+log = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _RESAMPLE = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
@@ -39,8 +41,23 @@ class Preprocessing:
 
     @classmethod
     def from_json(cls, text: str) -> "Preprocessing":
-        d = json.loads(text)
-        return cls(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Preprocessing":
+        """The spec a run directory or an ONNX file stores. Keys this version does not know (a file
+        written by a newer one) are left out with a warning rather than failing the load.
+
+        >>> Preprocessing.from_dict({"input_size": 8, "resize_size": 8, "channels": 1, "mean": [0.5],
+        ...                          "std": [0.5], "antialias": True}).mean
+        (0.5,)
+        """
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            log.warning("preprocessing keys %s are not known to this version of ftdeploy and are ignored", unknown)
+        kept = {k: v for k, v in d.items() if k in known}
+        return cls(**{**kept, "mean": tuple(kept["mean"]), "std": tuple(kept["std"])})
 
     @property
     def input_shape(self) -> tuple[int, int, int]:

@@ -35,10 +35,13 @@ from .latency import compare, ort_runner, ort_session, session_policy
 from .machine import physical_cores
 from .models import BuiltModel, architecture_delta
 from .registry import Registry
-from .rundir import Run, load_run, manifest, write_json, write_manifest
+from .files import relative, write_json, write_text
+from .rundir import Run, load_run, manifest, write_manifest
 from .training import Job, fine_tune, make_accelerator, save_weights, setup
 
 importances: Registry = Registry("pruning importance", ConfigError)
+# Candidate upper bounds of the MACs bisection, from the most pruning allowed down (see choose_ratio).
+UPPER_BOUNDS = (0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
 
 
 def _tp():
@@ -128,12 +131,28 @@ def choose_ratio(model: nn.Module, head_name: str, example: torch.Tensor, cfg: P
     if cfg.ratio is not None:
         return cfg.ratio, trials
     if cfg.target_macs is not None:
-        lo, hi = 0.0, 0.95
+        def fraction(ratio: float) -> float:
+            macs, _ = macs_and_params(pruned_copy(model, head_name, example, cfg, ratio, batches), example)
+            trials.append({"ratio": ratio, "macs_fraction": macs / base_macs})
+            return macs / base_macs
+
+        # The bounds first. Ratio 0 keeps every MAC (above any target). The upper bound must be
+        # tested: near the most pruning allowed, Torch-Pruning leaves some groups whole (ResNet-18:
+        # 0.33x MACs at ratio 0.9, 0.55x at 0.95), so the first ratio from the top that reaches the
+        # target bounds the bisection, and when none does, the target is out of reach.
+        lo, hi = 0.0, None
+        for ratio in UPPER_BOUNDS:
+            if fraction(ratio) <= cfg.target_macs:
+                hi = ratio
+                break
+        if hi is None:
+            best = min(trials, key=lambda t: t["macs_fraction"])
+            raise ConfigError(f"target unreachable: best {best['macs_fraction']:.3f}x MACs at ratio {best['ratio']} "
+                              f"(target_macs {cfg.target_macs})", "raise --target-macs (the classifier and layers "
+                              "Torch-Pruning cannot prune keep their MACs), or try --global")
         for _ in range(8):
             mid = (lo + hi) / 2
-            macs, _ = macs_and_params(pruned_copy(model, head_name, example, cfg, mid, batches), example)
-            trials.append({"ratio": mid, "macs_fraction": macs / base_macs})
-            lo, hi = (lo, mid) if macs / base_macs <= cfg.target_macs else (mid, hi)
+            lo, hi = (lo, mid) if fraction(mid) <= cfg.target_macs else (mid, hi)
         progress(f"ratio {hi:.3f} keeps <= {cfg.target_macs:.2f}x MACs")
         return hi, trials
     threads = cfg.threads or physical_cores()
@@ -181,7 +200,7 @@ def prune(run_dir: str | Path, output_dir: str | Path, cfg: PruneConfig | None =
     example = torch.zeros(1, *run.preprocessing.input_shape)
     splits = build_datasets(run.config.data.model_copy(update={"augment": False}), run.preprocessing)
     inputs, labels = split_arrays(splits.val, 2000)
-    record: dict[str, Any] = {"source_run": str(run.path), "method": cfg.method, "importance": cfg.importance,
+    record: dict[str, Any] = {"source_run": relative(run.path, out), "method": cfg.method, "importance": cfg.importance,
                               "before": measure_model(model, example, inputs, labels) if main else None}
     stage = manifest("prune", run.path, config=cfg)
     if cfg.method == "unstructured":
@@ -240,7 +259,7 @@ def finish_report(out: Path, record: dict[str, Any], base: nn.Module, model: nn.
         record["note"] = ("unstructured sparsity zeroes weights but keeps every tensor dense: onnxruntime runs "
                           "the same dense kernels, so latency does not improve; only a compressed file shrinks")
     write_json(out / "prune_report.json", record)
-    (out / "prune_report.md").write_text(prune_markdown(record))
+    write_text(out / "prune_report.md", prune_markdown(record))
     print(prune_markdown(record))
 
 

@@ -18,6 +18,7 @@ and that is not a failure unless ``quantize.required`` (``--strict``) asks for o
 
 from __future__ import annotations
 
+import copy
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,13 +31,16 @@ from onnxruntime.quantization import CalibrationDataReader
 from .config import QuantizeConfig
 from .errors import FtdeployError, NotShipped
 from .evaluation import EvalData, accuracy, batched, logits_at_batch_sizes, onnx_predictor, parity
+from .files import relative, resolve
 from .latency import FASTER, Speedup, compare, ort_runner, profile, provider_latency, tile_batch
 from .machine import cpu_flags, physical_cores
-from .onnx_model import model_metadata, onnx_size, open_session, write_metadata
+from .onnx_model import (TWO_GB, copy_onnx, model_metadata, move_onnx, onnx_size, open_session, save_onnx,
+                         update_metadata, write_metadata)
 from .report import write_report
-from .rundir import load_export, load_run, manifest, write_manifest
+from .rundir import ExportDir, load_export, manifest, write_manifest
 
 COMPUTE_OPS = ["Conv", "Gemm", "MatMul"]
+INT8, INT8_REJECTED = "model.int8.onnx", "model.int8.rejected.onnx"
 
 
 @dataclass
@@ -174,16 +178,18 @@ def quantize_once(pre: Path, out: Path, mode: str, scheme: Scheme, cfg: Quantize
                   excluded: list[str], op_types: list[str] | None) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
+    large = onnx_size(pre) > TWO_GB  # the quantized file keeps its weights outside the protobuf too
     if mode == "dynamic":
         quantize_dynamic(str(pre), str(out), weight_type=QuantType.QInt8, per_channel=scheme.per_channel,
-                         reduce_range=scheme.reduce_range, nodes_to_exclude=excluded, op_types_to_quantize=op_types)
+                         reduce_range=scheme.reduce_range, nodes_to_exclude=excluded, op_types_to_quantize=op_types,
+                         use_external_data_format=large)
         return
     reader.rewind()
     quantize_static(str(pre), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=scheme.per_channel,
                     reduce_range=scheme.reduce_range, activation_type=getattr(QuantType, _TYPES[scheme.activation_type]),
                     weight_type=getattr(QuantType, _TYPES[scheme.weight_type]), nodes_to_exclude=excluded,
                     op_types_to_quantize=op_types, calibrate_method=getattr(CalibrationMethod, _CALIBRATION[cfg.calibration]),
-                    extra_options={"CalibMovingAverage": False})
+                    use_external_data_format=large, extra_options={"CalibMovingAverage": False})
 
 
 def sensitive_nodes(pre: Path, model, qdq: Path, reader: CalibrationReader, limit: int = 16) -> list[str]:
@@ -351,10 +357,13 @@ def refusal(tried: list[Attempt], cfg: QuantizeConfig, plan: Preflight) -> str:
 
 def quantize(export_dir: str | Path, output_dir: str | Path | None = None, cfg: QuantizeConfig | None = None) -> Path:
     """Quantize the FP32 file of ``export_dir`` into ``output_dir`` (default: the export directory
-    itself), adding the ``int8`` variant and the ``quantization`` record to its report.
+    itself), adding the ``int8`` variant and the ``quantization`` record to its report. Another
+    ``output_dir`` becomes a complete export directory of its own (the FP32 files copied beside the
+    INT8 one), which every later command accepts; the source directory is left as it was.
 
     Raises NotShipped when INT8 was refused and ``cfg.required`` is set; otherwise a refusal prints
-    one line and the directory ships FP32 alone.
+    one line and the directory ships FP32 alone. A file the final measurement refuses is kept as
+    ``model.int8.rejected.onnx``, never under the shipping name.
 
     Example::
 
@@ -367,33 +376,55 @@ def quantize(export_dir: str | Path, output_dir: str | Path | None = None, cfg: 
                             "fix the export first: quantizing a file that does not match PyTorch is meaningless")
     out = Path(output_dir or cfg.output_dir or src.path)
     out.mkdir(parents=True, exist_ok=True)
-    int8_path = out / "model.int8.onnx"
-    int8_path.unlink(missing_ok=True)  # never leave an INT8 file from an earlier try
-    run = load_run(src.source_run)
-    threads = src.report.get("latency_session", {}).get("intra_op_threads") or physical_cores()
-    data = EvalData.from_run(run, src.report["dataset"]["num_samples"], cfg.calibration_samples)
+    report = rebase_report(src, out)
+    for name in (INT8, INT8_REJECTED):
+        (out / name).unlink(missing_ok=True)  # never leave an INT8 file from an earlier try
+    fp32 = out / report["variants"]["fp32"]["path"]
+    source = out / (report["variants"]["fp32"].get("unoptimized_path") or report["variants"]["fp32"]["path"])
+    threads = report.get("latency_session", {}).get("intra_op_threads") or physical_cores()
+    data = EvalData.from_export(src, report["dataset"]["num_samples"], cfg.calibration_samples)
     evaluator = Evaluator(data.inputs, data.labels, threads, cfg.latency_seconds)
-    source = src.variant_path("fp32") if not src.report["variants"]["fp32"].get("unoptimized_path") \
-        else Path(src.report["variants"]["fp32"]["unoptimized_path"])
-    report = src.report
+    candidate = out / ".model.int8.validating.onnx"
     started = time.perf_counter()
-    record, reason = ship(source, src.model, int8_path, cfg, data.calibration, evaluator,
-                          {**_metadata(src.model), "variant": "int8"})
+    record, reason = ship(source, fp32, candidate, cfg, data.calibration, evaluator,
+                          {**_metadata(fp32), "variant": "int8"})
     record["seconds"] = time.perf_counter() - started  # the whole search: what a user waits for
     report["quantization"] = record
     report["variants"].pop("int8", None)
     if reason is None:
-        reason = confirm(report, src.model, int8_path, data, threads, cfg, record)
+        reason = confirm(report, fp32, candidate, data, threads, cfg, record)
     record["shipped"], record["not_shipped_reason"] = reason is None, reason
+    if candidate.is_file():
+        final = out / (INT8 if reason is None else INT8_REJECTED)
+        move_onnx(candidate, final)
+        record["file"] = final.name
+        if reason is None:
+            report["variants"]["int8"]["path"] = final.name
     write_report(report, out)
-    written = ["report.json", "report.md", "latency.png"] + (["model.int8.onnx"] if reason is None else [])
-    write_manifest(out, manifest("quantize", src.path, config=cfg), written)
+    write_manifest(out, manifest("quantize", src.path, config=cfg))
     if reason is not None:
         print(f"INT8 not shipped: {reason}")
         if cfg.required:
             raise NotShipped(f"INT8 not shipped: {reason}", "quantize.required (--strict) asks for INT8; "
                              "drop --strict to ship FP32 alone, or raise --max-accuracy-drop")
     return out
+
+
+def rebase_report(src: ExportDir, out: Path) -> dict[str, Any]:
+    """The export directory's report as ``out`` will hold it. For another directory, its FP32 files
+    are copied there and the run's path is stored relative to ``out``, so ``out`` is a complete
+    export directory wherever it lies."""
+    report = copy.deepcopy(src.report)
+    if out.resolve() == src.path.resolve():
+        return report
+    fp32 = report["variants"]["fp32"]
+    for key in ("path", "unoptimized_path"):
+        if fp32.get(key):
+            copy_onnx(resolve(fp32[key], src.path), out / Path(fp32[key]).name)
+            fp32[key] = Path(fp32[key]).name
+    report["source_run"] = relative(src.source_run, out)
+    update_metadata(out / fp32["path"], {"source_run": report["source_run"]})  # relative to the file's folder
+    return report
 
 
 def _metadata(path: Path) -> dict[str, Any]:
@@ -417,7 +448,7 @@ def ship(source: Path, fp32: Path, out: Path, cfg: QuantizeConfig, calibration: 
         if chosen is not None:
             model = onnx.load(str(chosen.path))
             write_metadata(model, metadata)
-            onnx.save(model, str(out))
+            save_onnx(model, out)
     scheme = chosen.scheme if chosen else schemes(plan, cfg)[0]
     record = {"mode": mode, "activation_type": scheme.activation_type if mode == "static" else "uint8 (dynamic)",
               "weight_type": scheme.weight_type, "calibration": cfg.calibration if mode == "static" else None,
@@ -436,9 +467,9 @@ def ship(source: Path, fp32: Path, out: Path, cfg: QuantizeConfig, calibration: 
 
 def confirm(report: dict[str, Any], fp32: Path, int8: Path, data: EvalData, threads: int, cfg: QuantizeConfig,
             record: dict[str, Any]) -> str | None:
-    """Measure the shipped file again beside FP32 at the report's batch sizes (the final figures the
-    report shows) and record its parity; remove it and say why when this measurement does not
-    confirm it is faster."""
+    """Measure the file to ship again beside FP32 at the report's batch sizes (the final figures the
+    report shows) and record its parity; say why not when this measurement does not confirm it is
+    faster (the caller then keeps it under the rejected name)."""
     fp32_session, int8_session = open_session(fp32, threads), open_session(int8, threads)
     again = open_session(fp32, threads)
     batch_sizes = [int(b) for b in report["variants"]["fp32"]["latency_ms"]]
@@ -455,7 +486,7 @@ def confirm(report: dict[str, Any], fp32: Path, int8: Path, data: EvalData, thre
     # two measurements of one ratio agree when they differ by less than the noise, relative to it
     record["search_final_agree"] = abs(final.median / record["search_speedup"]["median"] - 1) <= noise
     report["variants"]["fp32"].update(figures["fp32"], latency_measured_by="quantize")
-    report["variants"]["int8"] = {"path": str(int8), "size_bytes": onnx_size(int8),
+    report["variants"]["int8"] = {"path": int8.name, "size_bytes": onnx_size(int8),
                                   "accuracy": accuracy(int8_logits, data.labels),
                                   "parity": {**parity(fp32_logits, int8_logits), "reference": "fp32", "batch_sizes": [1]},
                                   **figures["int8"], "latency_measured_by": "quantize",
@@ -464,7 +495,6 @@ def confirm(report: dict[str, Any], fp32: Path, int8: Path, data: EvalData, thre
     # against what it cannot see twice: an INT8 file that is not faster at all. Applying the
     # threshold again would flip a borderline decision on every other run.
     if record["final_speedup"]["verdict"] not in FASTER:
-        int8.unlink(missing_ok=True)
         report["variants"].pop("int8")
         return (f"the final measurement did not confirm the search: {final.median:.2f}x "
                 f"[{final.low:.2f}-{final.high:.2f}] against fp32 at batch {bs} is "

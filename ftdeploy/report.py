@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from .files import atomic_path, write_json, write_text
 from .latency import format_table
-from .rundir import write_json
 
 
 def variant_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -39,7 +39,7 @@ def markdown(report: dict[str, Any]) -> str:
     session = report.get("latency_session", {})
     measured = {v.get("latency_measured_by") for v in report["variants"].values()} - {None}
     lines = [
-        f"# ftdeploy report: {report['source_run']}", "",
+        f"# ftdeploy report: {report['source']['model']} from run `{report['source_run']}`", "",
         f"**Gates: {'PASSED' if g['passed'] else 'FAILED'}**", "",
         *[f"- {f}" for f in g["failures"]], *([""] if g["failures"] else []),
         f"Data: {d['name']} ({d['split']}, {d['num_samples']} images). "
@@ -51,6 +51,13 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     if len(measured) > 1:
         lines += [f"Latency was measured by stages {', '.join(sorted(measured))}: compare rows of the same stage.", ""]
+    parity = report["variants"]["fp32"].get("parity") or {}
+    if "onnx_error" in parity:
+        lines += [f"FP32 parity against a {parity['error_reference']} run of the PyTorch model: PyTorch float32 is off by "
+                  f"{parity['torch_fp32_error']:.2e}, the file by {parity['onnx_error']:.2e} (allowed: "
+                  f"{parity['parity_error_ratio']:g}x PyTorch's + {parity['atol']:g} = {parity['allowed_error']:.2e}); "
+                  f"top-1 agreement with PyTorch {100 * parity['top1_agreement']:.2f} %, {parity['near_ties']} "
+                  f"near-tie(s) inside both errors excused.", ""]
     for name, v in report["variants"].items():
         if v.get("exporter"):
             why = f" (dynamo failed: {v['exporter_fallback_reason']})" if v.get("exporter_fallback_reason") else ""
@@ -115,13 +122,14 @@ def plot_latency(report: dict[str, Any], path: Path) -> None:
         ax.set(title=f"batch {bs}: p50 latency (bar to p99)", ylabel="ms")
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
 
 
 def write_report(report: dict[str, Any], out: Path) -> None:
     write_json(out / "report.json", report)
-    (out / "report.md").write_text(markdown(report))
+    write_text(out / "report.md", markdown(report))
     plot_latency(report, out / "latency.png")
 
 
@@ -181,6 +189,8 @@ def usability_html(data: dict[str, Any]) -> str:
     parts = [f"<h1>Usability report</h1><p class='meta'>{html.escape(data['source'])} (run {html.escape(data['source_run'])}); "
              f"{data['dataset']['num_samples']} validation images of {html.escape(data['dataset']['name'])}; "
              f"{html.escape(m['cpu'])}, {m['threads']} thread(s), onnxruntime {m['onnxruntime']}.</p><p>{status}</p>"]
+    if data.get("torch_variant_missing"):
+        parts.append(f"<p class='meta'>The PyTorch variant is left out: {html.escape(data['torch_variant_missing'])}.</p>")
     parts.append("<h2>Summary</h2>" + _table(
         ["variant", "accuracy %", "macro F1", "mean corruption acc %", "robustness drop vs fp32 (pts)", "ECE",
          "ECE after T", "saliency agreement", "p50 ms @1", "p99 ms @1", "peak MB", "size MB"],

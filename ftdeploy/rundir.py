@@ -5,7 +5,13 @@ rebuild the architecture), ``config.yaml`` (the resolved config), ``classes.json
 ``preprocessing.json`` and ``metrics.json``. An export directory (``export``, ``quantize``) holds
 the ONNX files and ``report.json``. Every one carries ``manifest.json``: the stage that wrote it,
 its parent directory, the lineage back to the training data, the stage's resolved config, the
-command, the time, library versions and the sha256 of every file the stage wrote.
+command, the time, library versions and the sha256 of every file in the directory.
+
+Every path a manifest or report stores (the directory itself, its parent stages, the files) is
+relative to the directory that holds it, so a directory reads the same from any working directory
+and after it is copied or moved together with the stages it came from. Paths to the user's data
+are the exception: they are stored absolute, since the data does not move with the artifact.
+Every file is written atomically (``ftdeploy.files``).
 
 Nothing here imports a stage: every stage reads and writes through this module.
 """
@@ -19,17 +25,20 @@ import platform
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from . import __version__
-from .config import PipelineConfig, dump_config, validate_config
+from .config import DataConfig, PipelineConfig, dump_config, validate_config
 from .errors import RunDirError
+from .files import relative, resolve, write_json, write_text
 from .preprocessing import Preprocessing
 
 WEIGHTS = "model.safetensors"
 MANIFEST = "manifest.json"
 REQUIRED = ("model.json", WEIGHTS, "classes.json", "preprocessing.json", MANIFEST)
 UNHASHED = ("checkpoints", "logs")  # resume state and tracker logs: not part of the artifact
+# config fields that name artifact paths: stored relative to the manifest's directory
+CONFIG_PATHS = ("output_dir", "output", "compare")
 
 
 @dataclass
@@ -87,7 +96,9 @@ def load_run(path: str | Path) -> Run:
 
 @dataclass
 class ExportDir:
-    """An export directory: ``model.onnx`` (+ ``model.int8.onnx``), its report and its manifest."""
+    """An export directory: ``model.onnx`` (+ ``model.int8.onnx``), its report and its manifest. It
+    carries what the later stages need (data, classes, preprocessing), so that quantize, report and
+    serve work on it wherever it is; only the PyTorch variant of the report needs its source run."""
 
     path: Path
     report: dict[str, Any]
@@ -100,11 +111,31 @@ class ExportDir:
     @property
     def source_run(self) -> Path:
         """The run directory the FP32 file was exported from."""
-        return Path(self.report["source_run"])
+        return resolve(self.report["source_run"], self.path)
+
+    @property
+    def data(self) -> DataConfig:
+        return DataConfig.model_validate(self.report["source"]["data"])
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.report["source"]["classes"])
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing.from_dict(self.report["source"]["preprocessing"])
 
     def variant_path(self, variant: str) -> Path | None:
         v = self.report["variants"].get(variant) or {}
-        return Path(v["path"]) if v.get("path") and Path(v["path"]).is_file() else None
+        path = resolve(v["path"], self.path) if v.get("path") else None
+        return path if path is not None and path.is_file() else None
+
+    def load_source_run(self) -> "Run":
+        if not is_run_dir(self.source_run):
+            raise RunDirError(f"{self.path}: the run directory it was exported from ({self.report['source_run']}, "
+                              f"relative to it) is not there", "copy or move the export directory together with "
+                              "its run directory, or export the run again")
+        return load_run(self.source_run)
 
 
 def load_export(path: str | Path) -> ExportDir:
@@ -114,9 +145,10 @@ def load_export(path: str | Path) -> ExportDir:
     missing = [f for f in ("model.onnx", "report.json", MANIFEST) if not (path / f).is_file()]
     if missing:
         hint = ("that is a run directory: export it first (ftdeploy export RUN_DIR)" if is_run_dir(path)
-                else "pass a folder written by ftdeploy export")
+                else "its FP32 file failed the parity gate (model.rejected.onnx): see report.md"
+                if (path / "model.rejected.onnx").is_file() else "pass a folder written by ftdeploy export")
         raise RunDirError(f"{path} is not an export directory: missing {', '.join(missing)}", hint)
-    return ExportDir(path, read_json(path / "report.json"), read_json(path / MANIFEST))
+    return ExportDir(path, read_json(path / "report.json"), read_manifest(path))
 
 
 def versions() -> dict[str, str]:
@@ -133,11 +165,13 @@ def manifest(stage: str, parent: Path | None = None, config: Any = None, **extra
     config, the command, the time and library versions. ``write_manifest`` adds the path and files.
 
     The lineage is the parent's lineage plus the parent's own record (less its lineage), so the last
-    manifest alone traces every stage back to the training data.
+    manifest alone traces every stage back to the training data. Paths are absolute until
+    ``write_manifest`` stores them relative to the directory it writes.
     """
     lineage: list[dict[str, Any]] = [{"stage": "data", **extra["data"]}] if parent is None and "data" in extra else []
-    if parent is not None and (Path(parent) / MANIFEST).is_file():
-        pm = read_json(Path(parent) / MANIFEST)
+    parent = Path(parent).absolute() if parent is not None else None
+    if parent is not None and (parent / MANIFEST).is_file():
+        pm = read_manifest(parent)
         rerun = pm.get("stage") == stage and pm.get("path") == str(parent)  # the same stage again, in place
         lineage = pm.get("lineage", []) + ([] if rerun else [{k: v for k, v in pm.items() if k != "lineage"}])
     if hasattr(config, "model_dump"):
@@ -147,15 +181,37 @@ def manifest(stage: str, parent: Path | None = None, config: Any = None, **extra
             "command": " ".join(sys.argv), "versions": versions(), **extra}
 
 
-def write_manifest(out: Path, record: dict[str, Any], files: list[str] | None = None) -> None:
-    """Write ``record`` as ``out/manifest.json`` with the sha256 of ``files`` (default: every file under
-    ``out`` but the manifest, checkpoints and logs)."""
-    names = files if files is not None else sorted(
-        str(p.relative_to(out)) for p in out.rglob("*")
-        if p.is_file() and p.name != MANIFEST and p.relative_to(out).parts[0] not in UNHASHED)
-    write_json(out / MANIFEST, {**record, "path": str(out),
-                                "files": {n: {"sha256": sha256(out / n), "bytes": (out / n).stat().st_size}
-                                          for n in names if (out / n).is_file()}})
+def _map_paths(record: dict[str, Any], fn: Callable[[str], str]) -> dict[str, Any]:
+    """``record`` with ``fn`` applied to every artifact path it holds: its own path and parent, the
+    output paths of its config, and the same in each lineage entry."""
+    out = dict(record)
+    for key in ("path", "parent"):
+        if out.get(key):
+            out[key] = fn(out[key])
+    if isinstance(out.get("config"), dict):
+        out["config"] = {k: ([fn(x) for x in v] if isinstance(v, list) else fn(v)) if k in CONFIG_PATHS and v else v
+                         for k, v in out["config"].items()}
+    if out.get("lineage"):
+        out["lineage"] = [_map_paths(entry, fn) for entry in out["lineage"]]
+    return out
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    """``directory/manifest.json`` with its paths resolved (they are stored relative to ``directory``)."""
+    directory = Path(directory).absolute()
+    return _map_paths(read_json(directory / MANIFEST), lambda p: str(resolve(p, directory)))
+
+
+def write_manifest(out: Path, record: dict[str, Any]) -> None:
+    """Write ``record`` as ``out/manifest.json``, its paths relative to ``out``, with the sha256 of every
+    file under ``out`` (but the manifest, checkpoints and logs): a stage that rewrites a file in place
+    writes the manifest again, so the hashes always describe the directory as it is."""
+    names = sorted(str(p.relative_to(out)) for p in out.rglob("*")
+                   if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
+                   and p.relative_to(out).parts[0] not in UNHASHED)
+    stored = _map_paths({**record, "path": str(Path(out).absolute())}, lambda p: relative(p, out))
+    write_json(out / MANIFEST, {**stored, "files": {n: {"sha256": sha256(out / n), "bytes": (out / n).stat().st_size}
+                                                    for n in names}})
 
 
 def lineage_stages(record: dict[str, Any]) -> list[str]:
@@ -175,16 +231,12 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
-def write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
-
-
 def write_run_files(out: Path, cfg: PipelineConfig, classes: list[str], spec: Preprocessing,
                     architecture: dict[str, Any]) -> None:
     """Everything but the weights, metrics and manifest, written before training so a crash leaves a
-    readable folder."""
+    readable folder. The stored config's output_dir is the directory itself (``.``)."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_config(cfg))
+    write_text(out / "config.yaml", dump_config(cfg.model_copy(update={"output_dir": Path(".")})))
     write_json(out / "classes.json", classes)
-    (out / "preprocessing.json").write_text(spec.to_json() + "\n")
+    write_text(out / "preprocessing.json", spec.to_json() + "\n")
     write_json(out / "model.json", architecture)

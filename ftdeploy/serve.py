@@ -1,7 +1,8 @@
 """``ftdeploy serve MODEL.onnx``: FastAPI on uvicorn over one onnxruntime session.
 
 The ONNX file alone carries what serving needs (class names, preprocessing). Concurrent requests are
-gathered into micro-batches. Bad input gets a 4xx JSON error and never disturbs other requests.
+gathered into micro-batches. Bad input gets a 4xx JSON error and never disturbs other requests; an
+overloaded server says so (503 with Retry-After) instead of queueing without end.
 Torch-free: installs with ``pip install 'ftdeploy[serve]'``.
 
 Example::
@@ -14,13 +15,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import ctypes
+import functools
 import io
+import json
 import logging
 import multiprocessing
 import os
 import shutil
 import signal
 import socket
+import struct
+import sys
 import tempfile
 import time
 import warnings
@@ -31,7 +37,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .errors import DependencyError, FtdeployError
+from .errors import DependencyError, FtdeployError, ServiceError
 from .latency import PROVIDERS, installed_providers
 from .onnx_model import OnnxClassifier
 
@@ -59,9 +65,13 @@ class Limits:
     max_image_bytes: int = 10 * 2**20
     max_image_pixels: int = 40_000_000  # Pillow's own bomb guard is 89M; a classifier never needs that much
     max_images: int = 32
+    max_request_bytes: int = 32 * 2**20  # counted on the bytes read, so chunked uploads are held to it too
 
 
-INLINE_DECODE_BYTES = 64 * 1024  # smaller uploads are decoded on the event loop, larger ones in a thread
+# Images with up to this many pixels in all are decoded on the event loop (a thread hop costs more
+# than decoding them); larger ones in a thread. Decided from the header: a 60 KB PNG can hold 36 M
+# pixels, and decoding those on the loop would stall every other request.
+INLINE_DECODE_PIXELS = 256 * 256
 INLINE_MAX_RUN_S = 0.005  # a lone request's model run may hold the event loop this long (see MicroBatcher)
 
 
@@ -78,17 +88,25 @@ class ErrorResponse(BaseModel):
 
 ERRORS = {status: {"model": ErrorResponse, "description": what} for status, what in (
     (400, "not an image, empty, truncated, bad JSON or base64"), (413, "too many bytes, pixels or images"),
-    (415, "unsupported content type"), (422, "invalid query parameter"))}
+    (415, "unsupported content type"), (422, "invalid query parameter"),
+    (503, "overloaded (the request queue is full: retry after Retry-After seconds) or unable to serve"),
+    (504, "the request waited longer than --request-timeout"))}
 
 
-class BadInput(Exception):
-    def __init__(self, status: int, code: str, message: str):
+class HttpError(Exception):
+    """An answer other than 200, in the one error shape."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+        self.status, self.code, self.message, self.headers = status, code, message, headers
 
 
-def decode_image(data: bytes, limits: Limits) -> Image.Image:
-    """Bytes -> a fully decoded image, or a BadInput saying what is wrong with them."""
+class BadInput(HttpError):
+    """Something wrong with the request itself (4xx)."""
+
+
+def open_image(data: bytes, limits: Limits) -> Image.Image:
+    """Bytes -> an image whose header has been read and checked (size, pixels, bombs); nothing decoded yet."""
     if not data:
         raise BadInput(400, "empty_image", "an image is empty (0 bytes)")
     if len(data) > limits.max_image_bytes:
@@ -97,15 +115,21 @@ def decode_image(data: bytes, limits: Limits) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
-            w, h = img.size
-            if w * h > limits.max_image_pixels:  # checked from the header, before decoding anything
-                raise BadInput(413, "too_many_pixels", f"an image is {w}x{h} = {w * h} pixels; the limit is {limits.max_image_pixels}")
-            img.load()
-    except BadInput:
-        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise BadInput(413, "decompression_bomb", "an image decompresses to too many pixels") from None
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError... for bad files
+        raise BadInput(400, "invalid_image", f"not a decodable image ({type(e).__name__}: {e})") from None
+    w, h = img.size
+    if w * h > limits.max_image_pixels:
+        raise BadInput(413, "too_many_pixels", f"an image is {w}x{h} = {w * h} pixels; the limit is {limits.max_image_pixels}")
+    return img
+
+
+def decode(img: Image.Image) -> Image.Image:
+    """Decode an opened image fully, or a BadInput saying why it cannot be."""
+    try:
+        img.load()
+    except Exception as e:
         raise BadInput(400, "invalid_image", f"not a decodable image ({type(e).__name__}: {e})") from None
     return img
 
@@ -146,11 +170,13 @@ class Metrics:
 class Lifecycle:
     """Where one server process stands: warming up, ready, draining (SIGTERM received: /readyz says
     503, requests are still answered), closing (no longer accepting: every answer says
-    ``Connection: close``, so no client sends on a connection the server is about to close)."""
+    ``Connection: close``, so no client sends on a connection the server is about to close), or
+    failed (the batcher stopped: /readyz says 503 and the process exits non-zero)."""
 
     ready: bool = False
     draining: bool = False
     closing: bool = False
+    failed: str | None = None
     in_flight: int = 0
     last_answer: float = 0.0  # time.monotonic() of the latest response
 
@@ -185,14 +211,18 @@ class RequestMetrics:
 
 class MicroBatcher:
     """Gathers concurrent requests into one onnxruntime run of up to ``max_batch_size`` images,
-    waiting at most ``max_wait_ms`` for a batch to fill; results go back to each caller."""
+    waiting at most ``max_wait_ms`` for a batch to fill; results go back to each caller. At most
+    ``max_queue`` requests wait: beyond that a request is refused at once (503), since a queue
+    without a bound only turns overload into timeouts for everyone."""
 
     def __init__(self, model: OnnxClassifier, metrics: Metrics, max_batch_size: int, max_wait_ms: float,
-                 process_per_core: bool = False):
+                 process_per_core: bool = False, max_queue: int = 256, lifecycle: Lifecycle | None = None):
         self.model, self.metrics, self.process_per_core = model, metrics, process_per_core
-        self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000
+        self.max_batch_size, self.max_wait, self.max_queue = max_batch_size, max_wait_ms / 1000, max_queue
+        self.lifecycle = lifecycle or Lifecycle()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.task: asyncio.Task | None = None
+        self.pending: set[asyncio.Future] = set()  # every answer still owed, queued or in a batch
         # Requests still decoding. A batch only waits while some are on their way: a lone request
         # at low load runs at once instead of paying max_wait_ms for company that is not coming.
         self.incoming = 0
@@ -201,17 +231,42 @@ class MicroBatcher:
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._loop())
+        self.task.add_done_callback(self._stopped)
 
     async def stop(self) -> None:
         if self.task:
             self.task.cancel()
             await asyncio.gather(self.task, return_exceptions=True)
 
-    async def infer(self, arrays: np.ndarray) -> np.ndarray:
-        """Logits for one request's images (possibly run together with other requests')."""
+    def _stopped(self, task: asyncio.Task) -> None:
+        """The loop ended other than by stop(): nothing will answer the requests waiting or to come.
+        They get a 503 now, /readyz turns 503 and the server exits (the orchestrator restarts it)."""
+        if task.cancelled() or task.exception() is None:
+            return
+        error = task.exception()
+        self.lifecycle.failed = f"the micro-batcher stopped ({type(error).__name__}: {error})"
+        log.error("%s", self.lifecycle.failed)
+        for future in list(self.pending):
+            if not future.done():
+                future.set_exception(HttpError(503, "unavailable", self.lifecycle.failed))
+
+    async def infer(self, arrays: np.ndarray, timeout: float | None = None) -> np.ndarray:
+        """Logits for one request's images (possibly run together with other requests'); an
+        HttpError when the queue is full (503), the server cannot serve (503), or the answer takes
+        longer than ``timeout`` seconds (504)."""
+        if self.lifecycle.failed:
+            raise HttpError(503, "unavailable", self.lifecycle.failed)
+        if self.queue.qsize() >= self.max_queue:
+            raise HttpError(503, "overloaded", f"{self.queue.qsize()} requests are waiting (--max-queue "
+                            f"{self.max_queue}); retry shortly", {"Retry-After": "1"})
         future = asyncio.get_running_loop().create_future()
-        await self.queue.put((arrays, future))
-        return await future
+        self.pending.add(future)
+        future.add_done_callback(self.pending.discard)
+        self.queue.put_nowait((arrays, future))
+        try:
+            return await asyncio.wait_for(future, timeout)  # cancels the future, which the batch then skips
+        except asyncio.TimeoutError:
+            raise HttpError(504, "timeout", f"no answer within {timeout:g} s (--request-timeout)") from None
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -235,6 +290,7 @@ class MicroBatcher:
             await self._run(items)
 
     async def _run(self, items) -> None:
+        items = [(arrays, future) for arrays, future in items if not future.done()]  # timed out: nobody waits
         if not items:
             return
         batch = np.concatenate([a for a, _ in items])
@@ -299,10 +355,13 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 def create_app(model_path: str | Path, threads: int | None = None, max_batch_size: int = 16, max_wait_ms: float = 2.0,
                limits: Limits = Limits(), warmup_runs: int = 3, provider: str = "cpu",
-               lifecycle: Lifecycle | None = None, process_per_core: bool = False) -> FastAPI:
+               lifecycle: Lifecycle | None = None, process_per_core: bool = False, max_queue: int = 256,
+               request_timeout: float | None = 30.0) -> FastAPI:
     """The serving app for one ONNX file (loaded now, so a bad file fails before the server binds).
     ``provider``: ``cpu``, ``openvino`` or ``auto`` (see :func:`choose_provider`);
-    ``process_per_core``: worker processes cover every core (see :meth:`MicroBatcher._run_inline`)."""
+    ``process_per_core``: worker processes cover every core (see :meth:`MicroBatcher._run_inline`);
+    ``max_queue``: requests that may wait for the model (then 503); ``request_timeout``: seconds a
+    request may wait for its answer (then 504)."""
     from . import __version__
 
     chosen, why = choose_provider(model_path, provider)
@@ -319,8 +378,8 @@ def create_app(model_path: str | Path, threads: int | None = None, max_batch_siz
             chosen, why, model = "cpu", str(e), reference
     print(f"provider: {chosen} ({why})", flush=True)
     metrics = Metrics(max_batch_size)
-    batcher = MicroBatcher(model, metrics, max_batch_size, max_wait_ms, process_per_core)
     state = lifecycle or Lifecycle()
+    batcher = MicroBatcher(model, metrics, max_batch_size, max_wait_ms, process_per_core, max_queue, state)
     # Fitted by `ftdeploy report --calibrate` and stored in the file: probabilities that mean what they say.
     temperature = float(model.metadata.get("temperature") or 1.0)
     info = {"classes": model.classes, "input_size": model.preprocessing.input_size,
@@ -328,6 +387,7 @@ def create_app(model_path: str | Path, threads: int | None = None, max_batch_siz
             "source_run": model.metadata.get("source_run"), "model": model.metadata.get("model"),
             "exported_by": model.metadata.get("version"), "server_version": __version__, "file": str(model.path),
             "max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms, "limits": limits.__dict__,
+            "max_queue": max_queue, "request_timeout": request_timeout,
             "temperature": temperature, "provider": chosen, "provider_reason": why, "provider_agreement": agreement,
             "pid": os.getpid()}
 
@@ -348,12 +408,13 @@ def create_app(model_path: str | Path, threads: int | None = None, max_batch_siz
     app = FastAPI(title="ftdeploy model server", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description=f"Image classification with {model.path.name} ({len(model.classes)} classes).")
 
+    app.state.batcher, app.state.lifecycle = batcher, state  # for callers who embed the app
     app.add_middleware(RequestMetrics, metrics=metrics, lifecycle=state)
     add_docs(app)
 
-    @app.exception_handler(BadInput)
-    async def bad_input(_request: Request, exc: BadInput):
-        return error_response(exc.status, exc.code, exc.message)
+    @app.exception_handler(HttpError)
+    async def refused(_request: Request, exc: HttpError):
+        return error_response(exc.status, exc.code, exc.message, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def bad_parameter(_request: Request, exc: RequestValidationError):
@@ -374,10 +435,12 @@ def create_app(model_path: str | Path, threads: int | None = None, max_batch_siz
 
     @app.get("/readyz")
     async def readyz():
-        """Ready: the model is loaded and has answered its warm-up requests, and the server is not
-        draining (after SIGTERM it answers 503 here at once, and still answers requests)."""
-        ready = state.ready and not state.draining
-        return JSONResponse({"ready": ready, "draining": state.draining}, status_code=200 if ready else 503)
+        """Ready: the model is loaded and has answered its warm-up requests, the server is not
+        draining (after SIGTERM it answers 503 here at once, and still answers requests) and its
+        micro-batcher runs (``failed`` says why when it stopped)."""
+        ready = state.ready and not state.draining and state.failed is None
+        return JSONResponse({"ready": ready, "draining": state.draining, "failed": state.failed},
+                            status_code=200 if ready else 503)
 
     @app.get("/v1/model")
     async def model_info():
@@ -393,7 +456,7 @@ def create_app(model_path: str | Path, threads: int | None = None, max_batch_siz
         """Multipart upload (one or more files) or JSON ``{"images": ["<base64>", ...]}`` -> top-k labels per image."""
         batcher.active += 1
         try:
-            probs = softmax(await batcher.infer(await decode_request(request)) / temperature)
+            probs = softmax(await batcher.infer(await decode_request(request), request_timeout) / temperature)
         finally:
             batcher.active -= 1
         k_ = min(k, len(model.classes))
@@ -404,43 +467,61 @@ def create_app(model_path: str | Path, threads: int | None = None, max_batch_siz
                                              for row, p in zip(top, probs)]})
 
     async def decode_request(request: Request) -> np.ndarray:
-        blobs = await read_images(request, limits)
-        decode = lambda: model.preprocess([decode_image(b, limits) for b in blobs])  # noqa: E731
-        if sum(map(len, blobs)) <= INLINE_DECODE_BYTES:
-            return decode()  # a thread hop costs more than decoding a small image
+        opened = [open_image(b, limits) for b in await read_images(request, limits)]  # headers only
+        inputs = lambda: model.preprocess([decode(img) for img in opened])  # noqa: E731
+        if sum(img.width * img.height for img in opened) <= INLINE_DECODE_PIXELS:
+            return inputs()  # a thread hop costs more than decoding a small image
         batcher.incoming += 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(None, decode)
+            return await asyncio.get_running_loop().run_in_executor(None, inputs)
         finally:
             batcher.incoming -= 1
 
     return app
 
 
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/bmp", "image/gif", "image/tiff", "application/octet-stream")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused (413) as soon as more than ``limit`` bytes have arrived: the count
+    is of the bytes read, so a chunked upload without Content-Length is held to it as well."""
+    declared = request.headers.get("content-length")
+    if declared is not None and not declared.isdigit():
+        raise BadInput(400, "invalid_body", f"Content-Length {declared!r} is not a number")
+    if declared is not None and int(declared) > limit:
+        raise BadInput(413, "request_too_large", f"the request has {declared} bytes; the limit is {limit}")
+    body = bytearray()
+    async for chunk in request.stream():
+        if len(body) + len(chunk) > limit:
+            raise BadInput(413, "request_too_large", f"the request body passed {limit} bytes, the limit")
+        body += chunk
+    return bytes(body)
+
+
 async def read_images(request: Request, limits: Limits) -> list[bytes]:
     """The request's image bytes, whatever the accepted encoding; a BadInput for anything else."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    declared = int(request.headers.get("content-length") or 0)
-    budget = limits.max_images * limits.max_image_bytes * 4 // 3 + 65536  # base64 inflates by 4/3
-    if declared > budget:
-        raise BadInput(413, "request_too_large", f"the request has {declared} bytes; the limit is {budget}")
+    if ctype not in ("multipart/form-data", "application/json", *IMAGE_TYPES):
+        raise BadInput(415, "unsupported_media_type",
+                       f"content type {ctype or '(none)'!r} is not accepted; send multipart/form-data, "
+                       "application/json with base64 images, or a raw image body")
     try:
+        body = await read_body(request, limits.max_request_bytes)
         if ctype == "multipart/form-data":
-            form = await request.form(max_files=limits.max_images + 1)
+            async def replay():  # the body as read, for Starlette's multipart parser
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            form = await Request(request.scope, replay).form(max_files=limits.max_images + 1)
             blobs = [await f.read() for _, f in form.multi_items() if hasattr(f, "read")]
         elif ctype == "application/json":
-            payload = await request.json()
+            payload = json.loads(body)
             images = payload.get("images") if isinstance(payload, dict) else None
             if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
                 raise BadInput(400, "invalid_json", 'JSON bodies must be {"images": ["<base64>", ...]}')
             blobs = [base64.b64decode(i, validate=True) for i in images]
-        elif ctype in ("image/png", "image/jpeg", "image/webp", "image/bmp", "image/gif", "image/tiff",
-                       "application/octet-stream"):
-            blobs = [await request.body()]
         else:
-            raise BadInput(415, "unsupported_media_type",
-                           f"content type {ctype or '(none)'!r} is not accepted; send multipart/form-data, "
-                           "application/json with base64 images, or a raw image body")
+            blobs = [body]
     except BadInput:
         raise
     except binascii.Error:
@@ -512,19 +593,64 @@ def check_agreement(model: OnnxClassifier, reference: OnnxClassifier) -> dict:
     return result
 
 
+SO_ATTACH_FILTER = 26  # Linux <asm-generic/socket.h>
+
+
+def block_new_connections(sock: socket.socket) -> bool:
+    """Make a listening socket drop every new SYN, leaving the connections already in its accept
+    queue alone (a one-instruction classic BPF socket filter: ``ret #0``). A client whose SYN is
+    dropped retries it a second later and is then refused by the closed port: refused, never reset.
+    False where the kernel has no socket filters (not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    program = (ctypes.c_ubyte * 8)(*struct.pack("HBBI", 0x06, 0, 0, 0))  # BPF_RET | BPF_K, k = 0: drop
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, struct.pack("HL", 1, ctypes.addressof(program)))
+    except OSError:
+        return False
+    return True
+
+
+def take_queued_connections(listener) -> list[socket.socket]:
+    """Every connection in a listening socket's accept queue: clients that finished the TCP handshake
+    (for them the connection is open, and their request may be on its way) but that the server has
+    not accepted yet. Closing the listener resets those; accepting them first lets them be answered.
+    New SYNs are dropped first, so the queue cannot refill between the last accept and the close."""
+    sock = socket.socket(fileno=os.dup(listener.fileno()))  # a second handle on the same listener
+    try:
+        block_new_connections(sock)
+        sock.setblocking(False)
+        queued = []
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return queued
+            conn.setblocking(False)
+            queued.append(conn)
+    finally:
+        sock.close()  # the duplicate handle only; the server closes the listener itself
+
+
 class DrainingServer(uvicorn.Server):
     """uvicorn, draining on SIGTERM/SIGINT: /readyz turns 503 at once while requests are still
     answered for ``drain_seconds`` (a load balancer or Kubernetes keeps sending for a few seconds
-    after the signal); then it stops accepting, answers what still arrives on open connections with
-    ``Connection: close`` until they go quiet, finishes in-flight and batched work, and exits.
-    A second signal skips what is left of the drain."""
+    after the signal); then it stops accepting without resetting anyone: the connections already in
+    the kernel's accept queue are accepted first and answered with ``Connection: close``, like what
+    still arrives on open keep-alive connections, until they go quiet; in-flight and batched work
+    finishes, and it exits. A second signal skips what is left of the drain.
+
+    It relies on uvicorn internals (``servers``, ``server_state``, ``lifespan.state``,
+    ``config.http_protocol_class``), hence uvicorn's upper bound in pyproject.toml, and
+    tests/test_serve.py checks them."""
 
     LINGER_S = 0.25  # quiet time on open connections before closing them; a keep-alive client under
     MAX_LINGER_S = 5.0  # load sends again within milliseconds, and is told to close
 
-    def __init__(self, config, lifecycle: Lifecycle, drain_seconds: float):
+    def __init__(self, config, lifecycle: Lifecycle, drain_seconds: float, stop_asked=lambda: False):
         super().__init__(config)
         self.lifecycle, self.drain_seconds, self.drain_started = lifecycle, drain_seconds, None
+        self.stop_asked = stop_asked  # a stop that came before uvicorn's own signal handlers were in place
 
     def handle_exit(self, sig, frame) -> None:
         if self.drain_started is None:
@@ -535,6 +661,11 @@ class DrainingServer(uvicorn.Server):
             super().handle_exit(sig, frame)
 
     async def on_tick(self, counter: int) -> bool:
+        if self.drain_started is None and self.stop_asked():
+            self.handle_exit(signal.SIGTERM, None)
+        if self.lifecycle.failed and not self.should_exit:  # nothing can be answered: no drain
+            log.error("stopping: %s", self.lifecycle.failed)
+            self.should_exit = True
         started = self.drain_started
         if started is not None and not self.should_exit and time.monotonic() - started >= self.drain_seconds:
             await self.stop_accepting()
@@ -542,10 +673,19 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
     async def stop_accepting(self) -> None:
+        loop = asyncio.get_running_loop()
+        queued = [conn for server in self.servers for listener in server.sockets
+                  for conn in take_queued_connections(listener)]
         for server in self.servers:
             server.close()
         life = self.lifecycle
         life.closing = True
+        protocol = functools.partial(self.config.http_protocol_class, config=self.config,
+                                     server_state=self.server_state, app_state=self.lifespan.state)
+        for conn in queued:
+            await loop.connect_accepted_socket(protocol, conn)
+        if queued:
+            log.info("stopped accepting; %d queued connection(s) accepted to be answered", len(queued))
         deadline = time.monotonic() + self.MAX_LINGER_S
         while self.server_state.connections and time.monotonic() < deadline and not self.force_exit:
             if life.in_flight == 0 and time.monotonic() - life.last_answer >= self.LINGER_S:
@@ -568,15 +708,19 @@ class ServeOptions:
     provider: str = "cpu"
     drain_seconds: float = 5.0
     workers: int = 1
+    max_queue: int = 256
+    request_timeout: float | None = 30.0
 
 
-def listening_socket(host: str, port: int) -> socket.socket:
-    """A socket on (host, port) that every worker binds with SO_REUSEPORT: the kernel spreads new
-    connections over the workers evenly (one shared accept queue lets the first to wake take a burst)."""
+def listening_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
+    """A socket bound to (host, port). With ``reuse_port`` (several workers) every worker binds its
+    own with SO_REUSEPORT, and the kernel spreads new connections over them evenly (one shared accept
+    queue lets the first to wake take a burst); without it, a port in use is an error, not a share."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as e:
@@ -585,18 +729,36 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run_worker(options: ServeOptions) -> None:
-    """One server process: its own onnxruntime session, batcher and event loop."""
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def run_worker(options: ServeOptions, stop=None) -> None:
+    """One server process: its own onnxruntime session, batcher and event loop. A stop signal (or
+    ``stop``, a multiprocessing Event the parent sets) during start-up, which can take seconds,
+    ends it cleanly before it serves; once uvicorn runs, the server drains."""
     from .machine import physical_cores
+
+    asked: list[int] = []
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, lambda sig, _frame: asked.append(sig))
+
+    def stop_asked() -> bool:
+        return bool(asked) or (stop is not None and stop.is_set())
 
     lifecycle = Lifecycle()
     per_core = options.workers > 1 and options.workers * (options.threads or 1) >= physical_cores()
-    app = create_app(options.model_path, options.threads, options.max_batch_size, options.max_wait_ms, options.limits,
-                     options.warmup_runs, options.provider, lifecycle, per_core)
-    sock = listening_socket(options.host, options.port)
+    app = None if stop_asked() else create_app(
+        options.model_path, options.threads, options.max_batch_size, options.max_wait_ms, options.limits,
+        options.warmup_runs, options.provider, lifecycle, per_core, options.max_queue, options.request_timeout)
+    if stop_asked():
+        print("stopped during start-up", flush=True)
+        return
+    sock = listening_socket(options.host, options.port, reuse_port=options.workers > 1)
     sock.listen(2048)
     config = uvicorn.Config(app, log_level="info", access_log=False, timeout_graceful_shutdown=30)
-    DrainingServer(config, lifecycle, options.drain_seconds).run(sockets=[sock])
+    DrainingServer(config, lifecycle, options.drain_seconds, stop_asked).run(sockets=[sock])
+    if lifecycle.failed:
+        raise ServiceError(lifecycle.failed, "see the log above; the process exits so that it is restarted")
 
 
 def serve(options: ServeOptions) -> None:
@@ -605,38 +767,53 @@ def serve(options: ServeOptions) -> None:
     workers = options.workers
     if workers == 1:  # this process serves: it loads the file and binds the port itself, once
         return run_worker(options)
-    # a bad file or --provider fails here, once, before any worker starts
-    OnnxClassifier(options.model_path, 1)
-    choose_provider(options.model_path, options.provider)
-    probe = listening_socket(options.host, options.port)  # the port is free (bound, never listening)
-    metrics_dir = tempfile.mkdtemp(prefix="ftdeploy-metrics-")
-    os.environ[MULTIPROC_ENV] = metrics_dir  # read by prometheus_client when a worker imports it
     context = multiprocessing.get_context("spawn")
-    procs = [context.Process(target=run_worker, args=(options,), name=f"ftdeploy-worker-{i}") for i in range(workers)]
-    stopping = []
+    stop = context.Event()
+    stopping: list[int] = []
+    procs: list = []
 
     def forward(sig, _frame):
         stopping.append(sig)
+        stop.set()  # first: a worker still importing ignores the signal, and reads this once it can
         for p in procs:
             if p.is_alive():
                 os.kill(p.pid, signal.SIGTERM if len(stopping) == 1 else sig)
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS}
+    metrics_dir = tempfile.mkdtemp(prefix="ftdeploy-metrics-")
     try:
-        for p in procs:
-            p.start()
+        # a bad file, --provider or a busy port fails here, once, before any worker starts
+        OnnxClassifier(options.model_path, 1)
+        choose_provider(options.model_path, options.provider)
+        listening_socket(options.host, options.port, reuse_port=False).close()
+        os.environ[MULTIPROC_ENV] = metrics_dir  # read by prometheus_client when a worker imports it
+        procs += [context.Process(target=run_worker, args=(options, stop), name=f"ftdeploy-worker-{i}")
+                  for i in range(workers)]
+        # Workers inherit an ignored signal across exec: none dies of one while it imports. Here the
+        # signals are blocked meanwhile (a blocked signal stays pending even while ignored), and
+        # reach ``forward`` once it is back.
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, signal.SIG_IGN)
+            for p in procs:
+                p.start()
+        finally:
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, forward)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         print(f"{workers} workers: pids {', '.join(str(p.pid) for p in procs)}", flush=True)
         while not stopping and all(p.is_alive() for p in procs):
             time.sleep(0.2)
         if not stopping:  # a worker died on its own: stop the others; the orchestrator restarts the whole
             forward(signal.SIGTERM, None)
         for p in procs:
-            p.join()
+            if p.pid is not None:
+                p.join()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        probe.close()
         shutil.rmtree(metrics_dir, ignore_errors=True)
-    failed = [p for p in procs if p.exitcode != 0]
+    failed = [p for p in procs if p.pid is not None and p.exitcode != 0]
     if failed:
-        raise FtdeployError(f"worker {failed[0].name} exited with code {failed[0].exitcode}", "see the log above")
+        raise ServiceError(f"worker {failed[0].name} exited with code {failed[0].exitcode}", "see the log above")

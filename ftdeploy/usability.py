@@ -35,17 +35,18 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image, ImageFilter
 
-from .config import ReportConfig
-from .errors import FtdeployError
+from .config import DataConfig, ReportConfig
+from .errors import FtdeployError, RunDirError
 from .evaluation import Predictor, batched, onnx_predictor, torch_predictor
+from .files import relative, write_json, write_text
 from .gates import Gates
 from .latency import compare, session_policy, tile_batch
 from .machine import machine_info, physical_cores
-from .onnx_model import model_metadata, onnx_size, open_session, write_metadata
+from .onnx_model import onnx_size, open_session, update_metadata
 from .report import usability_html
 from .preprocessing import Preprocessing, normalize, prepare
 from .registry import Registry
-from .rundir import load_export, load_run, manifest, write_json, write_manifest
+from .rundir import ExportDir, load_export, manifest, write_manifest
 
 Corruption = Callable[[np.ndarray, int, np.random.Generator], np.ndarray]  # HxWxC in [0, 1] -> same
 corruptions: Registry[Corruption] = Registry("corruption", FtdeployError)
@@ -145,17 +146,17 @@ def _as_channels(x: np.ndarray, like: np.ndarray) -> np.ndarray:
     return x[:, :, None] if x.ndim == 2 and like.ndim == 3 else x
 
 
-def validation_images(run, limit: int) -> Images:
+def validation_images(data: DataConfig, spec: Preprocessing, limit: int) -> Images:
     from .data import build_datasets
 
-    splits = build_datasets(run.config.data.model_copy(update={"augment": False}), run.preprocessing)
+    splits = build_datasets(data.model_copy(update={"augment": False}), spec)
     val = splits.val
     n = min(limit, len(val))
     pixels = []
     for i in range(n):
-        p = _array(prepare(val.load(i), run.preprocessing))
+        p = _array(prepare(val.load(i), spec))
         pixels.append(p[:, :, None] if p.ndim == 2 else p)
-    return Images(pixels, np.asarray(val.labels[:n]), splits.classes, run.preprocessing)
+    return Images(pixels, np.asarray(val.labels[:n]), splits.classes, spec)
 
 
 # --- task performance and calibration ------------------------------------------------------------
@@ -333,29 +334,31 @@ class Variant:
     path: Path  # the ONNX file, or the run directory of a PyTorch model
     make: Callable[[int], Predictor]  # threads -> batched predictor
     model: Any = None  # the PyTorch module, for gradients
+    own: bool = True  # in the reported export directory (False: a --compare one, read only)
 
 
-def gather_variants(export_dirs: list[Path]) -> tuple[list[Variant], Any]:
-    """The variants of the first export directory (torch first, when its run can be loaded), then
-    those of the others, named ``<directory>/<variant>``; returns them and the first one's run."""
+def gather_variants(export_dirs: list[ExportDir]) -> tuple[list[Variant], str | None]:
+    """The variants of the first export directory (torch first, when its run can be found), then
+    those of the others, named ``<directory>/<variant>``; returns them and why the PyTorch variant
+    is missing (None when it is there)."""
     variants: list[Variant] = []
-    first_run = None
-    for i, d in enumerate(export_dirs):
-        src = load_export(d)
+    first = export_dirs[0]
+    try:
+        variants.append(_torch_variant(first.load_source_run()))
+        no_torch = None
+    except RunDirError as e:  # a copied export directory without its run: the ONNX files still report
+        no_torch = str(e)
+    for i, src in enumerate(export_dirs):
         prefix = "" if i == 0 else f"{_label(src.path)}/"
-        run = load_run(src.source_run)
-        if i == 0:
-            first_run = run
-            variants.append(_torch_variant(run))
-        elif (run.classes, run.preprocessing) != (first_run.classes, first_run.preprocessing):
-            raise FtdeployError(f"--compare {d}: its model was trained on other classes or preprocessing than "
-                                f"{export_dirs[0]}'s", "compare export directories of runs on the same data "
+        if i and (src.classes, src.preprocessing) != (first.classes, first.preprocessing):
+            raise FtdeployError(f"--compare {src.path}: its model was trained on other classes or preprocessing than "
+                                f"{first.path}'s", "compare export directories of runs on the same data "
                                 "(e.g. a run and its pruned run)")
         for v in ("fp32", "int8"):
             path = src.variant_path(v)
             if path is not None:
-                variants.append(Variant(prefix + v, "onnx", path, _onnx_maker(path)))
-    return variants, first_run
+                variants.append(Variant(prefix + v, "onnx", path, _onnx_maker(path), own=i == 0))
+    return variants, no_torch
 
 
 def _label(path: Path) -> str:
@@ -399,22 +402,24 @@ def report(export_dir: str | Path, cfg: ReportConfig | None = None) -> Path:
     from tqdm.auto import tqdm
 
     cfg = cfg or ReportConfig()
-    export_dir = Path(export_dir)
     for name in cfg.corruptions:  # a misspelt one fails now, naming the known ones
         corruptions.get(name)
-    out = Path(cfg.output or export_dir / "report.html")
-    variants, run = gather_variants([export_dir, *cfg.compare])
+    source = load_export(export_dir)
+    out = Path(cfg.output or source.path / "report.html")
+    variants, no_torch = gather_variants([source, *(load_export(d) for d in cfg.compare)])
     threads = physical_cores()
-    images = validation_images(run, cfg.val_limit)
+    images = validation_images(source.data, source.preprocessing, cfg.val_limit)
     clean = images.inputs()
     steps = len(variants) * (1 + len(cfg.corruptions) * len(cfg.severities)) + len(variants) * 2
     bar = tqdm(total=steps, desc="usability report", unit="step", disable=None, mininterval=0.5)
     results: dict[str, dict[str, Any]] = {}
     logits: dict[str, np.ndarray] = {}
+    out.parent.mkdir(parents=True, exist_ok=True)
     for v in variants:
         predict = v.make(threads)
         logits[v.name] = batched(predict, clean, 64)
-        results[v.name] = {"kind": v.kind, "path": str(v.path), **task_performance(logits[v.name], images.labels, images.classes),
+        results[v.name] = {"kind": v.kind, "path": relative(v.path, out.parent),
+                           **task_performance(logits[v.name], images.labels, images.classes),
                            "calibration": calibration(logits[v.name], images.labels),
                            "size_bytes": onnx_size(v.path) if v.kind == "onnx" else None}
         bar.update()
@@ -424,20 +429,20 @@ def report(export_dir: str | Path, cfg: ReportConfig | None = None) -> Path:
     bar.close()
     if cfg.calibrate:
         store_temperatures(variants, results)
-    data = {"source": str(export_dir), "source_run": str(run.path), "dataset": {"name": run.config.data.name,
-            "split": "val", "num_samples": len(images.labels)}, "machine": machine_info(threads),
-            "latency_session": session_policy(threads), "settings": cfg.model_dump(mode="json"),
-            "classes": images.classes, "variants": results, "saliency_inputs": explained}
+    data = {"source": relative(source.path, out.parent), "source_run": relative(source.source_run, out.parent),
+            "torch_variant_missing": no_torch,
+            "dataset": {"name": source.data.name, "split": "val", "num_samples": len(images.labels)},
+            "machine": machine_info(threads), "latency_session": session_policy(threads),
+            "settings": cfg.model_dump(mode="json"), "classes": images.classes, "variants": results,
+            "saliency_inputs": explained}
     gates = budgets(data, cfg)
-    out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out.with_name("usability.json"), data)
-    out.write_text(usability_html(data))
-    written = [out.name, "usability.json"] + ([Path(v.path).name for v in variants
-                                                if v.kind == "onnx" and Path(v.path).parent == out.parent]
-                                               if cfg.calibrate else [])
-    if out.parent == export_dir:
-        write_manifest(out.parent, manifest("report", export_dir, config=cfg), written)
+    write_text(out, usability_html(data))
+    if cfg.calibrate or out.parent.resolve() == source.path.resolve():  # its files changed: hashes again
+        write_manifest(source.path, manifest("report", source.path, config=cfg))
     print(f"usability report: {out} ({'budgets passed' if gates.passed else f'{len(gates.failures)} budget(s) failed'})")
+    if no_torch:
+        print(f"note: the PyTorch variant is left out: {no_torch}")
     if cfg.strict:
         gates.raise_if_failed(str(out.with_name("usability.json")))
     return out
@@ -508,23 +513,20 @@ def scalability(variants: list[Variant], images: Images, clean: np.ndarray, cfg:
     for v in variants:
         shape = (max(cfg.batch_sizes), *clean.shape[1:])
         results[v.name]["latency"] = {"grid": table[v.name],
-                                      "peak_memory_mb": peak_memory_mb(v.kind, v.path, physical_cores(), shape),
+                                      "peak_memory_mb": peak_memory_mb(v.kind, v.path, physical_cores(), shape)
+                                      if cfg.peak_memory else None,
                                       "p99_ms_bs1": next((r["p99_ms"] for r in table[v.name] if r["batch_size"] == 1
                                                           and r["threads"] == max(thread_counts)), None)}
         bar.update()
 
 
 def store_temperatures(variants: list[Variant], results: dict[str, dict[str, Any]]) -> None:
-    """Write each ONNX variant's fitted temperature into its metadata; ftdeploy serve applies it."""
-    import onnx
-
+    """Write each ONNX variant's fitted temperature into its metadata (atomically); ftdeploy serve
+    applies it. Only the reported directory's files: a --compare directory is read, never written."""
     for v in variants:
-        if v.kind != "onnx":
-            continue
-        model = onnx.load(str(v.path))
-        write_metadata(model, {**model_metadata(model), "temperature": results[v.name]["calibration"]["temperature"]})
-        onnx.save(model, str(v.path))
-        results[v.name]["calibration"]["temperature_stored"] = True
+        if v.kind == "onnx" and v.own:
+            update_metadata(v.path, {"temperature": results[v.name]["calibration"]["temperature"]})
+            results[v.name]["calibration"]["temperature_stored"] = True
 
 
 def budgets(data: dict[str, Any], cfg: ReportConfig) -> Gates:

@@ -1,5 +1,7 @@
 import json
+import typing
 
+import pydantic
 import pytest
 
 from conftest import TINY, run_cli
@@ -79,33 +81,48 @@ def test_validate_a_missing_file_says_so(tmp_path):
     assert_one_line_error(run_cli("bench", str(tmp_path / "junk.onnx")), "onnxruntime cannot load")
 
 
-@pytest.mark.slow
-def test_a_misspelt_quantize_mode_lists_the_allowed_ones(tiny_run):
-    assert_one_line_error(run_cli("export", str(tiny_run), "--quantize", "statik"),
+def test_a_misspelt_quantize_mode_lists_the_allowed_ones(tiny_run, tmp_path):
+    assert_one_line_error(run_cli("export", str(tiny_run), "-o", str(tmp_path / "e"), "--quantize", "statik"),
                           "'auto', 'static' or 'dynamic'", "got 'statik'")
-    assert not (tiny_run / "export").exists()  # refused before any work
+    assert not (tmp_path / "e").exists()  # refused before any work
 
 
 @pytest.mark.parametrize("args,fragments", [
     (["export", "RUN", "--set", "train.lr=1"], ["takes --set export.<field>=value", "train.lr=1"]),
     (["prune", "RUN", "-o", "OUT", "--set", "importance=taylor"], ["takes --set prune.<field>=value"]),
-    (["quantize", "RUN/export", "--set", "quantize.bogus=1"], ["unknown key 'quantize.bogus'", "allowed here: mode"]),
+    (["quantize", "EXPORT", "--set", "quantize.bogus=1"], ["unknown key 'quantize.bogus'", "allowed here: mode"]),
 ])
-@pytest.mark.slow
-def test_set_means_section_field_on_every_command(tiny_run, args, fragments):
-    args = [a.replace("RUN", str(tiny_run)).replace("OUT", str(tiny_run) + "-o") for a in args]
+def test_set_means_section_field_on_every_command(tiny_run, tiny_export, tmp_path, args, fragments):
+    args = [a.replace("RUN", str(tiny_run)).replace("OUT", str(tmp_path / "o")).replace("EXPORT", str(tiny_export))
+            for a in args]
     assert_one_line_error(run_cli(*args), *fragments)
 
 
-@pytest.mark.slow
-def test_every_export_and_quantize_field_can_be_set(tiny_run, tmp_path):
-    """--set reaches fields without a flag of their own (here: the optimization level and the INT8
-    accuracy budget), and an export directory fed to a stage that wants a run names the mix-up."""
-    from ftdeploy.config import ExportConfig, QuantizeConfig
+@pytest.mark.parametrize("section", ["data", "model", "preprocessing", "train", "export", "quantize", "prune", "report"])
+def test_set_reaches_every_field_of_every_section(section):
+    """Each field's default, written on the command line as a user would type it, reads back as that
+    default: no field is out of --set's reach or comes back with another type."""
+    from ftdeploy.config import PipelineConfig, apply_override, validate_config
 
-    assert set(ExportConfig.model_fields) - {"output_dir"} and set(QuantizeConfig.model_fields)
+    model = next(a for a in [PipelineConfig.model_fields[section].annotation, *typing.get_args(
+        PipelineConfig.model_fields[section].annotation)] if isinstance(a, type) and issubclass(a, pydantic.BaseModel))
+    default = model() if section != "prune" else model(target_macs=0.5)
+    raw: dict = {}
+    for name, value in default.model_dump(mode="json").items():
+        typed = "null" if value is None else value if isinstance(value, str) else json.dumps(value)
+        apply_override(raw, f"{section}.{name}={typed}")
+    if section == "data":
+        raw[section]["name"] = "synthetic"
+    assert getattr(validate_config(raw), section) == (default if section != "data" else default.model_copy(
+        update={"name": "synthetic"}))
+
+
+def test_every_export_field_can_be_set_and_a_run_command_refuses_an_export_directory(tiny_run, tmp_path):
+    """--set reaches fields without a flag of their own (here: the optimization level), and an export
+    directory fed to a stage that wants a run names the mix-up."""
     result = run_cli("export", str(tiny_run), "-o", str(tmp_path / "e"), "--set", "export.optimization=none",
-                     "--set", "export.batch_sizes=[1]", "--set", "export.latency_seconds=0.05")
+                     "--set", "export.batch_sizes=[1]", "--set", "export.latency_seconds=0.05",
+                     "--set", "export.exporter=torchscript")
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "e" / "report.json").read_text())
     assert report["variants"]["fp32"]["optimization"] == "none" and list(report["variants"]["fp32"]["latency_ms"]) == ["1"]

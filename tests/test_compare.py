@@ -19,9 +19,10 @@ FIELDS = {"engine", "int8", "accuracy", "accuracy_drop_points", "top1_agreement"
 @pytest.mark.slow
 def test_compare_quick_records_every_field_for_every_contender(tmp_path):
     # onnxruntime-openvino would be installed into a venv of its own (a download): left out here
-    result = subprocess.run([sys.executable, "benchmarks/compare.py", "--quick", "--output", str(tmp_path),
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "compare.py"), "--quick", "--output", "out",
                              "--skip", "ort_openvino_ep_fp32,ort_openvino_ep_int8"],
-                            cwd=REPO, capture_output=True, text=True, timeout=1500)
+                            cwd=tmp_path, capture_output=True, text=True, timeout=1500)  # any working directory
+    tmp_path = tmp_path / "out"
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     data = json.loads((tmp_path / "compare.json").read_text())
     assert {"cpu", "cores", "isa"} <= set(data["machine"]) and data["versions"]["onnxruntime"] != "not installed"

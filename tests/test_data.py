@@ -125,3 +125,17 @@ def test_preprocessing_composites_alpha_on_white_and_normalizes():
 def test_registry_refuses_duplicates():
     with pytest.raises(ValueError, match="already registered"):
         datasets.register("digits")(lambda cfg, spec: None)
+
+
+def test_every_dataset_pickles_for_spawned_dataloader_workers(tmp_path):
+    """DataLoader workers started with spawn receive the dataset pickled: no lambdas inside."""
+    import pickle
+
+    for cfg in (DataConfig(name="digits"), DataConfig(name="imagefolder", root=make_folder(tmp_path / "d")),
+                DataConfig(name="synthetic", num_samples=20, augment=True)):
+        splits = build_datasets(cfg, SPEC)
+        for ds in (splits.train, splits.val):
+            again = pickle.loads(pickle.dumps(ds))
+            assert again.labels == ds.labels
+            if not cfg.augment:
+                assert np.array_equal(again[0][0].numpy(), ds[0][0].numpy())

@@ -10,9 +10,8 @@ import yaml
 from conftest import REPO, TINY, run_cli
 
 STAGE_SECTIONS = {
-    "preprocessing": {"input_size": 32}, "data": {"image_size": 32},
-    "prune": {"ratio": 0.25, "finetune_epochs": 1, "latency_seconds": 0.1},
-    "export": {"batch_sizes": [1], "latency_seconds": 0.05, "parity_samples": 64},
+    "prune": {"ratio": 0.25, "finetune_epochs": 1, "latency_seconds": 0.05},
+    "export": {"batch_sizes": [1], "latency_seconds": 0.05, "parity_samples": 64, "exporter": "torchscript"},
     # an unreachable speed target: INT8 is refused on any CPU, so both ways ship the same files
     "quantize": {"min_speedup": 1000, "search": False, "latency_seconds": 0.1},
 }
@@ -60,9 +59,9 @@ def test_stages_by_hand_give_what_ftdeploy_run_gives(tmp_path):
     assert result.stdout.count("INT8 not shipped: ") == 1
     steps = [("train", "--config", str(config), "-o", str(hand)),
              ("prune", str(hand), "-o", str(hand) + "-pruned", "--ratio", "0.25", "--finetune-epochs", "1",
-              "--set", "prune.latency_seconds=0.1"),
+              "--set", "prune.latency_seconds=0.05"),
              ("export", str(hand) + "-pruned", "--batch-sizes", "1", "--set", "export.latency_seconds=0.05",
-              "--set", "export.parity_samples=64"),
+              "--set", "export.parity_samples=64", "--set", "export.exporter=torchscript"),
              ("quantize", str(hand) + "-pruned/export", "--set", "quantize.min_speedup=1000",
               "--set", "quantize.search=false", "--set", "quantize.latency_seconds=0.1")]
     for step in steps:
@@ -81,7 +80,8 @@ def test_stages_by_hand_give_what_ftdeploy_run_gives(tmp_path):
     assert reports[0]["variants"]["fp32"]["accuracy"] == reports[1]["variants"]["fp32"]["accuracy"]
     last = json.loads((Path(f"{hand}-pruned/export") / "manifest.json").read_text())
     assert [e["stage"] for e in last["lineage"]] + [last["stage"]] == ["data", "train", "prune", "export", "quantize"]
-    assert last["lineage"][0]["name"] == "synthetic" and last["lineage"][1]["path"] == str(hand)
+    assert last["lineage"][0]["name"] == "synthetic" and last["lineage"][1]["path"] == "../../run"
+    assert last["lineage"][2]["path"] == ".." and last["lineage"][3]["path"] == last["path"] == "."
     assert {"sha256", "bytes"} <= set(last["lineage"][3]["files"]["model.onnx"])
 
 
@@ -95,7 +95,7 @@ def test_multi_process_run_prunes_everywhere_and_writes_once(tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     sets = ["--set", "data.num_samples=80", "--set", "train.epochs=1"]
-    result = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29518", "-m", "ftdeploy", "run",
+    result = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "ftdeploy", "run",
                              "--config", str(config), "-o", str(out), *sets], capture_output=True, text=True,
                             cwd=REPO, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -111,3 +111,48 @@ def test_run_declares_stages_by_section():
     assert declared(load_config(None)) == ["train"]
     assert declared(load_config(REPO / "configs" / "digits.yaml")) == ["train", "export", "quantize", "report"]
     assert declared(load_config(REPO / "configs" / "digits-compressed.yaml")) == ["train", "prune", "export", "quantize", "report"]
+
+
+@pytest.mark.slow
+def test_a_copied_run_and_export_work_from_any_working_directory(tiny_run, tiny_export, tmp_path):
+    """Both directories copied elsewhere, side by side as they were: quantize, report (with the
+    PyTorch variant, found through the relative path) and serve, run from a third directory."""
+    import shutil
+    import signal
+    import time
+
+    import httpx
+
+    from conftest import free_port
+
+    copies = tmp_path / "copies"
+    shutil.copytree(tiny_run.parent, copies / tiny_run.parent.name)
+    export = Path(shutil.copytree(tiny_export.parent, copies / tiny_export.parent.name)) / tiny_export.name
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    quick = ["--set", "quantize.min_speedup=1000", "--set", "quantize.search=false", "--set", "quantize.latency_seconds=0.05"]
+    assert run_cli("quantize", str(export), *quick, cwd=elsewhere).returncode == 0
+    report = run_cli("report", str(export), "--set", "report.severities=[1]", "--set", "report.batch_sizes=[1]",
+                     "--set", "report.threads=[1]", "--set", "report.latency_seconds=0.02", "--set",
+                     "report.corruptions=[blur]", "--samples", "1", "--set", "report.peak_memory=false", cwd=elsewhere)
+    assert report.returncode == 0, report.stderr
+    usability = json.loads((export / "usability.json").read_text())
+    assert list(usability["variants"]) == ["torch", "fp32"] and usability["source_run"] == "../../tiny0/run"
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "ftdeploy", "serve", str(export / "model.onnx"), "--port", str(port),
+                               "--drain-seconds", "0"], cwd=elsewhere, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.time() < deadline and server.poll() is None
+            time.sleep(0.05)
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/model").json()["source_run"] == "../../tiny0/run"
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.communicate(timeout=30)
+    assert server.returncode == 0

@@ -5,31 +5,27 @@ import onnx
 import pytest
 import torch
 
-from conftest import FAST_EXPORT, make_run, run_cli
+from conftest import FAST_EXPORT, copy_of, run_cli
 from test_cli import assert_one_line_error
 from ftdeploy.usability import (calibration, expected_calibration_error, occlusion_map, validation_images)
 
 QUICK = ["--set", "report.severities=[1,5]", "--set", "report.batch_sizes=[1,4]", "--set", "report.threads=[1]",
-         "--set", "report.latency_seconds=0.1", "--samples", "3"]
+         "--set", "report.latency_seconds=0.05", "--samples", "3"]
 
 
 @pytest.fixture(scope="module")
-def export_dir(tmp_path_factory):
-    from ftdeploy.config import ExportConfig
-    from ftdeploy.export import export
-
-    tmp = tmp_path_factory.mktemp("usability")
-    return export(make_run(tmp / "run", "torchvision:resnet18", "train.epochs=2"), tmp / "export", ExportConfig(**FAST_EXPORT))
+def export_dir(tiny_export):
+    return tiny_export
 
 
-@pytest.mark.slow
 def test_the_identity_corruption_gives_exactly_the_clean_inputs_and_accuracy(export_dir):
     from ftdeploy.evaluation import EvalData, accuracy, batched, onnx_predictor
     from ftdeploy.onnx_model import open_session
     from ftdeploy.rundir import load_export, load_run
 
-    run = load_run(load_export(export_dir).source_run)
-    images = validation_images(run, 2000)
+    source = load_export(export_dir)
+    run = load_run(source.source_run)
+    images = validation_images(source.data, source.preprocessing, 2000)
     clean = EvalData.from_run(run, 2000, 1)
     assert np.array_equal(images.inputs("identity"), clean.inputs)  # the corruption path adds nothing
     predict = onnx_predictor(open_session(export_dir / "model.onnx", 1))
@@ -86,8 +82,18 @@ def test_saliency_of_a_model_that_sees_one_quadrant_lies_in_that_quadrant(tmp_pa
     assert np.abs(saliency[~touches, :]).max() < 1e-6 and np.abs(saliency[:, ~touches]).max() < 1e-6
 
 
+def proc_writable() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 @pytest.mark.slow
 def test_report_fills_every_section_for_every_variant(export_dir, tmp_path):
+    export_dir = copy_of(export_dir, tmp_path)  # --calibrate writes into its files
     result = run_cli("report", str(export_dir), "-o", str(tmp_path / "r.html"), "--calibrate", *QUICK)
     assert result.returncode == 0, result.stderr
     data = json.loads((tmp_path / "usability.json").read_text())
@@ -103,36 +109,55 @@ def test_report_fills_every_section_for_every_variant(export_dir, tmp_path):
         assert set(v["calibration"]) >= {"ece", "brier", "nll", "ece_after_temperature", "temperature"}
         assert v["saliency"]["method"] == "occlusion" and len(v["saliency"]["maps"]) == 3
         assert {(r["threads"], r["batch_size"]) for r in v["latency"]["grid"]} == {(1, 1), (1, 4)}
-        assert v["latency"]["peak_memory_mb"] > 0
+        if proc_writable():  # the peak counter is reset through /proc/self/clear_refs
+            assert v["latency"]["peak_memory_mb"] > 0
     assert data["variants"]["fp32"]["saliency"]["agreement_with_fp32"] == pytest.approx(1.0)
     assert data["variants"]["torch"]["saliency"]["agreement_with_fp32"] > 0.9  # the same model, through torch
     assert len(data["variants"]["torch"]["saliency"]["integrated_gradients"]) == 3
     html = (tmp_path / "r.html").read_text()
     assert html.count("data:image/png;base64,") >= 5 and "http://" not in html and "https://" not in html
-    # --calibrate: the fitted temperature is in the file, for ftdeploy serve
-    meta = {p.key: json.loads(p.value) for p in onnx.load(str(export_dir / "model.onnx")).metadata_props}
-    assert meta["ftdeploy.temperature"] == pytest.approx(data["variants"]["fp32"]["calibration"]["temperature"])
+    # --calibrate: the fitted temperature is in the file, for ftdeploy serve, and the hashes follow
+    from ftdeploy.onnx_model import model_metadata
+    from ftdeploy.rundir import sha256
+
+    meta = model_metadata(onnx.load(str(export_dir / "model.onnx")))
+    assert meta["temperature"] == pytest.approx(data["variants"]["fp32"]["calibration"]["temperature"])
+    manifest = json.loads((export_dir / "manifest.json").read_text())
+    assert manifest["stage"] == "report" and manifest["lineage"][-1]["stage"] == "export"
+    assert manifest["files"]["model.onnx"]["sha256"] == sha256(export_dir / "model.onnx")
 
 
 @pytest.mark.slow
-def test_compare_adds_the_variants_of_another_export_directory(export_dir, tmp_path):
+def test_compare_adds_the_variants_of_another_export_directory_and_never_writes_to_it(export_dir, tmp_path):
+    """--calibrate stores temperatures in the reported directory's files only: a --compare directory
+    is read, its files and manifest hashes left as they were."""
     from ftdeploy.config import ExportConfig, ReportConfig
     from ftdeploy.export import export
-    from ftdeploy.rundir import load_export
+    from ftdeploy.rundir import load_export, sha256
     from ftdeploy.usability import report
 
+    mine = copy_of(export_dir, tmp_path)
     other = export(load_export(export_dir).source_run, tmp_path / "again" / "export", ExportConfig(**FAST_EXPORT))
-    out = report(export_dir, ReportConfig(output=tmp_path / "r.html", compare=[other], severities=[3], batch_sizes=[1],
-                                          threads=[1], latency_seconds=0.05, samples=2, corruptions=["blur"]))
+    before = {p.name: sha256(p) for p in other.iterdir()}
+    out = report(mine, ReportConfig(output=tmp_path / "r.html", compare=[other], severities=[3], batch_sizes=[1],
+                                    threads=[1], latency_seconds=0.05, samples=2, corruptions=["blur"], calibrate=True,
+                                    peak_memory=False))
     data = json.loads(out.with_name("usability.json").read_text())
     assert list(data["variants"]) == ["torch", "fp32", "again/fp32"]
     assert data["variants"]["again/fp32"]["accuracy"] == data["variants"]["fp32"]["accuracy"]  # the same model
+    assert data["variants"]["fp32"]["calibration"]["temperature_stored"]
+    assert "temperature_stored" not in data["variants"]["again/fp32"]["calibration"]
+    assert {p.name: sha256(p) for p in other.iterdir()} == before
+    manifest = json.loads((mine / "manifest.json").read_text())
+    assert manifest["files"]["model.onnx"]["sha256"] == sha256(mine / "model.onnx")  # rewritten, hashed again
 
 
 @pytest.mark.slow
 def test_strict_with_an_impossible_budget_exits_2_and_writes_both_files(export_dir, tmp_path):
     result = run_cli("report", str(export_dir), "-o", str(tmp_path / "r.html"), "--strict",
-                     "--set", "report.max_p99_ms=0.000001", "--set", "report.min_accuracy=0.0", *QUICK)
+                     "--set", "report.max_p99_ms=0.000001", "--set", "report.min_accuracy=0.0", *QUICK,
+                     "--set", "report.severities=[1]", "--set", "report.corruptions=[blur]", "--samples", "1",
+                     "--set", "report.peak_memory=false")
     assert result.returncode == 2
     assert (tmp_path / "r.html").is_file()
     data = json.loads((tmp_path / "usability.json").read_text())

@@ -29,7 +29,11 @@ def train(cfg: PipelineConfig, output_dir: str | Path | None = None, resume: boo
     from accelerate.utils import set_seed
 
     out = Path(output_dir or cfg.output_dir)
-    cfg = cfg.model_copy(update={"output_dir": out})
+    # what the run stores of its inputs names them wherever it is read from: data and a starting
+    # checkpoint (or run) as absolute paths
+    weights = Path(cfg.model.weights)
+    model = cfg.model.model_copy(update={"weights": str(weights.absolute())}) if weights.exists() else cfg.model
+    cfg = cfg.model_copy(update={"output_dir": out, "data": cfg.data.resolved(), "model": model})
     accelerator = make_accelerator(cfg, out)
     set_seed(cfg.train.seed)  # before the model is built: a fresh head (or model) is initialized at random
     built, spec, parent = start(cfg)
