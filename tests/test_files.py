@@ -8,10 +8,11 @@ import onnx
 import pytest
 
 from ftdeploy import onnx_model
-from ftdeploy.files import atomic_path, write_json
 
 
 def test_a_write_that_fails_half_way_leaves_the_old_file_and_no_temporary(tmp_path):
+    from ftdeploy.files import atomic_path, write_json
+
     target = tmp_path / "report.json"
     write_json(target, {"version": 1})
     with pytest.raises(RuntimeError):
