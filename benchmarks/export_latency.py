@@ -42,7 +42,7 @@ def main() -> None:
     shape = (3, args.input_size, args.input_size)
     with tempfile.TemporaryDirectory() as tmp:
         raw, shipped = Path(tmp) / "model.onnx", Path(tmp) / "shipped.onnx"
-        exporter, _ = export_onnx(model, torch.zeros(2, *shape), raw)
+        exporter, _ = export_onnx(model, [torch.zeros(2, *shape)], raw)
         finalize(raw, shipped, {"model": args.model})
         session = ort_session(shipped, args.threads)
         rng = np.random.default_rng(0)

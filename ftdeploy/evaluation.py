@@ -12,76 +12,80 @@ measures it here, the same way.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
 from .config import DataConfig
-from .preprocessing import Preprocessing
 from .rundir import ExportDir, Run
+from .tasks import Task, feeds
 
-Predictor = Callable[[np.ndarray], np.ndarray]
+Predictor = Callable[[Any], np.ndarray]  # a batch of inputs (sliced from EvalData.inputs) -> logits
 
 
 @dataclass
 class EvalData:
-    """Validation images (inputs, labels) and a seeded sample of training images for calibration,
-    preprocessed as in training and without augmentation. Built once per stage: building an image
-    folder decodes every file."""
+    """Validation inputs and labels, and a seeded sample of training inputs for calibration,
+    preprocessed as in training and without augmentation, batched by the run's task (image arrays,
+    token ids). ``bench`` is the validation inputs at the shape latency is declared for. Built once
+    per stage: building an image folder decodes every file."""
 
-    inputs: np.ndarray
+    inputs: Any
     labels: np.ndarray
-    calibration: np.ndarray
+    calibration: Any
     dataset: str
+    bench: Any = None
 
     @classmethod
-    def load(cls, data: DataConfig, spec: Preprocessing, val_limit: int = 2000,
+    def load(cls, data: DataConfig, spec: Any, task: Task, val_limit: int = 2000,
              calibration_samples: int = 256) -> "EvalData":
         from .data import build_datasets
 
-        splits = build_datasets(data.model_copy(update={"augment": False}), spec)
-        inputs, labels = split_arrays(splits.val, val_limit)
-        calibration, _ = split_arrays(splits.train, calibration_samples, shuffle=True)
-        return cls(inputs, labels, calibration, splits.name)
+        splits = build_datasets(data.model_copy(update={"augment": False, "max_train_samples": None}), spec)
+        inputs, labels = split_arrays(splits.val, val_limit, task)
+        calibration, _ = split_arrays(splits.train, calibration_samples, task, shuffle=True)
+        return cls(inputs, labels, calibration, splits.name, task.bench_inputs(inputs, spec))
 
     @classmethod
     def from_run(cls, run: Run, val_limit: int = 2000, calibration_samples: int = 256) -> "EvalData":
-        return cls.load(run.config.data, run.preprocessing, val_limit, calibration_samples)
+        return cls.load(run.config.data, run.preprocessing, run.task, val_limit, calibration_samples)
 
     @classmethod
     def from_export(cls, export: ExportDir, val_limit: int = 2000, calibration_samples: int = 256) -> "EvalData":
         """The data of the run an export directory came from, read from the directory itself."""
-        return cls.load(export.data, export.preprocessing, val_limit, calibration_samples)
+        return cls.load(export.data, export.preprocessing, export.task, val_limit, calibration_samples)
 
 
-def split_arrays(ds, limit: int, shuffle: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Up to ``limit`` items of a dataset as (inputs, labels) arrays (a seeded random subset when shuffled)."""
+def split_arrays(ds, limit: int, task: Task, shuffle: bool = False) -> tuple[Any, np.ndarray]:
+    """Up to ``limit`` items of a dataset as (inputs batched by ``task``, labels) (a seeded random
+    subset when shuffled)."""
     order = np.random.default_rng(0).permutation(len(ds)) if shuffle else np.arange(len(ds))
     xs, ys = zip(*(ds[int(i)] for i in order[:limit]))
-    return np.stack([np.asarray(x) for x in xs]).astype(np.float32), np.asarray(ys)
+    return task.stack(list(xs)), np.asarray(ys)
 
 
-def batched(fn: Predictor, inputs: np.ndarray, batch_size: int) -> np.ndarray:
+def batched(fn: Predictor, inputs: Any, batch_size: int) -> np.ndarray:
     return np.concatenate([fn(inputs[i:i + batch_size]) for i in range(0, len(inputs), batch_size)])
 
 
-def logits_at_batch_sizes(predict: Predictor, inputs: np.ndarray, batch_sizes: list[int]) -> list[np.ndarray]:
+def logits_at_batch_sizes(predict: Predictor, inputs: Any, batch_sizes: list[int]) -> list[np.ndarray]:
     return [batched(predict, inputs, bs) for bs in batch_sizes]
 
 
-def torch_predictor(model) -> Predictor:
+def torch_predictor(model, input_names: list[str] | tuple[str, ...] = ("input",)) -> Predictor:
+    """A PyTorch model as a predictor; ``input_names``: its arguments, in order."""
     import torch
 
-    def run(x: np.ndarray) -> np.ndarray:
+    def run(x) -> np.ndarray:
         with torch.inference_mode():
-            return model(torch.from_numpy(x)).numpy()
+            return model(*(torch.from_numpy(a) for a in feeds(x, input_names).values())).numpy()
 
     return run
 
 
 def onnx_predictor(session) -> Predictor:
-    name = session.get_inputs()[0].name
-    return lambda x: session.run(None, {name: x})[0]
+    names = [i.name for i in session.get_inputs()]
+    return lambda x: session.run(None, feeds(x, names))[0]
 
 
 def parity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
@@ -99,7 +103,8 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     return float((logits.argmax(-1) == labels).mean())
 
 
-def reference_logits(model, inputs: np.ndarray, batch_size: int = 64) -> np.ndarray:
+def reference_logits(model, inputs: Any, input_names: list[str] | tuple[str, ...] = ("input",),
+                     batch_size: int = 64) -> np.ndarray:
     """The PyTorch model's logits computed in float64 (on a copy): the yardstick both float32 answers,
     PyTorch's and onnxruntime's, are measured against."""
     import copy
@@ -107,9 +112,13 @@ def reference_logits(model, inputs: np.ndarray, batch_size: int = 64) -> np.ndar
     import torch
 
     double = copy.deepcopy(model).double().eval()
-    with torch.inference_mode():
-        return np.concatenate([double(torch.from_numpy(inputs[i:i + batch_size]).double()).numpy()
-                               for i in range(0, len(inputs), batch_size)])
+
+    def run(x) -> np.ndarray:  # float inputs in float64; token ids stay integers
+        args = [torch.from_numpy(a) for a in feeds(x, input_names).values()]
+        with torch.inference_mode():
+            return double(*(a.double() if a.is_floating_point() else a for a in args)).numpy()
+
+    return batched(run, inputs, batch_size)
 
 
 def fp32_parity(reference: np.ndarray, torch32: np.ndarray, onnx32: np.ndarray, error_ratio: float,

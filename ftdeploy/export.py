@@ -39,8 +39,7 @@ from .files import relative
 from .gates import Gates
 from .latency import ort_runner, profile, provider_latency, session_policy
 from .machine import machine_info, physical_cores
-from .onnx_model import encode_samples, move_onnx, onnx_size, open_session, read_metadata, save_onnx
-from .preprocessing import Preprocessing
+from .onnx_model import move_onnx, onnx_size, open_session, read_metadata, save_onnx
 from .report import write_report
 from .rundir import Run, load_run, manifest, write_manifest
 
@@ -61,16 +60,16 @@ def export(run_dir: str | Path, output_dir: str | Path | None = None, cfg: Expor
     for name in STALE:
         (out / name).unlink(missing_ok=True)
     model = run.load_model()
-    # Batch 2 for the trace: batch 1 invites the exporter to specialize the batch dimension.
-    sample = torch.zeros(2, *run.preprocessing.input_shape)
+    task, names = run.task, run.input_names
+    args = [torch.from_numpy(a) for a in task.example_inputs(run.preprocessing, names)]
     candidate = out / ".model.validating.onnx"  # no shipping name until the gates have passed
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "model.onnx"
-        exporter, reason = export_onnx(model, sample, raw, cfg.opset, cfg.exporter)
+        exporter, reason = export_onnx(model, args, raw, cfg.opset, cfg.exporter, names, task.dynamic_axes(names))
         # one load for both (building an image folder decodes every file): the samples stored in
         # the file and the parity images
         data = EvalData.from_run(run, max(cfg.parity_samples, SAMPLES), calibration_samples=1)
-        samples = encode_samples(data.inputs[:SAMPLES], run.preprocessing)
+        samples = task.encode_samples(data.inputs[:SAMPLES], run.preprocessing)
         data = replace(data, inputs=data.inputs[:cfg.parity_samples], labels=data.labels[:cfg.parity_samples])
         finalize(raw, candidate, {**onnx_metadata(run, "fp32", out), "samples": samples}, cfg.optimization)
         (out / UNOPTIMIZED).unlink(missing_ok=True)
@@ -92,32 +91,39 @@ def export(run_dir: str | Path, output_dir: str | Path | None = None, cfg: Expor
 def source_record(run: Run) -> dict[str, Any]:
     """What later stages need of the run, kept in the export directory's report so that they work on
     the directory wherever it is: the data it was trained on, its classes and preprocessing."""
-    return {"data": run.config.data.model_dump(mode="json"), "classes": run.classes,
-            "preprocessing": run.preprocessing.__dict__, "model": run.architecture["name"],
+    return {"task": run.config.task, "input_names": run.input_names, "data": run.config.data.model_dump(mode="json"),
+            "classes": run.classes, "preprocessing": run.preprocessing.to_dict(), "model": run.architecture["name"],
             "val_accuracy": run.metrics.get("val_accuracy")}
 
 
-def parity_check(model, session, inputs: np.ndarray, cfg: ExportConfig) -> tuple[dict[str, Any], list[np.ndarray],
-                                                                                  list[np.ndarray]]:
-    """The FP32 parity record of an onnxruntime ``session`` against the PyTorch ``model`` on ``inputs``
-    at ``cfg.parity_batch_sizes``, grounded in a float64 run of the model (see
-    :func:`~ftdeploy.evaluation.fp32_parity`); returns (record, torch logits, ONNX logits) per batch size."""
-    torch_logits = logits_at_batch_sizes(torch_predictor(model), inputs, cfg.parity_batch_sizes)
-    onnx_logits = logits_at_batch_sizes(onnx_predictor(session), inputs, cfg.parity_batch_sizes)
-    torch32, onnx32 = np.concatenate(torch_logits), np.concatenate(onnx_logits)
+def parity_check(model, session, sets: dict[str, Any], cfg: ExportConfig, input_names: list[str]
+                 ) -> tuple[dict[str, Any], list[np.ndarray], list[np.ndarray]]:
+    """The FP32 parity record of an onnxruntime ``session`` against the PyTorch ``model`` on every
+    input set of ``sets`` (the task's: the validation inputs, and for text the same sentences at
+    several lengths) at ``cfg.parity_batch_sizes``, grounded in a float64 run of the model (see
+    :func:`~ftdeploy.evaluation.fp32_parity`); returns (record, torch logits, ONNX logits) per batch
+    size on the first set."""
+    torch_predict, onnx_predict = torch_predictor(model, input_names), onnx_predictor(session)
+    per_set = [(logits_at_batch_sizes(torch_predict, inputs, cfg.parity_batch_sizes),
+                logits_at_batch_sizes(onnx_predict, inputs, cfg.parity_batch_sizes)) for inputs in sets.values()]
+    # rows: every set at the first batch size, then at the next...: the reference repeats per batch size
+    torch32 = np.concatenate([t[i] for i in range(len(cfg.parity_batch_sizes)) for t, _ in per_set])
+    onnx32 = np.concatenate([o[i] for i in range(len(cfg.parity_batch_sizes)) for _, o in per_set])
+    rows = sum(len(inputs) for inputs in sets.values())
     try:
-        reference = reference_logits(model, inputs)
+        reference = np.concatenate([reference_logits(model, inputs, input_names) for inputs in sets.values()])
         note = None
     except Exception as e:  # an op without a float64 kernel: PyTorch float32 is the only reference left
         log.warning("no float64 reference (%s): parity is judged against PyTorch float32", e)
-        reference, note = torch32[: len(inputs)].astype(np.float64), f"float64 failed ({type(e).__name__}: {e})"[:300]
+        reference, note = torch32[:rows].astype(np.float64), f"float64 failed ({type(e).__name__}: {e})"[:300]
     ratio, atol = cfg.parity_error_ratio, cfg.atol
     if note:  # PyTorch's own error is unknown: allow float32 rounding of the largest logit instead
         atol += FLOAT32_ONLY_RTOL * float(np.abs(reference).max())
     record = fp32_parity(reference, torch32, onnx32, ratio, atol)
     record.update(batch_sizes=cfg.parity_batch_sizes, parity_error_ratio=ratio, atol=cfg.atol,
+                  input_sets={name: len(inputs) for name, inputs in sets.items()},
                   **({"error_reference": "torch float32", "error_reference_note": note} if note else {}))
-    return record, torch_logits, onnx_logits
+    return record, per_set[0][0], per_set[0][1]
 
 
 FLOAT32_ONLY_RTOL = 1e-4  # the gate without a float64 reference: |diff| <= atol + this x max |logit|
@@ -133,7 +139,8 @@ def validate(onnx_path: Path, run: Run, cfg: ExportConfig, out: Path, model=None
     data = data or EvalData.from_run(run, cfg.parity_samples, calibration_samples=1)
     model = model if model is not None else run.load_model()
     session = open_session(onnx_path, threads)
-    record, torch_logits, onnx_logits = parity_check(model, session, data.inputs, cfg)
+    sets = run.task.parity_sets(data.inputs, run.preprocessing)
+    record, torch_logits, onnx_logits = parity_check(model, session, sets, cfg, run.input_names)
     report: dict[str, Any] = {
         "source_run": relative(run.path, out),
         "source": source_record(run),
@@ -146,12 +153,12 @@ def validate(onnx_path: Path, run: Run, cfg: ExportConfig, out: Path, model=None
                      "accuracy": accuracy(onnx_logits[0], data.labels), "parity": record},
         },
     }
-    predict = torch_predictor(model)
+    predict = torch_predictor(model, run.input_names)
     runners = {"torch": lambda batch: (lambda: predict(batch)), "fp32": lambda batch: ort_runner(session, batch)}
-    figures_by_variant, _ = profile(runners, data.inputs[: max(cfg.batch_sizes)], cfg.batch_sizes, cfg.latency_seconds)
+    figures_by_variant, _ = profile(runners, data.bench[: max(cfg.batch_sizes)], cfg.batch_sizes, cfg.latency_seconds)
     for name, figures in figures_by_variant.items():
         report["variants"][name].update(figures, latency_measured_by="export")
-    report["variants"]["fp32"]["providers_p50_ms"] = provider_latency(onnx_path, data.inputs, threads, cfg.latency_seconds)
+    report["variants"]["fp32"]["providers_p50_ms"] = provider_latency(onnx_path, data.bench, threads, cfg.latency_seconds)
     gates = Gates()
     gates.check(record["worst_tolerance_fraction"] <= 1.0,
                 f"fp32 parity: the file is {record['onnx_error']:.3g} from the {record['error_reference']} answer, more "
@@ -174,8 +181,9 @@ def metadata_mismatches(metadata: dict[str, Any], run: Run) -> list[str]:
     if metadata.get("classes") != run.classes:
         problems.append(f"classes {metadata.get('classes')} differ from the run's {run.classes}")
     stored = metadata.get("preprocessing")
-    if stored is None or Preprocessing.from_dict(stored) != run.preprocessing:
-        problems.append(f"preprocessing {stored} differs from the run's {run.preprocessing.__dict__}")
+    if stored is None or run.task.preprocessor_from_dict(stored) != run.preprocessing:
+        shown = {k: v for k, v in run.preprocessing.to_dict().items() if k != "tokenizer"}
+        problems.append(f"preprocessing {str(stored)[:200]} differs from the run's {shown}")
     return problems
 
 

@@ -32,6 +32,8 @@ from typing import Callable
 
 import numpy as np
 
+from .tasks.base import feeds, tile
+
 # Spinning worker threads answer the next run sooner; serving builds its sessions the same way.
 ALLOW_SPINNING = True
 SETTLE_SECONDS = 0.02  # idle gap before each block: longer than a spin-wait, short against a block
@@ -200,15 +202,13 @@ def provider_latency(path: str | Path, samples: np.ndarray, threads: int, second
     return {n: st.p50 for n, st in result.stats.items()}
 
 
-def ort_runner(session, batch: np.ndarray) -> Callable[[], object]:
-    name = session.get_inputs()[0].name
-    return lambda: session.run(None, {name: batch})
+def ort_runner(session, batch) -> Callable[[], object]:
+    """One session run on ``batch`` (any task's inputs), its arrays made once, outside the timing."""
+    arrays = feeds(batch, [i.name for i in session.get_inputs()])
+    return lambda: session.run(None, arrays)
 
 
-def tile_batch(samples: np.ndarray, batch_size: int) -> np.ndarray:
-    """A batch of ``batch_size`` real samples (repeated when there are fewer)."""
-    reps = -(-batch_size // len(samples))
-    return np.ascontiguousarray(np.concatenate([samples] * reps)[:batch_size])
+tile_batch = tile  # a batch of ``batch_size`` real samples (repeated when there are fewer)
 
 
 def bench_grid(path: str | Path, batch_sizes: list[int], threads: list[int], samples: np.ndarray | None = None,

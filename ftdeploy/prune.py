@@ -113,7 +113,8 @@ def onnx_speedup(base: nn.Module, candidate: nn.Module, example: torch.Tensor, t
                  seconds: float) -> dict[str, Any]:
     """Batch-1 onnxruntime latency of both models as ONNX files, timed side by side under the latency
     protocol: MACs do not map one to one onto latency, and a ratio across runs drifts with the machine."""
-    with temporary_onnx(base, example) as a, temporary_onnx(candidate, example) as b:
+    traced = [example.repeat(2, 1, 1, 1)]  # batch 2: batch 1 invites specializing the batch axis
+    with temporary_onnx(base, traced) as a, temporary_onnx(candidate, traced) as b:
         batch = example.numpy()
         result = compare({"base": ort_runner(ort_session(a, threads), batch),
                           "candidate": ort_runner(ort_session(b, threads), batch)}, 1, seconds=seconds)
@@ -199,7 +200,7 @@ def prune(run_dir: str | Path, output_dir: str | Path, cfg: PruneConfig | None =
     head_name = run.architecture["head_name"]
     example = torch.zeros(1, *run.preprocessing.input_shape)
     splits = build_datasets(run.config.data.model_copy(update={"augment": False}), run.preprocessing)
-    inputs, labels = split_arrays(splits.val, 2000)
+    inputs, labels = split_arrays(splits.val, 2000, run.task)
     record: dict[str, Any] = {"source_run": relative(run.path, out), "method": cfg.method, "importance": cfg.importance,
                               "before": measure_model(model, example, inputs, labels) if main else None}
     stage = manifest("prune", run.path, config=cfg)
@@ -224,7 +225,7 @@ def structured(run: Run, out: Path, model: nn.Module, head_name: str, example: t
     from accelerate.utils import broadcast_object_list
 
     teacher = copy.deepcopy(model).eval() if cfg.distill_alpha > 0 else None
-    batches = _taylor_batches(splits.train, cfg) if cfg.importance == "taylor" else None
+    batches = _taylor_batches(splits.train, cfg, run.task) if cfg.importance == "taylor" else None
     # Measured targets could differ between processes: the main process decides for all.
     choice = [choose_ratio(model, head_name, example, cfg, batches) if main else None]
     ratio, trials = broadcast_object_list(choice, from_process=0)[0]
@@ -276,7 +277,7 @@ def save_run(run: Run, out: Path, model: nn.Module, delta: dict[str, Any]) -> No
 def measure_model(model: nn.Module, example: torch.Tensor, inputs, labels) -> dict:
     """MACs, parameters, accuracy and ONNX file size (plain and gzip) of a model."""
     macs, params = macs_and_params(model, example)
-    with temporary_onnx(model, example) as path:
+    with temporary_onnx(model, [example.repeat(2, 1, 1, 1)]) as path:
         size = path.stat().st_size
         gz = len(gzip.compress(path.read_bytes(), compresslevel=6))
     return {"macs": macs, "params": params, "accuracy": accuracy(batched(torch_predictor(model.eval()), inputs, 64), labels),
@@ -306,8 +307,8 @@ def _finetune(run: Run, out: Path, model: nn.Module, head_name: str, base: nn.Mo
               accelerator)
 
 
-def _taylor_batches(train_set, cfg: PruneConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    x, y = split_arrays(train_set, cfg.taylor_batches * 16, shuffle=True)
+def _taylor_batches(train_set, cfg: PruneConfig, task) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    x, y = split_arrays(train_set, cfg.taylor_batches * 16, task, shuffle=True)
     return [(torch.from_numpy(x[i:i + 16]), torch.from_numpy(y[i:i + 16])) for i in range(0, len(x), 16)]
 
 

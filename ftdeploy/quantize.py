@@ -19,9 +19,11 @@ and that is not a failure unless ``quantize.required`` (``--strict``) asks for o
 from __future__ import annotations
 
 import copy
+import logging
+import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,7 @@ from .config import QuantizeConfig
 from .errors import FtdeployError, NotShipped
 from .evaluation import EvalData, accuracy, batched, logits_at_batch_sizes, onnx_predictor, parity
 from .files import relative, resolve
+from .tasks import feeds
 from .latency import FASTER, Speedup, compare, ort_runner, profile, provider_latency, tile_batch
 from .machine import cpu_flags, physical_cores
 from .onnx_model import (TWO_GB, copy_onnx, model_metadata, move_onnx, onnx_size, open_session, save_onnx,
@@ -39,6 +42,7 @@ from .onnx_model import (TWO_GB, copy_onnx, model_metadata, move_onnx, onnx_size
 from .report import write_report
 from .rundir import ExportDir, load_export, manifest, write_manifest
 
+log = logging.getLogger(__name__)
 COMPUTE_OPS = ["Conv", "Gemm", "MatMul"]
 INT8, INT8_REJECTED = "model.int8.onnx", "model.int8.rejected.onnx"
 
@@ -80,17 +84,19 @@ def preflight(flags: set[str] | None = None) -> Preflight:
 
 
 class CalibrationReader(CalibrationDataReader):
-    """Preprocessed training images, in batches, for calibration and activation debugging."""
+    """Preprocessed training inputs (images, or real token batches), in batches, for calibration and
+    activation debugging; ``input_names``: the model's inputs."""
 
-    def __init__(self, inputs: np.ndarray, input_name: str = "input", batch_size: int = 16):
+    def __init__(self, inputs, input_names: list[str] | tuple[str, ...] = ("input",), batch_size: int = 16):
+        self.inputs, self.input_names = inputs, list(input_names)
         self.batches = [inputs[i:i + batch_size] for i in range(0, len(inputs), batch_size)]
-        self.input_name, self.index = input_name, 0
+        self.index = 0
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         if self.index >= len(self.batches):
             return None
         self.index += 1
-        return {self.input_name: self.batches[self.index - 1]}
+        return feeds(self.batches[self.index - 1], self.input_names)
 
     def rewind(self) -> None:
         self.index = 0
@@ -204,7 +210,7 @@ def sensitive_nodes(pre: Path, model, qdq: Path, reader: CalibrationReader, limi
         f_aug, q_aug = Path(tmp) / "f.onnx", Path(tmp) / "q.onnx"
         modify_model_output_intermediate_tensors(str(pre), str(f_aug))
         modify_model_output_intermediate_tensors(str(qdq), str(q_aug))
-        sample = CalibrationReader(np.concatenate(reader.batches)[:32], reader.input_name)
+        sample = CalibrationReader(reader.inputs[:32], reader.input_names)
         float_acts = collect_activations(str(f_aug), sample)
         sample.rewind()
         qdq_acts = collect_activations(str(q_aug), sample)
@@ -215,13 +221,34 @@ def sensitive_nodes(pre: Path, model, qdq: Path, reader: CalibrationReader, limi
     return [producer[name] for _, name in ranked[:limit]]
 
 
+def pre_process(source: Path, pre: Path) -> None:
+    """onnxruntime's quantization pre-processing (shape inference, then graph optimization). Its
+    symbolic shape inference gives up on some attention graphs: plain ONNX shape inference is then
+    enough for quantization. It runs from ``pre``'s folder, where the symbolic pass, when it gives up,
+    leaves a copy of the whole model."""
+    from onnxruntime.quantization import quant_pre_process
+
+    source, pre = Path(source).absolute(), Path(pre).absolute()
+    before = os.getcwd()
+    os.chdir(pre.parent)
+    try:
+        try:
+            quant_pre_process(str(source), str(pre))
+        except Exception as e:  # onnxruntime raises a bare Exception("Incomplete symbolic shape inference")
+            log.info("symbolic shape inference gave up (%s); plain shape inference instead", e)
+            quant_pre_process(str(source), str(pre), skip_symbolic_shape=True)
+    finally:
+        os.chdir(before)
+
+
 class Evaluator:
     """Accuracy of a candidate on the validation images, and its batch-1 speedup against the FP32
     file under the latency protocol (alternating blocks, per-round ratios). Tests substitute one
     that returns set figures, so the search's logic is checked apart from this machine's speed."""
 
-    def __init__(self, inputs: np.ndarray, labels: np.ndarray, threads: int, seconds: float):
+    def __init__(self, inputs, labels: np.ndarray, threads: int, seconds: float, bench=None):
         self.inputs, self.labels, self.threads, self.seconds = inputs, labels, threads, seconds
+        self.bench = inputs if bench is None else bench  # the inputs latency is timed on
 
     def accuracy(self, name: str, path: Path) -> float:
         return accuracy(batched(onnx_predictor(open_session(path, self.threads)), self.inputs, 32), self.labels)
@@ -231,7 +258,7 @@ class Evaluator:
         """({name: (speedup over ``reference``, p50 ms)}, noise) at batch 1, every candidate timed in
         the same alternating rounds. A second session on ``reference`` runs in those rounds too: its
         A/A spread is the noise during this very measurement, not only at the start of the search."""
-        batch = tile_batch(self.inputs, 1)
+        batch = tile_batch(self.bench, 1)
         sessions = {"reference": reference, "reference A/A": reference, **candidates}
         result = compare({name: ort_runner(open_session(path, self.threads), batch) for name, path in sessions.items()},
                          1, seconds=longer * self.seconds)
@@ -253,13 +280,12 @@ def search(source: Path, fp32: Path, workdir: Path, cfg: QuantizeConfig, calibra
     spread measured beside it, whichever is larger. Each attempt records the floor it was judged by.
     """
     import onnx
-    from onnxruntime.quantization import quant_pre_process
 
     pre = workdir / "pre.onnx"
-    quant_pre_process(str(source), str(pre))
+    pre_process(source, pre)
     model = onnx.load(str(pre))  # read once; the helpers below only inspect the graph
     mode = pick_mode(model) if cfg.mode == "auto" else cfg.mode
-    reader = CalibrationReader(calibration)
+    reader = CalibrationReader(calibration, [i.name for i in model.graph.input])
     fp32_accuracy = evaluator.accuracy("fp32", fp32)
     tried: list[Attempt] = []
 
@@ -271,9 +297,10 @@ def search(source: Path, fp32: Path, workdir: Path, cfg: QuantizeConfig, calibra
         a.verdict = speedup.verdict(a.noise_floor, cfg.min_speedup)
         a.passed = a.accuracy_drop_points <= cfg.max_accuracy_drop and a.verdict == "faster"
 
-    def attempt(name: str, excluded: list[str], op_types: list[str] | None, scheme: Scheme = default) -> Attempt:
-        a = Attempt(name, mode, sorted(set(excluded)), op_types, scheme, path=workdir / f"try{len(tried)}.onnx")
-        quantize_once(pre, a.path, mode, scheme, cfg, reader, a.excluded_nodes, op_types)
+    def attempt(name: str, excluded: list[str], op_types: list[str] | None, scheme: Scheme = default,
+                kind: str = mode) -> Attempt:
+        a = Attempt(name, kind, sorted(set(excluded)), op_types, scheme, path=workdir / f"try{len(tried)}.onnx")
+        quantize_once(pre, a.path, kind, scheme, cfg, reader, a.excluded_nodes, op_types)
         a.accuracy = evaluator.accuracy(name, a.path)
         a.accuracy_drop_points = 100 * (fp32_accuracy - a.accuracy)
         measured, noise = evaluator.speedups({name: a.path}, fp32)
@@ -294,8 +321,13 @@ def search(source: Path, fp32: Path, workdir: Path, cfg: QuantizeConfig, calibra
         candidates.append(("first/last in fp32", edges, None))
         for name, excluded, op_types in candidates:
             attempt(name, excluded, op_types)
-        for scheme in other_schemes if mode == "static" else []:
-            attempt(f"all ops, {scheme.label}", [], None, scheme)
+        if mode == "static":
+            for scheme in other_schemes:
+                attempt(f"all ops, {scheme.label}", [], None, scheme)
+        else:  # dynamic (transformers): the other weight granularity, and static QDQ calibrated on real inputs
+            flipped = replace(default, per_channel=not default.per_channel)
+            attempt(f"dynamic, {'per-channel' if flipped.per_channel else 'per-tensor'} weights", [], None, flipped)
+            attempt(f"static QDQ, {default.label}", [], None, default, "static")
         best_passing = max((a.speedup for a in tried if a.passed), default=0.0)
         fast = [a for a in tried if not a.passed and a.verdict == "faster" and a.speedup > best_passing]
         if fast:
@@ -383,7 +415,7 @@ def quantize(export_dir: str | Path, output_dir: str | Path | None = None, cfg: 
     source = out / (report["variants"]["fp32"].get("unoptimized_path") or report["variants"]["fp32"]["path"])
     threads = report.get("latency_session", {}).get("intra_op_threads") or physical_cores()
     data = EvalData.from_export(src, report["dataset"]["num_samples"], cfg.calibration_samples)
-    evaluator = Evaluator(data.inputs, data.labels, threads, cfg.latency_seconds)
+    evaluator = Evaluator(data.inputs, data.labels, threads, cfg.latency_seconds, data.bench)
     candidate = out / ".model.int8.validating.onnx"
     started = time.perf_counter()
     record, reason = ship(source, fp32, candidate, cfg, data.calibration, evaluator,
@@ -450,6 +482,7 @@ def ship(source: Path, fp32: Path, out: Path, cfg: QuantizeConfig, calibration: 
             write_metadata(model, metadata)
             save_onnx(model, out)
     scheme = chosen.scheme if chosen else schemes(plan, cfg)[0]
+    mode = chosen.mode if chosen else mode  # a search may ship another mode than it started from
     record = {"mode": mode, "activation_type": scheme.activation_type if mode == "static" else "uint8 (dynamic)",
               "weight_type": scheme.weight_type, "calibration": cfg.calibration if mode == "static" else None,
               "calibration_samples": len(calibration), "per_channel": scheme.per_channel,
@@ -477,7 +510,7 @@ def confirm(report: dict[str, Any], fp32: Path, int8: Path, data: EvalData, thre
     int8_logits = logits_at_batch_sizes(onnx_predictor(int8_session), data.inputs, [1])[0]
     figures, comparisons = profile({"fp32": lambda b: ort_runner(fp32_session, b), "int8": lambda b: ort_runner(int8_session, b),
                                     "fp32 A/A": lambda b: ort_runner(again, b)},
-                                   data.inputs[: max(batch_sizes)], batch_sizes, cfg.latency_seconds)
+                                   data.bench[: max(batch_sizes)], batch_sizes, cfg.latency_seconds)
     bs = 1 if 1 in batch_sizes else batch_sizes[0]
     final = comparisons[bs].speedup("fp32", "int8")
     record["noise_floor_final"] = comparisons[bs].speedup("fp32", "fp32 A/A").noise
@@ -490,7 +523,7 @@ def confirm(report: dict[str, Any], fp32: Path, int8: Path, data: EvalData, thre
                                   "accuracy": accuracy(int8_logits, data.labels),
                                   "parity": {**parity(fp32_logits, int8_logits), "reference": "fp32", "batch_sizes": [1]},
                                   **figures["int8"], "latency_measured_by": "quantize",
-                                  "providers_p50_ms": provider_latency(int8, data.inputs, threads, cfg.latency_seconds)}
+                                  "providers_p50_ms": provider_latency(int8, data.bench, threads, cfg.latency_seconds)}
     # The search applied min_speedup to its own (longer, side-by-side) measurement; this one guards
     # against what it cannot see twice: an INT8 file that is not faster at all. Applying the
     # threshold again would flip a borderline decision on every other run.

@@ -31,7 +31,7 @@ from . import __version__
 from .config import DataConfig, PipelineConfig, dump_config, validate_config
 from .errors import RunDirError
 from .files import relative, resolve, write_json, write_text
-from .preprocessing import Preprocessing
+from .tasks import Task, get_task
 
 WEIGHTS = "model.safetensors"
 MANIFEST = "manifest.json"
@@ -46,10 +46,19 @@ class Run:
     path: Path
     config: PipelineConfig
     classes: list[str]
-    preprocessing: Preprocessing
+    preprocessing: Any  # the task's preprocessor (image Preprocessing, text TextPreprocessing)
     architecture: dict[str, Any]
     manifest: dict[str, Any]
     metrics: dict[str, Any]
+
+    @property
+    def task(self) -> Task:
+        return get_task(self.config.task)
+
+    @property
+    def input_names(self) -> list[str]:
+        """The model's inputs, in its argument order (a text model may lack token_type_ids)."""
+        return list(self.architecture.get("input_names") or self.task.input_names)
 
     def load_model(self):
         """Rebuild the architecture (pruned channel counts included) and load the weights, in eval mode.
@@ -90,7 +99,7 @@ def load_run(path: str | Path) -> Run:
     config = validate_config(yaml.safe_load((path / "config.yaml").read_text()) or {}, source=str(path / "config.yaml"))
     metrics = read_json(path / "metrics.json") if (path / "metrics.json").is_file() else {}
     return Run(path, config, read_json(path / "classes.json"),
-               Preprocessing.from_json((path / "preprocessing.json").read_text()),
+               get_task(config.task).preprocessor_from_dict(read_json(path / "preprocessing.json")),
                read_json(path / "model.json"), read_json(path / MANIFEST), metrics)
 
 
@@ -122,8 +131,16 @@ class ExportDir:
         return list(self.report["source"]["classes"])
 
     @property
-    def preprocessing(self) -> Preprocessing:
-        return Preprocessing.from_dict(self.report["source"]["preprocessing"])
+    def task(self) -> Task:
+        return get_task(self.report["source"].get("task"))
+
+    @property
+    def preprocessing(self):
+        return self.task.preprocessor_from_dict(self.report["source"]["preprocessing"])
+
+    @property
+    def input_names(self) -> list[str]:
+        return list(self.report["source"].get("input_names") or self.task.input_names)
 
     def variant_path(self, variant: str) -> Path | None:
         v = self.report["variants"].get(variant) or {}
@@ -231,12 +248,12 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
-def write_run_files(out: Path, cfg: PipelineConfig, classes: list[str], spec: Preprocessing,
+def write_run_files(out: Path, cfg: PipelineConfig, classes: list[str], spec: Any,
                     architecture: dict[str, Any]) -> None:
     """Everything but the weights, metrics and manifest, written before training so a crash leaves a
     readable folder. The stored config's output_dir is the directory itself (``.``)."""
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "config.yaml", dump_config(cfg.model_copy(update={"output_dir": Path(".")})))
     write_json(out / "classes.json", classes)
-    write_text(out / "preprocessing.json", spec.to_json() + "\n")
+    write_json(out / "preprocessing.json", spec.to_dict())
     write_json(out / "model.json", architecture)

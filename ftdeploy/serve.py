@@ -1,6 +1,8 @@
 """``ftdeploy serve MODEL.onnx``: FastAPI on uvicorn over one onnxruntime session.
 
-The ONNX file alone carries what serving needs (class names, preprocessing). Concurrent requests are
+The ONNX file alone carries what serving needs (its task, class names, preprocessing or tokenizer);
+the task names the request codec (images: multipart, base64 JSON or a raw body; text: JSON or
+text/plain, tokenized with the ``tokenizers`` library). Concurrent requests are
 gathered into micro-batches. Bad input gets a 4xx JSON error and never disturbs other requests; an
 overloaded server says so (503 with Retry-After) instead of queueing without end.
 Torch-free: installs with ``pip install 'ftdeploy[serve]'``.
@@ -40,6 +42,8 @@ from PIL import Image
 from .errors import DependencyError, FtdeployError, ServiceError
 from .latency import PROVIDERS, installed_providers
 from .onnx_model import OnnxClassifier
+from .registry import Registry
+from .tasks.base import concat
 
 try:
     from fastapi import FastAPI, Query, Request
@@ -64,7 +68,7 @@ log = logging.getLogger("uvicorn.error")  # the logger uvicorn configures and pr
 class Limits:
     max_image_bytes: int = 10 * 2**20
     max_image_pixels: int = 40_000_000  # Pillow's own bomb guard is 89M; a classifier never needs that much
-    max_images: int = 32
+    max_images: int = 32  # inputs per request: images, or texts
     max_request_bytes: int = 32 * 2**20  # counted on the bytes read, so chunked uploads are held to it too
 
 
@@ -87,7 +91,8 @@ class ErrorResponse(BaseModel):
 
 
 ERRORS = {status: {"model": ErrorResponse, "description": what} for status, what in (
-    (400, "not an image, empty, truncated, bad JSON or base64"), (413, "too many bytes, pixels or images"),
+    (400, "not an image or an empty text, truncated, not UTF-8, bad JSON or base64"),
+    (413, "too many bytes, pixels, images or texts"),
     (415, "unsupported content type"), (422, "invalid query parameter"),
     (503, "overloaded (the request queue is full: retry after Retry-After seconds) or unable to serve"),
     (504, "the request waited longer than --request-timeout"))}
@@ -293,7 +298,7 @@ class MicroBatcher:
         items = [(arrays, future) for arrays, future in items if not future.done()]  # timed out: nobody waits
         if not items:
             return
-        batch = np.concatenate([a for a, _ in items])
+        batch = concat([a for a, _ in items])
         try:
             if self._run_inline(len(batch)):
                 logits = self._logits(batch)
@@ -382,8 +387,11 @@ def create_app(model_path: str | Path, threads: int | None = None, max_batch_siz
     batcher = MicroBatcher(model, metrics, max_batch_size, max_wait_ms, process_per_core, max_queue, state)
     # Fitted by `ftdeploy report --calibrate` and stored in the file: probabilities that mean what they say.
     temperature = float(model.metadata.get("temperature") or 1.0)
-    info = {"classes": model.classes, "input_size": model.preprocessing.input_size,
-            "preprocessing": model.preprocessing.__dict__, "variant": model.metadata.get("variant"),
+    codec = CODECS.get(model.task.codec)(model, limits)
+    info = {"task": model.task.name, "classes": model.classes,
+            "input_size": getattr(model.preprocessing, "input_size", None),
+            "preprocessing": {k: v for k, v in model.preprocessing.to_dict().items() if k != "tokenizer"},
+            "variant": model.metadata.get("variant"),
             "source_run": model.metadata.get("source_run"), "model": model.metadata.get("model"),
             "exported_by": model.metadata.get("version"), "server_version": __version__, "file": str(model.path),
             "max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms, "limits": limits.__dict__,
@@ -392,7 +400,7 @@ def create_app(model_path: str | Path, threads: int | None = None, max_batch_siz
             "pid": os.getpid()}
 
     async def warm_up() -> None:
-        dummy = np.zeros((1, *model.preprocessing.input_shape), np.float32)
+        dummy = codec.warmup_input()
         for _ in range(warmup_runs):
             await batcher.infer(dummy)
         state.ready = True
@@ -406,7 +414,8 @@ def create_app(model_path: str | Path, threads: int | None = None, max_batch_siz
         await batcher.stop()
 
     app = FastAPI(title="ftdeploy model server", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
-                  description=f"Image classification with {model.path.name} ({len(model.classes)} classes).")
+                  description=f"{model.task.description} with {model.path.name} ({len(model.classes)} classes). "
+                              f"{codec.accepts}")
 
     app.state.batcher, app.state.lifecycle = batcher, state  # for callers who embed the app
     app.add_middleware(RequestMetrics, metrics=metrics, lifecycle=state)
@@ -451,12 +460,12 @@ def create_app(model_path: str | Path, threads: int | None = None, max_batch_siz
         """Prometheus metrics, of every worker process."""
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.post("/v1/predict", responses=ERRORS)
-    async def predict(request: Request, k: int = Query(5, ge=1, description="labels to return per image")):
-        """Multipart upload (one or more files) or JSON ``{"images": ["<base64>", ...]}`` -> top-k labels per image."""
+    @app.post("/v1/predict", responses=ERRORS, openapi_extra={"requestBody": codec.request_body},
+              description=codec.accepts)
+    async def predict(request: Request, k: int = Query(5, ge=1, description="labels to return per input")):
         batcher.active += 1
         try:
-            probs = softmax(await batcher.infer(await decode_request(request), request_timeout) / temperature)
+            probs = softmax(await batcher.infer(await codec.inputs(request, batcher), request_timeout) / temperature)
         finally:
             batcher.active -= 1
         k_ = min(k, len(model.classes))
@@ -466,9 +475,35 @@ def create_app(model_path: str | Path, threads: int | None = None, max_batch_siz
                                                          "probability": float(p[i])} for i in row]}
                                              for row, p in zip(top, probs)]})
 
-    async def decode_request(request: Request) -> np.ndarray:
-        opened = [open_image(b, limits) for b in await read_images(request, limits)]  # headers only
-        inputs = lambda: model.preprocess([decode(img) for img in opened])  # noqa: E731
+    return app
+
+
+CODECS: Registry[type] = Registry("request codec", FtdeployError)  # a task's ``codec`` names its entry
+
+
+@CODECS.register("image")
+class ImageCodec:
+    """Images in a request -> preprocessed arrays."""
+
+    accepts = ('Send images as a multipart upload (one or more files), JSON {"images": ["<base64>", ...]} '
+               "or a raw image body.")
+    request_body = {"content": {
+        "multipart/form-data": {"schema": {"type": "object", "properties": {
+            "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+        "application/json": {"schema": {"type": "object", "required": ["images"], "properties": {
+            "images": {"type": "array", "items": {"type": "string", "format": "byte"},
+                       "description": "base64-encoded image files"}}}},
+        "image/png": {"schema": {"type": "string", "format": "binary"}}}}
+
+    def __init__(self, model: OnnxClassifier, limits: Limits):
+        self.model, self.limits = model, limits
+
+    def warmup_input(self) -> np.ndarray:
+        return np.zeros((1, *self.model.preprocessing.input_shape), np.float32)
+
+    async def inputs(self, request: Request, batcher: MicroBatcher) -> np.ndarray:
+        opened = [open_image(b, self.limits) for b in await read_images(request, self.limits)]  # headers only
+        inputs = lambda: self.model.preprocess([decode(img) for img in opened])  # noqa: E731
         if sum(img.width * img.height for img in opened) <= INLINE_DECODE_PIXELS:
             return inputs()  # a thread hop costs more than decoding a small image
         batcher.incoming += 1
@@ -477,7 +512,69 @@ def create_app(model_path: str | Path, threads: int | None = None, max_batch_siz
         finally:
             batcher.incoming -= 1
 
-    return app
+
+TEXT_TYPES = ("application/json", "text/plain")
+
+
+@CODECS.register("text")
+class TextCodec:
+    """Texts in a request -> token ids (the file's tokenizer; a micro-batch pads to its longest).
+    A text longer than the file's max_length is truncated to it, as in training; the body limit
+    (--max-request-bytes) bounds what is read at all."""
+
+    accepts = ('Send JSON {"text": "..."} or {"texts": ["...", ...]}, or one text as a text/plain body (UTF-8). '
+               "Texts longer than the model's max_length tokens are truncated, as in training.")
+    request_body = {"content": {
+        "application/json": {"schema": {"oneOf": [
+            {"type": "object", "required": ["text"], "properties": {"text": {"type": "string", "minLength": 1}}},
+            {"type": "object", "required": ["texts"], "properties": {
+                "texts": {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1}}}]},
+            "example": {"texts": ["A warm, funny and moving film.", "Two hours I will never get back."]}},
+        "text/plain": {"schema": {"type": "string"}, "example": "A warm, funny and moving film."}}}
+
+    def __init__(self, model: OnnxClassifier, limits: Limits):
+        self.model, self.limits = model, limits
+
+    def warmup_input(self):
+        return self.model.preprocess(["warm up"])
+
+    async def inputs(self, request: Request, _batcher: MicroBatcher):
+        return self.model.preprocess(await self.texts(request))
+
+    async def texts(self, request: Request) -> list[str]:
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype not in TEXT_TYPES:
+            raise BadInput(415, "unsupported_media_type", f"content type {ctype or '(none)'!r} is not accepted; send "
+                           'application/json {"text": ...} or {"texts": [...]}, or a text/plain body')
+        body = await read_body(request, self.limits.max_request_bytes)
+        try:
+            decoded = body.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise BadInput(400, "invalid_encoding", f"the body is not UTF-8 ({e.reason} at byte {e.start})") from None
+        if ctype == "text/plain":
+            texts = [decoded]
+        else:
+            try:
+                payload = json.loads(decoded)
+            except ValueError as e:
+                raise BadInput(400, "invalid_body", f"the request body cannot be parsed: {e}") from None
+            if isinstance(payload, dict) and len(payload) == 1 and "text" in payload:
+                texts = [payload["text"]]
+            elif isinstance(payload, dict) and len(payload) == 1 and isinstance(payload.get("texts"), list):
+                texts = payload["texts"]
+            else:
+                raise BadInput(400, "invalid_json", 'JSON bodies must be {"text": "..."} or {"texts": ["...", ...]}')
+        if not texts:
+            raise BadInput(400, "no_texts", "the request holds no text")
+        if len(texts) > self.limits.max_images:
+            raise BadInput(413, "too_many_texts", f"the request holds {len(texts)} texts; the limit is "
+                           f"{self.limits.max_images} (--max-images)")
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise BadInput(400, "invalid_text", f"text {i} is a {type(text).__name__}, not a string")
+            if not text.strip():
+                raise BadInput(400, "empty_text", f"text {i} is empty")
+        return texts
 
 
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/bmp", "image/gif", "image/tiff", "application/octet-stream")

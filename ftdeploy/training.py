@@ -23,12 +23,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from .config import PipelineConfig, PreprocessingConfig
+from .config import PipelineConfig
 from .data import DatasetSplits, build_datasets
 from .errors import ConfigError, DependencyError
 from .models import BuiltModel, build_model, split_parameters
-from .preprocessing import Preprocessing
+from .preprocessing import resolve_preprocessing  # noqa: F401 (the image task's, re-exported)
 from .files import atomic_path, write_json, write_text
+from .tasks import get_task
 from .rundir import WEIGHTS, is_run_dir, load_run, write_run_files
 
 
@@ -67,32 +68,16 @@ class Job:
     cfg: PipelineConfig
     out: Path
     built: BuiltModel
-    spec: Preprocessing
+    spec: Any  # the task's preprocessor
     splits: DatasetSplits
     teacher: nn.Module | None = None
     distill: tuple[float, float] = (0.0, 1.0)
 
 
-def resolve_preprocessing(cfg: PreprocessingConfig, defaults: dict[str, Any]) -> Preprocessing:
-    """The config's values where set, otherwise the ones that match the model's pretrained weights."""
-    input_size = cfg.input_size or defaults["input_size"]
-    resize = cfg.resize_size or (input_size if cfg.input_size else defaults["resize_size"])
-    mean, std = cfg.mean or defaults["mean"], cfg.std or defaults["std"]
-    if cfg.channels == 1:  # one channel: average the per-channel statistics of the weights
-        mean, std = mean if len(mean) == 1 else (sum(mean) / len(mean),), std if len(std) == 1 else (sum(std) / len(std),)
-    if len(mean) != cfg.channels or len(std) != cfg.channels:
-        raise ConfigError(f"preprocessing.mean/std have {len(mean)}/{len(std)} values for {cfg.channels} channel(s)",
-                          "give one value per channel")
-    if resize < input_size:
-        raise ConfigError(f"preprocessing.resize_size {resize} is smaller than input_size {input_size}")
-    return Preprocessing(input_size, resize, cfg.channels, tuple(mean), tuple(std),
-                         cfg.interpolation or defaults.get("interpolation", "bilinear"))
-
-
-def built_from_run(path: str | Path) -> tuple[BuiltModel, Preprocessing]:
+def built_from_run(path: str | Path) -> tuple[BuiltModel, Any]:
     """A run directory as a starting point for more training: its model (pruned or not) and preprocessing."""
     run = load_run(path)
-    extra = {"name": run.architecture["name"], **({"pruned": run.architecture["pruned"]} if run.architecture.get("pruned") else {})}
+    extra = {k: v for k, v in run.architecture.items() if k not in ("num_classes", "head_name")}
     model = run.load_model()
     model.train()
     return BuiltModel(model, run.architecture["head_name"], {}, architecture=extra), run.preprocessing
@@ -148,8 +133,14 @@ def make_optimizer(cfg: PipelineConfig, built: BuiltModel) -> torch.optim.Optimi
     return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
 
 
+def features_collate(items: list) -> tuple[tuple, torch.Tensor]:
+    """Batches of cached head features, in the loop's ((inputs, ...), labels) shape."""
+    xs, ys = zip(*items)
+    return (torch.stack(xs),), torch.stack(ys)
+
+
 @torch.no_grad()
-def head_features(built: BuiltModel, dataset, batch_size: int) -> TensorDataset:
+def head_features(built: BuiltModel, dataset, batch_size: int, collate) -> TensorDataset:
     """Inputs of the classifier layer for every image, computed once by the frozen backbone."""
     captured: list[torch.Tensor] = []
     hook = built.model.get_submodule(built.head_name).register_forward_hook(
@@ -157,16 +148,18 @@ def head_features(built: BuiltModel, dataset, batch_size: int) -> TensorDataset:
     labels = []
     try:
         built.model.eval()
-        for x, y in DataLoader(dataset, batch_size=batch_size):
-            built.model(x)
+        for x, y in DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
+            built.model(*x)
             labels.append(torch.as_tensor(y))
     finally:
         hook.remove()
     return TensorDataset(torch.cat(captured), torch.cat(labels))
 
 
-def prepare_data(cfg: PipelineConfig, built: BuiltModel, splits: DatasetSplits) -> tuple[nn.Module, Any, Any]:
-    """(module to train, train dataset, val dataset): cached head features in head mode, else images."""
+def prepare_data(cfg: PipelineConfig, built: BuiltModel, splits: DatasetSplits) -> tuple[nn.Module, Any, Any, Any]:
+    """(module to train, train dataset, val dataset, their collate function): cached head features
+    in head mode, else the task's inputs."""
+    collate = get_task(cfg.task).collate
     if cfg.train.mode == "head":
         for p in built.model.parameters():
             p.requires_grad_(False)
@@ -175,8 +168,9 @@ def prepare_data(cfg: PipelineConfig, built: BuiltModel, splits: DatasetSplits) 
         if cfg.train.cache_features and not cfg.data.augment:
             # The frozen backbone in eval mode gives the same features every epoch: compute them once.
             head = built.model.get_submodule(built.head_name)
-            return head, head_features(built, splits.train, 256), head_features(built, splits.val, 256)
-    return built.model, splits.train, splits.val
+            return (head, head_features(built, splits.train, 256, collate), head_features(built, splits.val, 256, collate),
+                    features_collate)
+    return built.model, splits.train, splits.val, collate
 
 
 class DistillationLoss(nn.Module):
@@ -186,9 +180,9 @@ class DistillationLoss(nn.Module):
         super().__init__()
         self.base, self.teacher, self.alpha, self.t = base, teacher, alpha, temperature
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         with torch.no_grad():
-            soft = (self.teacher(inputs) / self.t).softmax(-1)
+            soft = (self.teacher(*inputs) / self.t).softmax(-1)
         kl = nn.functional.kl_div((logits / self.t).log_softmax(-1), soft, reduction="batchmean") * self.t**2
         return (1 - self.alpha) * self.base(logits, target) + self.alpha * kl
 
@@ -199,7 +193,7 @@ def evaluate(accelerator, model: nn.Module, loader) -> float:
     with torch.no_grad():
         for x, y in loader:
             with accelerator.autocast():
-                logits = model(x)
+                logits = model(*x)
             preds, targets = accelerator.gather_for_metrics((logits.argmax(-1), y))
             correct += (preds == targets).sum().item()
             total += targets.numel()
@@ -223,7 +217,7 @@ def reestimate_batchnorm(accelerator, model: nn.Module, loader, batches: int) ->
         if i >= batches:
             break
         with accelerator.autocast():
-            model(x)
+            model(*x)
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
     model.eval()
@@ -231,7 +225,7 @@ def reestimate_batchnorm(accelerator, model: nn.Module, loader, batches: int) ->
 
 
 def start(cfg: PipelineConfig, built: BuiltModel | None = None,
-          preprocessing: Preprocessing | None = None) -> tuple[BuiltModel, Preprocessing, Path | None]:
+          preprocessing: Any = None) -> tuple[BuiltModel, Any, Path | None]:
     """(model, preprocessing, parent run) to fine-tune: ``built`` as given, a run directory named by
     ``model.weights``, or the registry's model with pretrained weights."""
     parent = None
@@ -240,10 +234,10 @@ def start(cfg: PipelineConfig, built: BuiltModel | None = None,
         parent = Path(cfg.model.weights)
     if built is None:
         built = build_model(cfg.model, num_classes=None)
-    return built, preprocessing or resolve_preprocessing(cfg.preprocessing, built.defaults), parent
+    return built, preprocessing or get_task(cfg.task).resolve_preprocessor(cfg.preprocessing, built.defaults), parent
 
 
-def setup(cfg: PipelineConfig, out: Path, built: BuiltModel, spec: Preprocessing, accelerator) -> DatasetSplits:
+def setup(cfg: PipelineConfig, out: Path, built: BuiltModel, spec: Any, accelerator) -> DatasetSplits:
     """Build the data, fit the head to its classes and write the run's model files (main process)."""
     splits = build_datasets(cfg.data, spec)
     built.set_classes(len(splits.classes))
@@ -265,12 +259,12 @@ def fine_tune(job: Job, accelerator, resume: bool = False, callbacks: Iterable[C
     if resume and not ckpt.is_dir():
         raise ConfigError(f"--resume: no checkpoint at {ckpt}", "run without --resume to start from scratch"
                           + ("" if cfg.train.checkpoint else " (train.checkpoint=false saves none)"))
-    trained, train_set, val_set = prepare_data(cfg, job.built, job.splits)
+    trained, train_set, val_set, collate = prepare_data(cfg, job.built, job.splits)
     optimizer = make_optimizer(cfg, job.built)
     bs, workers = cfg.data.batch_size, cfg.data.num_workers
     # Workers that persist across epochs: starting them again every epoch re-imports torch in each
     # under the spawn start method (macOS, Python 3.14), seconds per epoch for nothing.
-    loading = {"num_workers": workers, "persistent_workers": workers > 0}
+    loading = {"num_workers": workers, "persistent_workers": workers > 0, "collate_fn": collate}
     train_loader = DataLoader(train_set, batch_size=bs, shuffle=True, drop_last=len(train_set) > bs, **loading)
     val_loader = DataLoader(val_set, batch_size=max(bs, 64), **loading)
     steps_per_epoch = math.ceil(len(train_loader) / cfg.train.grad_accum_steps)
@@ -339,7 +333,7 @@ def run_epoch(job: Job, accelerator, trained, loader, optimizer, scheduler, crit
     for x, y in bar:
         with accelerator.accumulate(trained):
             with accelerator.autocast():
-                logits = trained(x)
+                logits = trained(*x)
                 loss = criterion(logits, y, x) if job.teacher is not None else criterion(logits, y)
             accelerator.backward(loss)
             optimizer.step()

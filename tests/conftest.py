@@ -125,3 +125,44 @@ def resnet_export(resnet_run, tmp_path_factory) -> Path:
     from ftdeploy.export import export
 
     return export(resnet_run, tmp_path_factory.mktemp("resnet-export") / "export", ExportConfig(**FAST_EXPORT))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A 2-layer, hidden-32 BERT with its own WordPiece tokenizer, as a Hugging Face directory."""
+    from textdata import make_tiny_bert
+
+    return make_tiny_bert(tmp_path_factory.mktemp("bert") / "tiny-bert")
+
+
+@pytest.fixture(scope="session")
+def reviews_csv(tmp_path_factory) -> Path:
+    from textdata import write_reviews
+
+    return write_reviews(tmp_path_factory.mktemp("reviews") / "reviews.csv")
+
+
+def text_config(out: Path, bert: Path, data: Path, *overrides: str):
+    from ftdeploy.config import load_config
+
+    return load_config(None, ["task=text_classification", f"model.name=hf:{bert}", "model.weights=DEFAULT",
+                              "data.name=csv", f"data.root={data}", "data.text_column=review",
+                              "data.label_column=sentiment", "data.batch_size=16", "preprocessing.max_length=32",
+                              "train.epochs=3", "train.lr=0.003", "train.warmup_epochs=0", "train.progress=false",
+                              "train.checkpoint=false", f"output_dir={out}", *overrides])
+
+
+@pytest.fixture(scope="session")
+def text_run(tiny_bert, reviews_csv, tmp_path_factory) -> Path:
+    """The tiny BERT fine-tuned on the reviews (read only)."""
+    from ftdeploy.train import train
+
+    return train(text_config(tmp_path_factory.mktemp("text") / "run", tiny_bert, reviews_csv))
+
+
+@pytest.fixture(scope="session")
+def text_export(text_run, tmp_path_factory) -> Path:
+    from ftdeploy.config import ExportConfig
+    from ftdeploy.export import export
+
+    return export(text_run, tmp_path_factory.mktemp("text-export") / "export", ExportConfig(**FAST_EXPORT))

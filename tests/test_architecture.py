@@ -2,6 +2,7 @@
 another stage, lower layers import no stage, and nothing but the entry points imports the CLI."""
 
 import ast
+import re
 from pathlib import Path
 
 from conftest import REPO
@@ -94,3 +95,28 @@ def test_the_checker_sees_a_cycle_and_a_stage_to_stage_import(tmp_path):
     assert "export" in imported(PACKAGE / "pipeline.py", "pipeline")  # function-level imports are read too
     (tmp_path / "x.py").write_text("from .export import export\nfrom ..cli import main\nimport ftdeploy.quantize\n")
     assert imported(tmp_path / "x.py", "train.x") == {"train.export", "cli", "quantize"}
+
+
+TASK_NAMES = re.compile(r"image_classification|text_classification|ImageClassification|TextClassification")
+# where a task's name may be written: the tasks themselves and the config's choice of one
+MAY_NAME_TASKS = {"tasks", "config"}
+
+
+def task_name_mentions(package: Path) -> list[str]:
+    """``module:line`` of every task name written outside the tasks and the config."""
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        name = ".".join(path.relative_to(package).with_suffix("").parts)
+        if name.split(".")[0] in MAY_NAME_TASKS:
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if TASK_NAMES.search(line):
+                found.append(f"{name}:{number}")
+    return found
+
+
+def test_no_stage_or_server_branches_on_a_task_name(tmp_path):
+    assert task_name_mentions(PACKAGE) == []
+    # the check sees one
+    (tmp_path / "serve.py").write_text('if model.task.name == "text_classification":\n    pass\n')
+    assert task_name_mentions(tmp_path) == ["serve:1"]

@@ -94,8 +94,8 @@ def test_a_near_tie_inside_float32_noise_passes_the_gate():
 
     model = NearTie().eval()
     inputs = np.random.default_rng(0).standard_normal((64, 3, 4, 4)).astype(np.float32)
-    with temporary_onnx(model, torch.zeros(1, 3, 4, 4)) as path:
-        record, torch_logits, onnx_logits = parity_check(model, open_session(path, 1), inputs, ExportConfig())
+    with temporary_onnx(model, [torch.zeros(2, 3, 4, 4)]) as path:
+        record, torch_logits, onnx_logits = parity_check(model, open_session(path, 1), {"validation": inputs}, ExportConfig(), ["input"])
     top2 = np.sort(reference_logits(model, inputs), -1)[:, -2:]
     assert np.allclose(top2[:, 1] - top2[:, 0], 5e-6, rtol=1e-3)  # in float64, class 1 wins by 5e-6 everywhere
     assert record["max_abs_diff"] > 1e-4 + 1e-4 * np.abs(torch_logits[0]).max()  # a fixed bound fails it
@@ -173,7 +173,7 @@ def test_an_op_without_onnx_translation_is_named(tmp_path):
             return mystery(x).flatten(1)
 
     with pytest.raises(ExportError, match=r"cannot export Mystery to ONNX: no ONNX translation for operator\(s\) ftdeploy_test"):
-        export_onnx(Mystery(), torch.randn(2, 3, 8, 8), tmp_path / "m.onnx")
+        export_onnx(Mystery(), [torch.randn(2, 3, 8, 8)], tmp_path / "m.onnx")
 
 
 def test_torchscript_exporter_on_request(tmp_path):
@@ -185,7 +185,7 @@ def test_torchscript_exporter_on_request(tmp_path):
         def forward(self, x):
             return self.conv(x).mean((2, 3))
 
-    assert export_onnx(Small(), torch.randn(2, 3, 8, 8), tmp_path / "s.onnx", exporter="torchscript") == ("torchscript", None)
+    assert export_onnx(Small(), [torch.randn(2, 3, 8, 8)], tmp_path / "s.onnx", exporter="torchscript") == ("torchscript", None)
     import onnxruntime as ort
 
     out = ort.InferenceSession(str(tmp_path / "s.onnx")).run(None, {"input": np.ones((5, 3, 8, 8), np.float32)})[0]

@@ -74,7 +74,7 @@ def test_saliency_of_a_model_that_sees_one_quadrant_lies_in_that_quadrant(tmp_pa
     from ftdeploy.onnx_model import open_session
 
     x = np.ones((3, 32, 32), np.float32)
-    with temporary_onnx(TopLeftOnly(), torch.zeros(1, 3, 32, 32)) as path:
+    with temporary_onnx(TopLeftOnly(), [torch.zeros(2, 3, 32, 32)]) as path:
         saliency = occlusion_map(onnx_predictor(open_session(path, 1)), x, target=0, patch=4, stride=2)
     assert saliency.shape == (15, 15)  # patch tops at 0, 2, ..., 28
     touches = np.arange(15) * 2 < 16  # patches that cover part of the top-left 16x16 quadrant

@@ -1,0 +1,38 @@
+"""Tasks (a registry): what one kind of model takes in and gives out, in one object the stages call.
+
+A task owns its input spec (names, dtypes, dynamic axes, dummy and bench inputs), its preprocessor
+and how that is stored in a run directory and an ONNX file, batch collation, the parity inputs, and
+the server's request codec. Stages never branch on a task's name: they ask the task. Adding a task
+is one module here and one ``register`` line.
+
+>>> get_task("image_classification").input_names
+('input',)
+>>> get_task("text")
+Traceback (most recent call last):
+...
+ftdeploy.errors.ConfigError: unknown task 'text' (known: image_classification, text_classification)
+"""
+
+from __future__ import annotations
+
+from ..errors import ConfigError
+from ..registry import Registry
+from .base import Task, feeds, tile
+from .image import ImageClassification
+from .text import TextClassification
+
+tasks: Registry[Task] = Registry("task", ConfigError)
+tasks.register(ImageClassification.name)(ImageClassification())
+tasks.register(TextClassification.name)(TextClassification())
+
+
+# what files and directories written before tasks existed hold
+DEFAULT_TASK = ImageClassification.name
+
+
+def get_task(name: str | None) -> Task:
+    """The registered task ``name``; None (a file from before tasks) is the default, images."""
+    return tasks.get(DEFAULT_TASK if name is None else name)
+
+
+__all__ = ["Task", "feeds", "get_task", "tasks", "tile"]
