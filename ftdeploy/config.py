@@ -112,6 +112,8 @@ class ExportConfig(Section):
         "auto", description="auto: the dynamo exporter, falling back to TorchScript when it fails")
     optimization: Literal["none", "basic", "extended"] = Field(
         "extended", description="onnxruntime graph optimizations applied offline to the shipped file")
+    fusions: bool = Field(True, description="text: try onnxruntime's transformer fusions (Attention, SkipLayerNorm, "
+                          "Gelu, EmbedLayerNorm); the fused file ships only when measured faster")
     parity_error_ratio: float = Field(4.0, ge=1, description="FP32 gate: the file's largest logit error against a "
                                       "float64 run of the PyTorch model may be this many times PyTorch float32's own")
     atol: float = Field(1e-5, gt=0, description="FP32 gate: an absolute floor added to the allowed error (a model "
@@ -184,16 +186,19 @@ class ReportConfig(Section):
     output: Path | None = Field(None, description="the HTML file (default: <export dir>/report.html); "
                                 "usability.json goes beside it")
     compare: list[Path] = Field(default_factory=list, description="other export directories whose variants join the report")
-    corruptions: list[str] = Field(
-        ["gaussian_noise", "blur", "brightness", "contrast", "jpeg", "rotation", "translation", "occlusion"],
-        min_length=1, description="corruptions applied before normalization (see ftdeploy/usability.py)")
+    corruptions: list[str] | None = Field(
+        None, min_length=1, description="corruptions of the input (default: every one the task has; images: "
+        "ftdeploy/tasks/image.py, text: ftdeploy/tasks/text.py)")
     severities: list[int] = Field([1, 2, 3, 4, 5], min_length=1, description="corruption severities, 1 (mild) .. 5")
     samples: int = Field(8, ge=1, description="validation images explained by saliency maps")
     val_limit: int = Field(2000, ge=1, description="validation images evaluated (at most)")
     calibrate: bool = Field(False, description="store each variant's fitted temperature in its ONNX metadata "
                             "(ftdeploy serve then applies it to the probabilities it returns)")
     batch_sizes: list[int] = Field([1, 8, 32], min_length=1, description="scalability: batch sizes timed")
-    threads: list[int] | None = Field(None, description="scalability: thread counts timed (default: 1 and physical cores)")
+    threads: list[int] | None = Field(None, description="scalability, images: thread counts timed (default: 1 and "
+                                      "physical cores)")
+    lengths: list[int] = Field([16, 64, 128], min_length=1, description="scalability, text: sequence lengths timed "
+                               "(up to the model's max_length)")
     latency_seconds: float = Field(0.6, gt=0, description="timed seconds per variant and grid cell")
     peak_memory: bool = Field(True, description="scalability: measure the memory each variant's process peaks at "
                               "(a fresh process per variant, a few seconds each)")

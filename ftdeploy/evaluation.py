@@ -19,6 +19,7 @@ import numpy as np
 from .config import DataConfig
 from .rundir import ExportDir, Run
 from .tasks import Task, feeds
+from .tasks.base import batched
 
 Predictor = Callable[[Any], np.ndarray]  # a batch of inputs (sliced from EvalData.inputs) -> logits
 
@@ -62,10 +63,6 @@ def split_arrays(ds, limit: int, task: Task, shuffle: bool = False) -> tuple[Any
     order = np.random.default_rng(0).permutation(len(ds)) if shuffle else np.arange(len(ds))
     xs, ys = zip(*(ds[int(i)] for i in order[:limit]))
     return task.stack(list(xs)), np.asarray(ys)
-
-
-def batched(fn: Predictor, inputs: Any, batch_size: int) -> np.ndarray:
-    return np.concatenate([fn(inputs[i:i + batch_size]) for i in range(0, len(inputs), batch_size)])
 
 
 def logits_at_batch_sizes(predict: Predictor, inputs: Any, batch_sizes: list[int]) -> list[np.ndarray]:

@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 from dataclasses import replace
@@ -37,9 +38,9 @@ from .evaluation import (EvalData, accuracy, fp32_parity, logits_at_batch_sizes,
                          torch_predictor)
 from .files import relative
 from .gates import Gates
-from .latency import ort_runner, profile, provider_latency, session_policy
+from .latency import FASTER, compare, ort_runner, profile, provider_latency, session_policy, tile_batch
 from .machine import machine_info, physical_cores
-from .onnx_model import move_onnx, onnx_size, open_session, read_metadata, save_onnx
+from .onnx_model import external_data, move_onnx, onnx_size, open_session, read_metadata, save_onnx, write_metadata
 from .report import write_report
 from .rundir import Run, load_run, manifest, write_manifest
 
@@ -71,7 +72,11 @@ def export(run_dir: str | Path, output_dir: str | Path | None = None, cfg: Expor
         data = EvalData.from_run(run, max(cfg.parity_samples, SAMPLES), calibration_samples=1)
         samples = task.encode_samples(data.inputs[:SAMPLES], run.preprocessing)
         data = replace(data, inputs=data.inputs[:cfg.parity_samples], labels=data.labels[:cfg.parity_samples])
-        finalize(raw, candidate, {**onnx_metadata(run, "fp32", out), "samples": samples}, cfg.optimization)
+        metadata = {**onnx_metadata(run, "fp32", out), "samples": samples}
+        finalize(raw, candidate, metadata, cfg.optimization)
+        options = task.fusion_options(run.architecture) if cfg.fusions else None
+        fusions = (transformer_fusions(raw, candidate, metadata, options, data.bench,
+                                       cfg.threads or physical_cores(), cfg.latency_seconds) if options else None)
         (out / UNOPTIMIZED).unlink(missing_ok=True)
         if cfg.optimization != "none":
             save_onnx(onnx.load(str(raw)), out / UNOPTIMIZED)
@@ -81,11 +86,67 @@ def export(run_dir: str | Path, output_dir: str | Path | None = None, cfg: Expor
     move_onnx(candidate, final)
     report["variants"]["fp32"].update(path=final.name, exporter=exporter, exporter_fallback_reason=reason,
                                       opset=cfg.opset, optimization=cfg.optimization,
-                                      unoptimized_path=UNOPTIMIZED if cfg.optimization != "none" else None)
+                                      unoptimized_path=UNOPTIMIZED if cfg.optimization != "none" else None,
+                                      **({"fusions": fusions} if fusions else {}))
     write_report(report, out)
     write_manifest(out, manifest("export", run.path, config=cfg))
     gates.raise_if_failed(str(out / "report.json"))
     return out
+
+
+def transformer_fusions(raw: Path, candidate: Path, metadata: dict[str, Any], options: dict[str, Any], bench,
+                        threads: int, seconds: float) -> dict[str, Any]:
+    """onnxruntime's transformer fusions (Attention, SkipLayerNormalization, EmbedLayerNormalization,
+    Gelu/BiasGelu) on the raw export; the fused file replaces ``candidate`` only when it is measured
+    faster at batch 1 than onnxruntime's own optimizations, outside the noise of an A/A session timed
+    in the same rounds. The parity gate then checks whichever file ships."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    try:
+        with _quiet_logs():
+            fused_model = optimize_model(str(raw), use_gpu=False, opt_level=1, **options)
+    except Exception as e:  # a graph the optimizer does not understand keeps onnxruntime's own optimizations
+        return {"kept": False, "reason": f"the optimizer failed ({type(e).__name__}: {str(e)[:200]})"}
+    found = {op: n for op, n in fused_model.get_fused_operator_statistics().items() if n}
+    fused = candidate.with_name(".model.fused.onnx")
+    write_metadata(fused_model.model, metadata)
+    save_onnx(fused_model.model, fused)
+    try:
+        plain, fused_session = open_session(candidate, threads), open_session(fused, threads)
+        sample = bench[:16]
+        expected, got = onnx_predictor(plain)(sample), onnx_predictor(fused_session)(sample)
+        difference = float(np.abs(expected - got).max())
+        if difference > FUSION_RTOL * float(np.abs(expected).max()) + 1e-4:  # a fusion that changes the answer
+            return {"kept": False, "fused_operators": found, "options": options,
+                    "reason": f"the fused graph's logits differ by {difference:.3g} from the unfused graph's"}
+        batch = tile_batch(bench, 1)
+        result = compare({"onnxruntime": ort_runner(plain, batch),
+                          "onnxruntime A/A": ort_runner(open_session(candidate, threads), batch),
+                          "fused": ort_runner(fused_session, batch)}, 1, seconds=2 * seconds)
+        speedup = result.speedup("onnxruntime", "fused")
+        noise = result.speedup("onnxruntime", "onnxruntime A/A").noise
+        verdict = speedup.verdict(noise)
+        kept = verdict in FASTER
+        if kept:
+            move_onnx(fused, candidate)
+        return {"kept": kept, "fused_operators": found, "speedup": speedup.as_dict(), "noise_floor": noise,
+                "verdict": verdict, "options": options}
+    finally:
+        fused.unlink(missing_ok=True)
+        external_data(fused).unlink(missing_ok=True)
+
+
+FUSION_RTOL = 1e-3  # fused kernels sum in another order: they may differ by float32 rounding, not more
+
+
+@contextlib.contextmanager
+def _quiet_logs():
+    """onnxruntime.transformers logs every fusion pass (from modules it imports by their bare names)."""
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def source_record(run: Run) -> dict[str, Any]:

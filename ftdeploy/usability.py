@@ -25,7 +25,6 @@ writing both files.
 
 from __future__ import annotations
 
-import io
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -33,139 +32,20 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from PIL import Image, ImageFilter
 
-from .config import DataConfig, ReportConfig
+from .config import ReportConfig
 from .errors import FtdeployError, RunDirError
 from .evaluation import Predictor, batched, onnx_predictor, torch_predictor
 from .files import relative, write_json, write_text
 from .gates import Gates
-from .latency import compare, session_policy, tile_batch
+from .latency import compare, session_policy
 from .machine import machine_info, physical_cores
 from .onnx_model import onnx_size, open_session, update_metadata
 from .report import usability_html
-from .preprocessing import Preprocessing, normalize, prepare
-from .registry import Registry
 from .rundir import ExportDir, load_export, manifest, write_manifest
-
-Corruption = Callable[[np.ndarray, int, np.random.Generator], np.ndarray]  # HxWxC in [0, 1] -> same
-corruptions: Registry[Corruption] = Registry("corruption", FtdeployError)
-
-
-def _fill(x: np.ndarray) -> tuple:
-    """The colour of the image's border: what rotation and translation bring in."""
-    border = np.concatenate([x[0], x[-1], x[:, 0], x[:, -1]])
-    return tuple(int(round(v * 255)) for v in np.median(border, axis=0))
-
-
-def _pil(x: np.ndarray) -> Image.Image:
-    return Image.fromarray((x * 255).round().clip(0, 255).astype(np.uint8))
-
-
-def _array(img: Image.Image) -> np.ndarray:
-    return np.asarray(img, dtype=np.float32) / 255.0
-
-
-@corruptions.register("identity")
-def _identity(x, severity, rng):
-    """No change: the clean images through the corruption path (a check of the path itself)."""
-    return x
-
-
-@corruptions.register("gaussian_noise")
-def _gaussian_noise(x, severity, rng):
-    return np.clip(x + rng.normal(0, [0.08, 0.12, 0.18, 0.26, 0.38][severity - 1], x.shape), 0, 1).astype(np.float32)
-
-
-@corruptions.register("blur")
-def _blur(x, severity, rng):
-    radius = [0.5, 1.0, 1.5, 2.0, 3.0][severity - 1] * x.shape[0] / 64
-    return _array(_pil(x).filter(ImageFilter.GaussianBlur(radius)))
-
-
-@corruptions.register("brightness")
-def _brightness(x, severity, rng):
-    return np.clip(x + [0.1, 0.2, 0.3, 0.4, 0.5][severity - 1], 0, 1).astype(np.float32)
-
-
-@corruptions.register("contrast")
-def _contrast(x, severity, rng):
-    c = [0.4, 0.3, 0.2, 0.1, 0.05][severity - 1]
-    mean = x.mean(axis=(0, 1), keepdims=True)
-    return np.clip((x - mean) * c + mean, 0, 1).astype(np.float32)
-
-
-@corruptions.register("jpeg")
-def _jpeg(x, severity, rng):
-    buf = io.BytesIO()
-    _pil(x).save(buf, format="JPEG", quality=[25, 18, 15, 10, 7][severity - 1])
-    return _array(Image.open(buf))
-
-
-@corruptions.register("rotation")
-def _rotation(x, severity, rng):
-    angle = [5, 10, 15, 20, 30][severity - 1] * rng.choice([-1, 1])
-    return _array(_pil(x).rotate(float(angle), resample=Image.BILINEAR, fillcolor=_fill(x)))
-
-
-@corruptions.register("translation")
-def _translation(x, severity, rng):
-    shift = round([0.03, 0.06, 0.1, 0.15, 0.2][severity - 1] * x.shape[0])
-    dx, dy = rng.choice([-1, 1], size=2) * shift
-    return _array(_pil(x).rotate(0, translate=(int(dx), int(dy)), fillcolor=_fill(x)))
-
-
-@corruptions.register("occlusion")
-def _occlusion(x, severity, rng):
-    side = max(1, round([0.1, 0.2, 0.3, 0.4, 0.5][severity - 1] * x.shape[0]))
-    top, left = rng.integers(0, x.shape[0] - side + 1), rng.integers(0, x.shape[1] - side + 1)
-    out = x.copy()
-    out[top:top + side, left:left + side] = 0.5  # a mid-gray patch
-    return out
-
-
-@dataclass
-class Images:
-    """The validation images prepared to the network's input size (before normalization), labels,
-    class names and the preprocessing that normalizes them."""
-
-    pixels: list[np.ndarray]  # HxWxC in [0, 1]
-    labels: np.ndarray
-    classes: list[str]
-    spec: Preprocessing
-
-    def inputs(self, corruption: str = "identity", severity: int = 1) -> np.ndarray:
-        """Normalized network inputs of every image under ``corruption`` at ``severity``; seeded, so
-        every variant sees exactly the same corrupted images."""
-        fn = corruptions.get(corruption)
-        rng = np.random.default_rng(1000 * severity + sorted(corruptions.names()).index(corruption))
-        return np.stack([normalize(_as_channels(fn(p, severity, rng), p), self.spec) for p in self.pixels])
-
-
-def _as_channels(x: np.ndarray, like: np.ndarray) -> np.ndarray:
-    return x[:, :, None] if x.ndim == 2 and like.ndim == 3 else x
-
-
-def validation_images(data: DataConfig, spec: Preprocessing, limit: int) -> Images:
-    from .data import build_datasets
-
-    splits = build_datasets(data.model_copy(update={"augment": False}), spec)
-    val = splits.val
-    n = min(limit, len(val))
-    pixels = []
-    for i in range(n):
-        p = _array(prepare(val.load(i), spec))
-        pixels.append(p[:, :, None] if p.ndim == 2 else p)
-    return Images(pixels, np.asarray(val.labels[:n]), splits.classes, spec)
-
+from .tasks.base import softmax
 
 # --- task performance and calibration ------------------------------------------------------------
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = logits.astype(np.float64) / temperature
-    z = np.exp(z - z.max(-1, keepdims=True))
-    return z / z.sum(-1, keepdims=True)
-
 
 def task_performance(logits: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[str, Any]:
     pred = logits.argmax(-1)
@@ -243,19 +123,6 @@ def calibration(logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
 
 # --- interpretability ----------------------------------------------------------------------------
 
-def occlusion_map(predict: Predictor, x: np.ndarray, target: int, patch: int, stride: int) -> np.ndarray:
-    """Drop of the ``target`` class probability when a ``patch`` square (set to 0: the mean colour after
-    normalization) covers each position; a (rows x cols) map, larger = more important."""
-    _, h, w = x.shape
-    tops, lefts = range(0, h - patch + 1, stride), range(0, w - patch + 1, stride)
-    batch = np.repeat(x[None], len(tops) * len(lefts), axis=0)
-    for i, (t, l) in enumerate((t, l) for t in tops for l in lefts):
-        batch[i, :, t:t + patch, l:l + patch] = 0
-    base = softmax(predict(x[None]))[0, target]
-    probs = softmax(batched(predict, batch, 64))[:, target]
-    return (base - probs).reshape(len(tops), len(lefts))
-
-
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     """Rank correlation of two maps (average ranks for ties)."""
     from scipy.stats import spearmanr
@@ -264,18 +131,6 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     if np.ptp(a) == 0 or np.ptp(b) == 0:
         return 1.0 if np.ptp(a) == np.ptp(b) == 0 else 0.0
     return float(spearmanr(a, b).statistic)
-
-
-def integrated_gradients(model, x: np.ndarray, target: int, steps: int = 32) -> np.ndarray:
-    """Integrated gradients of the PyTorch model from the all-zero input (the mean colour), summed
-    over channels as |attribution|."""
-    import torch
-
-    inputs = torch.from_numpy(x)[None]
-    alphas = torch.linspace(1 / steps, 1, steps).view(-1, 1, 1, 1)
-    path = (alphas * inputs).requires_grad_(True)
-    model(path)[:, target].sum().backward()
-    return (inputs[0] * path.grad.mean(0)).abs().sum(0).numpy()
 
 
 def saliency_samples(labels: np.ndarray, fp32_pred: np.ndarray, n: int) -> list[int]:
@@ -308,11 +163,15 @@ with open("/proc/self/clear_refs", "w") as f:  # reset the peak: the imports' ow
     f.write("5")
 if kind == "onnx":
     session = ort_session(path, threads)
-    session.run(None, {session.get_inputs()[0].name: np.zeros(shape, np.float32)})
+    # token ids (int64) as ones, images as zeros: every input at the probed shape
+    session.run(None, {i.name: np.ones(shape, np.int64) if i.type == "tensor(int64)" else np.zeros(shape, np.float32)
+                       for i in session.get_inputs()})
 else:
-    model = load_run(path).load_model()
+    run = load_run(path)
+    model = run.load_model()
+    kinds = [a.dtype for a in run.task.example_inputs(run.preprocessing, run.input_names)]
     with torch.inference_mode():
-        model(torch.zeros(shape))
+        model(*(torch.ones(shape, dtype=torch.long) if k == np.int64 else torch.zeros(shape) for k in kinds))
 print(status("VmHWM") - before)
 """
 
@@ -383,7 +242,7 @@ def _torch_variant(run) -> Variant:
 
     def make(threads: int) -> Predictor:
         torch.set_num_threads(threads)
-        return torch_predictor(model)
+        return torch_predictor(model, run.input_names)
 
     return Variant("torch", "torch", run.path, make, model)
 
@@ -402,13 +261,15 @@ def report(export_dir: str | Path, cfg: ReportConfig | None = None) -> Path:
     from tqdm.auto import tqdm
 
     cfg = cfg or ReportConfig()
-    for name in cfg.corruptions:  # a misspelt one fails now, naming the known ones
-        corruptions.get(name)
     source = load_export(export_dir)
+    cfg = cfg.model_copy(update={"corruptions": cfg.corruptions or source.task.default_corruptions})
+    suite = source.task.usability_suite(source.data, source.preprocessing, cfg.val_limit)
+    for name in cfg.corruptions:  # a misspelt one fails now, naming the known ones
+        suite.corruptions.get(name)
     out = Path(cfg.output or source.path / "report.html")
     variants, no_torch = gather_variants([source, *(load_export(d) for d in cfg.compare)])
     threads = physical_cores()
-    images = validation_images(source.data, source.preprocessing, cfg.val_limit)
+    images = suite
     clean = images.inputs()
     steps = len(variants) * (1 + len(cfg.corruptions) * len(cfg.severities)) + len(variants) * 2
     bar = tqdm(total=steps, desc="usability report", unit="step", disable=None, mininterval=0.5)
@@ -431,7 +292,8 @@ def report(export_dir: str | Path, cfg: ReportConfig | None = None) -> Path:
         store_temperatures(variants, results)
     data = {"source": relative(source.path, out.parent), "source_run": relative(source.source_run, out.parent),
             "torch_variant_missing": no_torch,
-            "dataset": {"name": source.data.name, "split": "val", "num_samples": len(images.labels)},
+            "dataset": {"name": source.data.name, "split": "val", "num_samples": len(images.labels),
+                        "unit": images.unit, "corrupted": images.corrupted},
             "machine": machine_info(threads), "latency_session": session_policy(threads),
             "settings": cfg.model_dump(mode="json"), "classes": images.classes, "variants": results,
             "saliency_inputs": explained}
@@ -448,7 +310,7 @@ def report(export_dir: str | Path, cfg: ReportConfig | None = None) -> Path:
     return out
 
 
-def robustness(variants: list[Variant], images: Images, cfg: ReportConfig, threads: int,
+def robustness(variants: list[Variant], images, cfg: ReportConfig, threads: int,
                results: dict[str, dict[str, Any]], bar) -> None:
     by_variant: dict[str, dict[str, dict[str, float]]] = {v.name: {} for v in variants}
     predictors = {v.name: v.make(threads) for v in variants}
@@ -470,53 +332,49 @@ def robustness(variants: list[Variant], images: Images, cfg: ReportConfig, threa
         r["clean_minus_corrupted_points"] = 100 * (results[v.name]["accuracy"] - r["mean_corruption_accuracy"])
 
 
-def saliency(variants: list[Variant], images: Images, clean: np.ndarray, logits: dict[str, np.ndarray],
+def saliency(variants: list[Variant], images, clean, logits: dict[str, np.ndarray],
              cfg: ReportConfig, threads: int, results: dict[str, dict[str, Any]], bar) -> dict[str, Any]:
     """Occlusion maps of every variant on the same images, and their agreement with FP32's; returns
     the explained images."""
     reference = "fp32" if "fp32" in logits else variants[0].name
     fp32_pred = logits[reference].argmax(-1)
     samples = saliency_samples(images.labels, fp32_pred, cfg.samples)
-    size = clean.shape[-1]
-    patch, stride = max(2, size // 8), max(1, size // 16)
     maps: dict[str, list[np.ndarray]] = {}
     for v in variants:
         predict = v.make(threads)
-        maps[v.name] = [occlusion_map(predict, clean[i], int(fp32_pred[i]), patch, stride) for i in samples]
+        maps[v.name] = [images.occlusion(predict, clean, i, int(fp32_pred[i])) for i in samples]
         bar.update()
     for v in variants:
         agreement = [spearman(a, b) for a, b in zip(maps[v.name], maps[reference])]
-        results[v.name]["saliency"] = {"method": "occlusion", "patch": patch, "stride": stride, "target": "fp32 prediction",
+        results[v.name]["saliency"] = {**images.saliency_method(clean), "target": "fp32 prediction",
                                        "samples": samples, "agreement_with_fp32": float(np.mean(agreement)),
                                        "agreement_per_sample": agreement,
                                        "maps": [m.round(5).tolist() for m in maps[v.name]]}
         if v.kind == "torch":
             results[v.name]["saliency"]["integrated_gradients"] = [
-                integrated_gradients(v.model, clean[i], int(fp32_pred[i])).round(6).tolist() for i in samples]
+                images.integrated_gradients(v.model, clean, i, int(fp32_pred[i])).round(6).tolist() for i in samples]
     return {"samples": samples, "labels": [images.classes[images.labels[i]] for i in samples],
-            "fp32_predictions": [images.classes[fp32_pred[i]] for i in samples],
-            "images": [images.pixels[i].round(4).tolist() for i in samples]}
+            "fp32_predictions": [images.classes[fp32_pred[i]] for i in samples], **images.explained(samples)}
 
 
-def scalability(variants: list[Variant], images: Images, clean: np.ndarray, cfg: ReportConfig,
+def scalability(variants: list[Variant], images, clean, cfg: ReportConfig,
                 results: dict[str, dict[str, Any]], bar) -> None:
-    thread_counts = cfg.threads or sorted({1, physical_cores()})
+    """Every variant timed side by side in each cell of the task's grid (batch size x threads for
+    images, batch size x sequence length for text)."""
     table: dict[str, list[dict[str, Any]]] = {v.name: [] for v in variants}
-    for threads in thread_counts:
-        for bs in cfg.batch_sizes:
-            batch = tile_batch(clean, bs)
-            runners = {v.name: (lambda p=v.make(threads), b=batch: p(b)) for v in variants}
-            result = compare(runners, bs, rounds=3, seconds=cfg.latency_seconds)
-            for name, st in result.stats.items():
-                table[name].append({"threads": threads, "batch_size": bs, "p50_ms": st.p50, "p99_ms": st.p99,
-                                    "throughput": st.throughput})
+    for cell, batch, threads in images.grid(clean, cfg, physical_cores()):
+        runners = {v.name: (lambda p=v.make(threads), b=batch: p(b)) for v in variants}
+        result = compare(runners, cell["batch_size"], rounds=3, seconds=cfg.latency_seconds)
+        for name, st in result.stats.items():
+            table[name].append({**cell, "p50_ms": st.p50, "p99_ms": st.p99, "throughput": st.throughput})
+    top = max(r["threads"] for r in next(iter(table.values())))
     for v in variants:
-        shape = (max(cfg.batch_sizes), *clean.shape[1:])
+        shape = images.probe_shape(clean, cfg)
         results[v.name]["latency"] = {"grid": table[v.name],
                                       "peak_memory_mb": peak_memory_mb(v.kind, v.path, physical_cores(), shape)
                                       if cfg.peak_memory else None,
                                       "p99_ms_bs1": next((r["p99_ms"] for r in table[v.name] if r["batch_size"] == 1
-                                                          and r["threads"] == max(thread_counts)), None)}
+                                                          and r["threads"] == top), None)}
         bar.update()
 
 

@@ -27,7 +27,7 @@ class Recorder:
         self.weights = ""
 
     def on_train_batch(self, state, batch):
-        self.images.setdefault(state.epoch + 2, []).extend(digest(img) for img in batch[0])
+        self.images.setdefault(state.epoch + 2, []).extend(digest(img) for img in batch[0][0])  # ((images,), labels)
 
     def on_epoch_end(self, state):
         self.weights = hashlib.sha256("".join(digest(v) for _, v in sorted(state.model.state_dict().items())).encode()).hexdigest()

@@ -98,14 +98,17 @@ def test_target_speedup_picks_the_least_pruning_whose_low_end_reaches_it(monkeyp
     figures = {0.1: (1.1, 1.0), 0.2: (1.3, 1.2), 0.3: (1.6, 1.45), 0.4: (1.7, 1.55), 0.5: (2.0, 1.9)}
     measured = []
 
-    def speedup(base, candidate, example, threads, seconds):
+    def speedup(base, candidate, probe, threads, seconds):
         ratio = round(1 - candidate.fc.in_features / base.fc.in_features, 1)  # channels kept at the head
         measured.append(ratio)
         median, low = figures.get(ratio, (1.2, 1.1))
         return {"base_ms": 1.0, "latency_ms": 1 / median, "speedup": median, "speedup_low": low, "speedup_high": median}
 
     monkeypatch.setattr(stage, "onnx_speedup", speedup)
-    model, example = TinyConvNet(3, width=40).eval(), torch.zeros(1, 3, 16, 16)
+    from ftdeploy.tasks import get_task
+
+    model = TinyConvNet(3, width=40).eval()
+    example = stage.Probe((torch.zeros(1, 3, 16, 16),), ["input"], {}, None, get_task(None))
     cfg = PruneConfig(target_speedup=1.5, round_to=None, global_pruning=False)
     ratio, trials = stage.choose_ratio(model, "fc", example, cfg, progress=lambda _: None)
     assert ratio == pytest.approx(0.4) and measured == [0.1, 0.2, 0.3, 0.4]

@@ -206,3 +206,57 @@ def test_text_serving_needs_neither_torch_nor_transformers(text_export, tmp_path
                           env={**os.environ, "PYTHONPATH": str(blocked)})
     assert done.returncode == 0, done.stderr
     assert done.stdout.split()[-2:] == ["False", "False"]
+
+
+def test_text_report_corrupts_texts_explains_tokens_and_times_lengths(text_export, tmp_path):
+    from ftdeploy.config import ReportConfig
+    from ftdeploy.usability import report
+
+    cfg = ReportConfig(output=tmp_path / "report.html", severities=[1, 5], samples=3, val_limit=40,
+                       latency_seconds=0.05, lengths=[16, 32, 64], batch_sizes=[1, 4], peak_memory=False)
+    out = report(text_export, cfg)
+    data = json.loads(out.with_name("usability.json").read_text())
+    fp32, torch_ = data["variants"]["fp32"], data["variants"]["torch"]
+    assert set(fp32["robustness"]["by_corruption"]) == {"typo_swap", "typo_delete", "typo_insert", "word_dropout",
+                                                        "casing", "punctuation", "truncation"}
+    # the model reads lower-cased text (BertNormalizer): casing changes nothing; heavy truncation does
+    assert fp32["robustness"]["by_corruption"]["casing"]["5"] == pytest.approx(fp32["accuracy"])
+    assert fp32["robustness"]["by_corruption"]["truncation"]["5"] < fp32["accuracy"]
+    tokens = data["saliency_inputs"]["tokens"]
+    assert len(tokens) == 3 and tokens[0][0] == "[CLS]" and tokens[0][-1] == "[SEP]"
+    assert [len(m) for m in fp32["saliency"]["maps"]] == [len(t) for t in tokens]
+    assert torch_["saliency"]["agreement_with_fp32"] > 0.9  # the same model, in two runtimes
+    ig = torch_["saliency"]["integrated_gradients"]
+    assert [len(m) for m in ig] == [len(t) for t in tokens]
+    # the words that decide the label carry the attribution
+    from textdata import NEGATIVE, POSITIVE
+    for sentence, scores in zip(tokens, ig):
+        decisive = [s for t, s in zip(sentence, scores) if t in POSITIVE + NEGATIVE]
+        if decisive:
+            assert max(decisive) == max(scores)
+    assert {(r["sequence_length"], r["batch_size"]) for r in fp32["latency"]["grid"]} == {(16, 1), (16, 4), (32, 1), (32, 4)}
+    html = out.read_text()
+    assert 'class="tok"' in html and "sequence length" in html and "validation texts" in html
+
+
+def test_pruning_removes_heads_and_ffn_channels_then_reloads_exports_and_passes_parity(text_run, tmp_path):
+    from conftest import FAST_EXPORT
+    from ftdeploy.config import ExportConfig, PruneConfig
+    from ftdeploy.export import export
+    from ftdeploy.prune import prune
+    from ftdeploy.rundir import load_run
+
+    out = prune(text_run, tmp_path / "pruned", PruneConfig(target_macs=0.5, finetune_epochs=1, distill_alpha=0.5,
+                                                           latency_seconds=0.05, round_to=None))
+    record = json.loads((out / "prune_report.json").read_text())
+    assert record["ratios"]["macs"] <= 0.5
+    model = load_run(out).load_model()  # rebuilt from model.json alone: the config's 2 heads, then the pruned shapes
+    attentions = [m for m in model.modules() if hasattr(m, "num_attention_heads") and hasattr(m, "query")]
+    assert [(m.num_attention_heads, m.query.out_features) for m in attentions] == [(1, 16), (1, 16)]
+    assert all(layer.intermediate.dense.out_features < 64 for layer in model.encoder.encoder.layer)
+    assert model.encoder.config.num_attention_heads == 2  # the hidden size and config stay; the modules changed
+    exported = export(out, tmp_path / "export", ExportConfig(**FAST_EXPORT))
+    report = json.loads((exported / "report.json").read_text())
+    assert report["gates"]["passed"]
+    fusions = report["variants"]["fp32"]["fusions"]
+    assert fusions["options"]["num_heads"] == 1 and fusions["fused_operators"].get("Attention") == 2

@@ -155,12 +155,13 @@ def test_batchnorm_statistics_are_re_estimated_as_a_plain_average():
 
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1, bias=False), torch.nn.BatchNorm2d(2, momentum=0.01))
     torch.nn.init.ones_(model[0].weight)
-    batches = [(torch.full((4, 1, 3, 3), float(v)) + torch.randn(4, 1, 3, 3), torch.zeros(4)) for v in (4, 6, 8)]
+    # batches as the loop gets them from the task's collation: ((inputs, ...), labels)
+    batches = [((torch.full((4, 1, 3, 3), float(v)) + torch.randn(4, 1, 3, 3),), torch.zeros(4)) for v in (4, 6, 8)]
     model.train()
-    model(batches[0][0])
+    model(*batches[0][0])
     assert model[1].running_mean[0] < 0.1  # one step at momentum 0.01
     assert reestimate_batchnorm(Accelerator(cpu=True), model, batches, batches=2)
-    expected = torch.stack([x.mean() for x, _ in batches[:2]]).mean()
+    expected = torch.stack([x.mean() for (x,), _ in batches[:2]]).mean()
     assert model[1].running_mean[0] == pytest.approx(float(expected), rel=1e-5)
     assert model[1].momentum == 0.01 and not model.training
     assert not reestimate_batchnorm(Accelerator(cpu=True), torch.nn.Linear(2, 2), batches, batches=2)

@@ -7,7 +7,8 @@ import torch
 
 from conftest import FAST_EXPORT, copy_of, run_cli
 from test_cli import assert_one_line_error
-from ftdeploy.usability import (calibration, expected_calibration_error, occlusion_map, validation_images)
+from ftdeploy.tasks.image import occlusion_map, validation_images
+from ftdeploy.usability import calibration, expected_calibration_error
 
 QUICK = ["--set", "report.severities=[1,5]", "--set", "report.batch_sizes=[1,4]", "--set", "report.threads=[1]",
          "--set", "report.latency_seconds=0.05", "--samples", "3"]

@@ -18,8 +18,9 @@ def write_tokenizer(path: Path) -> None:
     from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
     from tokenizers.models import WordPiece
 
-    vocab = {t: i for i, t in enumerate(SPECIAL + sorted(set(POSITIVE + NEGATIVE + FILLER)) + list("abcdefghijklmnopqrstuvwxyz")
-                                        + [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"])}
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    tokens = dict.fromkeys(SPECIAL + sorted(POSITIVE + NEGATIVE + FILLER) + list(letters) + [f"##{c}" for c in letters])
+    vocab = {t: i for i, t in enumerate(tokens)}  # ids 0..n-1: every letter spelling any typo stays in range
     tok = Tokenizer(WordPiece(vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()

@@ -25,6 +25,17 @@ def feeds(batch: Any, names: Sequence[str]) -> dict[str, np.ndarray]:
     return batch.feeds(names)
 
 
+def batched(fn, inputs: Any, batch_size: int) -> np.ndarray:
+    """``fn`` (a batch of inputs -> an array) over ``inputs`` in batches, concatenated."""
+    return np.concatenate([fn(inputs[i:i + batch_size]) for i in range(0, len(inputs), batch_size)])
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = logits.astype(np.float64) / temperature
+    z = np.exp(z - z.max(-1, keepdims=True))
+    return z / z.sum(-1, keepdims=True)
+
+
 def tile(samples: Any, batch_size: int) -> Any:
     """A batch of ``batch_size`` real samples (repeated when there are fewer).
 
@@ -84,6 +95,17 @@ class Task:
     def example_inputs(self, spec, names: Sequence[str]) -> list[np.ndarray]:
         """Dummy inputs for tracing the export (batch 2: batch 1 invites specializing the batch axis)."""
         raise NotImplementedError
+
+    def pruning_options(self, model, ratio: float) -> tuple[dict[str, Any], list]:
+        """(extra Torch-Pruning MetaPruner arguments, layers it must leave whole) for pruning ``model``."""
+        return {}, []
+
+    def after_pruning(self, model) -> None:
+        """Bring attributes that the pruned tensors imply (e.g. attention head counts) up to date."""
+
+    def fusion_options(self, architecture: dict[str, Any]) -> dict[str, Any] | None:
+        """Arguments of onnxruntime's transformer optimizer for this model, or None: no fusions apply."""
+        return None
 
     def parity_sets(self, inputs: Any, spec) -> dict[str, Any]:
         """The inputs the FP32 parity gate compares the file on, by name (several shapes where the

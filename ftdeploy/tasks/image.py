@@ -1,16 +1,24 @@
 """Image classification: one float input ``input`` (N x C x H x W), preprocessed by
-:mod:`ftdeploy.preprocessing` (numpy + Pillow, the same function in training and serving)."""
+:mod:`ftdeploy.preprocessing` (numpy + Pillow, the same function in training and serving). For the
+usability report: corruptions of the image before normalization (a registry), occlusion maps and
+integrated gradients on pixels, and latency over batch size x threads."""
 
 from __future__ import annotations
 
 import base64
 import io
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import numpy as np
+from PIL import Image, ImageFilter
 
-from ..preprocessing import Preprocessing, preprocess, resolve_preprocessing
-from .base import Task
+from ..errors import FtdeployError
+from ..preprocessing import Preprocessing, normalize, prepare, preprocess, resolve_preprocessing
+from ..registry import Registry
+from .base import Task, batched, softmax, tile
+
+IMAGE_CORRUPTIONS = ["gaussian_noise", "blur", "brightness", "contrast", "jpeg", "rotation", "translation", "occlusion"]
 
 
 class ImageClassification(Task):
@@ -18,6 +26,10 @@ class ImageClassification(Task):
     input_names = ("input",)
     codec = "image"
     description = "Image classification"
+    default_corruptions = IMAGE_CORRUPTIONS
+
+    def usability_suite(self, data, spec: Preprocessing, limit: int) -> "Images":
+        return validation_images(data, spec, limit)
 
     def resolve_preprocessor(self, cfg, defaults: dict[str, Any]) -> Preprocessing:
         return resolve_preprocessing(cfg, defaults)
@@ -61,3 +73,166 @@ class ImageClassification(Task):
         from PIL import Image
 
         return self.preprocess([Image.open(io.BytesIO(base64.b64decode(b))) for b in samples], spec)
+
+
+Corruption = Callable[[np.ndarray, int, np.random.Generator], np.ndarray]  # HxWxC in [0, 1] -> same
+corruptions: Registry[Corruption] = Registry("corruption", FtdeployError)
+
+
+def _fill(x: np.ndarray) -> tuple:
+    """The colour of the image's border: what rotation and translation bring in."""
+    border = np.concatenate([x[0], x[-1], x[:, 0], x[:, -1]])
+    return tuple(int(round(v * 255)) for v in np.median(border, axis=0))
+
+
+def _pil(x: np.ndarray) -> Image.Image:
+    return Image.fromarray((x * 255).round().clip(0, 255).astype(np.uint8))
+
+
+def _array(img: Image.Image) -> np.ndarray:
+    return np.asarray(img, dtype=np.float32) / 255.0
+
+
+@corruptions.register("identity")
+def _identity(x, severity, rng):
+    """No change: the clean images through the corruption path (a check of the path itself)."""
+    return x
+
+
+@corruptions.register("gaussian_noise")
+def _gaussian_noise(x, severity, rng):
+    return np.clip(x + rng.normal(0, [0.08, 0.12, 0.18, 0.26, 0.38][severity - 1], x.shape), 0, 1).astype(np.float32)
+
+
+@corruptions.register("blur")
+def _blur(x, severity, rng):
+    radius = [0.5, 1.0, 1.5, 2.0, 3.0][severity - 1] * x.shape[0] / 64
+    return _array(_pil(x).filter(ImageFilter.GaussianBlur(radius)))
+
+
+@corruptions.register("brightness")
+def _brightness(x, severity, rng):
+    return np.clip(x + [0.1, 0.2, 0.3, 0.4, 0.5][severity - 1], 0, 1).astype(np.float32)
+
+
+@corruptions.register("contrast")
+def _contrast(x, severity, rng):
+    c = [0.4, 0.3, 0.2, 0.1, 0.05][severity - 1]
+    mean = x.mean(axis=(0, 1), keepdims=True)
+    return np.clip((x - mean) * c + mean, 0, 1).astype(np.float32)
+
+
+@corruptions.register("jpeg")
+def _jpeg(x, severity, rng):
+    buf = io.BytesIO()
+    _pil(x).save(buf, format="JPEG", quality=[25, 18, 15, 10, 7][severity - 1])
+    return _array(Image.open(buf))
+
+
+@corruptions.register("rotation")
+def _rotation(x, severity, rng):
+    angle = [5, 10, 15, 20, 30][severity - 1] * rng.choice([-1, 1])
+    return _array(_pil(x).rotate(float(angle), resample=Image.BILINEAR, fillcolor=_fill(x)))
+
+
+@corruptions.register("translation")
+def _translation(x, severity, rng):
+    shift = round([0.03, 0.06, 0.1, 0.15, 0.2][severity - 1] * x.shape[0])
+    dx, dy = rng.choice([-1, 1], size=2) * shift
+    return _array(_pil(x).rotate(0, translate=(int(dx), int(dy)), fillcolor=_fill(x)))
+
+
+@corruptions.register("occlusion")
+def _occlusion(x, severity, rng):
+    side = max(1, round([0.1, 0.2, 0.3, 0.4, 0.5][severity - 1] * x.shape[0]))
+    top, left = rng.integers(0, x.shape[0] - side + 1), rng.integers(0, x.shape[1] - side + 1)
+    out = x.copy()
+    out[top:top + side, left:left + side] = 0.5  # a mid-gray patch
+    return out
+
+
+@dataclass
+class Images:
+    """The image task's usability suite: the validation images prepared to the network's input size
+    (before normalization), labels, class names and the preprocessing that normalizes them."""
+
+    pixels: list[np.ndarray]  # HxWxC in [0, 1]
+    labels: np.ndarray
+    classes: list[str]
+    spec: Preprocessing
+    corruptions = corruptions
+    unit = "images"
+    corrupted = "to the image before normalization"
+
+    def inputs(self, corruption: str = "identity", severity: int = 1) -> np.ndarray:
+        """Normalized network inputs of every image under ``corruption`` at ``severity``; seeded, so
+        every variant sees exactly the same corrupted images."""
+        fn = corruptions.get(corruption)
+        rng = np.random.default_rng(1000 * severity + sorted(corruptions.names()).index(corruption))
+        return np.stack([normalize(_as_channels(fn(p, severity, rng), p), self.spec) for p in self.pixels])
+
+    def saliency_method(self, clean: np.ndarray) -> dict[str, Any]:
+        size = clean.shape[-1]
+        return {"method": "occlusion", "patch": max(2, size // 8), "stride": max(1, size // 16)}
+
+    def occlusion(self, predict, clean: np.ndarray, i: int, target: int) -> np.ndarray:
+        method = self.saliency_method(clean)
+        return occlusion_map(predict, clean[i], target, method["patch"], method["stride"])
+
+    def integrated_gradients(self, model, clean: np.ndarray, i: int, target: int) -> np.ndarray:
+        return integrated_gradients(model, clean[i], target)
+
+    def explained(self, samples: list[int]) -> dict[str, Any]:
+        return {"images": [self.pixels[i].round(4).tolist() for i in samples]}
+
+    def grid(self, clean: np.ndarray, cfg, cores: int):
+        """Scalability cells: (their fields, batch, threads) over batch size x threads."""
+        for t in cfg.threads or sorted({1, cores}):
+            for bs in cfg.batch_sizes:
+                yield {"threads": t, "batch_size": bs}, tile(clean, bs), t
+
+    def probe_shape(self, clean: np.ndarray, cfg) -> tuple[int, ...]:
+        """The largest batch's shape, for the memory probe."""
+        return (max(cfg.batch_sizes), *clean.shape[1:])
+
+
+def _as_channels(x: np.ndarray, like: np.ndarray) -> np.ndarray:
+    return x[:, :, None] if x.ndim == 2 and like.ndim == 3 else x
+
+
+def validation_images(data, spec: Preprocessing, limit: int) -> Images:
+    from ..data import build_datasets
+
+    splits = build_datasets(data.model_copy(update={"augment": False}), spec)
+    val = splits.val
+    n = min(limit, len(val))
+    pixels = []
+    for i in range(n):
+        p = _array(prepare(val.load(i), spec))
+        pixels.append(p[:, :, None] if p.ndim == 2 else p)
+    return Images(pixels, np.asarray(val.labels[:n]), splits.classes, spec)
+
+
+def occlusion_map(predict, x: np.ndarray, target: int, patch: int, stride: int) -> np.ndarray:
+    """Drop of the ``target`` class probability when a ``patch`` square (set to 0: the mean colour after
+    normalization) covers each position; a (rows x cols) map, larger = more important."""
+    _, h, w = x.shape
+    tops, lefts = range(0, h - patch + 1, stride), range(0, w - patch + 1, stride)
+    batch = np.repeat(x[None], len(tops) * len(lefts), axis=0)
+    for i, (t, l) in enumerate((t, l) for t in tops for l in lefts):
+        batch[i, :, t:t + patch, l:l + patch] = 0
+    base = softmax(predict(x[None]))[0, target]
+    probs = softmax(batched(predict, batch, 64))[:, target]
+    return (base - probs).reshape(len(tops), len(lefts))
+
+
+def integrated_gradients(model, x: np.ndarray, target: int, steps: int = 32) -> np.ndarray:
+    """Integrated gradients of the PyTorch model from the all-zero input (the mean colour), summed
+    over channels as |attribution|."""
+    import torch
+
+    inputs = torch.from_numpy(x)[None]
+    alphas = torch.linspace(1 / steps, 1, steps).view(-1, 1, 1, 1)
+    path = (alphas * inputs).requires_grad_(True)
+    model(path)[:, target].sum().backward()
+    return (inputs[0] * path.grad.mean(0)).abs().sum(0).numpy()

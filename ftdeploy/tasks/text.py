@@ -1,22 +1,28 @@
 """Text classification: int64 ``input_ids``, ``attention_mask`` (and ``token_type_ids`` where the
 model has them), batch and sequence axes dynamic. The preprocessor is a Hugging Face ``tokenizers``
 tokenizer (``tokenizer.json``) with a ``max_length``; it travels in the run directory and in the
-ONNX file, so the file alone serves (``tokenizers`` only: no torch, no transformers)."""
+ONNX file, so the file alone serves (``tokenizers`` only: no torch, no transformers). For the
+usability report: text corruptions (typos, word dropout, casing, punctuation, truncation), token
+occlusion and integrated gradients on the word embeddings, latency over batch size x sequence length."""
 
 from __future__ import annotations
 
 import json
+import string
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..errors import ConfigError, DependencyError
-from .base import Task
+from ..errors import ConfigError, DependencyError, FtdeployError
+from ..registry import Registry
+from .base import Task, batched, softmax, tile
 
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 PARITY_LENGTHS = (8, 16, 32, 64, 128)  # sequence lengths the FP32 gate checks besides the sentences' own
 PARITY_PER_LENGTH = 64  # sentences per fixed length
+# Hugging Face model types whose graphs onnxruntime's transformer optimizer fuses, by its name for them
+FUSABLE = {"bert": "bert", "roberta": "bert", "distilbert": "bert", "xlm-roberta": "bert", "electra": "bert"}
 
 
 @dataclass
@@ -110,11 +116,196 @@ class Tokens:
         return {n: arrays[n] for n in names}
 
 
+TextCorruption = Callable[[str, int, np.random.Generator], str]
+text_corruptions: Registry[TextCorruption] = Registry("text corruption", FtdeployError)
+TEXT_CORRUPTIONS = ["typo_swap", "typo_delete", "typo_insert", "word_dropout", "casing", "punctuation", "truncation"]
+
+
+def _typos(text: str, severity: int, rng: np.random.Generator, edit) -> str:
+    """``edit`` applied at each letter with a probability that grows with ``severity``."""
+    p = [0.02, 0.04, 0.07, 0.1, 0.15][severity - 1]
+    chars = list(text)
+    out: list[str] = []
+    i = 0
+    while i < len(chars):
+        if chars[i].isalpha() and rng.random() < p:
+            i = edit(chars, i, out, rng)
+        else:
+            out.append(chars[i])
+            i += 1
+    return "".join(out)
+
+
+@text_corruptions.register("identity")
+def _identity(text, severity, rng):
+    """No change: the clean texts through the corruption path."""
+    return text
+
+
+@text_corruptions.register("typo_swap")
+def _typo_swap(text, severity, rng):
+    def swap(chars, i, out, _rng):
+        if i + 1 < len(chars) and chars[i + 1].isalpha():
+            out += [chars[i + 1], chars[i]]
+            return i + 2
+        out.append(chars[i])
+        return i + 1
+
+    return _typos(text, severity, rng, swap)
+
+
+@text_corruptions.register("typo_delete")
+def _typo_delete(text, severity, rng):
+    return _typos(text, severity, rng, lambda chars, i, out, _rng: i + 1)
+
+
+@text_corruptions.register("typo_insert")
+def _typo_insert(text, severity, rng):
+    def insert(chars, i, out, r):
+        out += [chars[i], string.ascii_lowercase[r.integers(26)]]
+        return i + 1
+
+    return _typos(text, severity, rng, insert)
+
+
+@text_corruptions.register("word_dropout")
+def _word_dropout(text, severity, rng):
+    words = text.split()
+    kept = [w for w in words if rng.random() >= [0.05, 0.1, 0.2, 0.3, 0.4][severity - 1]]
+    return " ".join(kept or words[:1])
+
+
+@text_corruptions.register("casing")
+def _casing(text, severity, rng):
+    """Words turned to upper or lower case at random (severity 5: the whole text in capitals)."""
+    if severity == 5:
+        return text.upper()
+    p = [0.1, 0.25, 0.5, 0.75][severity - 1]
+    return " ".join((w.upper() if rng.random() < 0.5 else w.lower()) if rng.random() < p else w for w in text.split())
+
+
+@text_corruptions.register("punctuation")
+def _punctuation(text, severity, rng):
+    """Punctuation removed with a probability that grows with severity."""
+    p = [0.2, 0.4, 0.6, 0.8, 1.0][severity - 1]
+    return "".join(c for c in text if c not in string.punctuation or rng.random() >= p)
+
+
+@text_corruptions.register("truncation")
+def _truncation(text, severity, rng):
+    """Only the first part of the text: 90 % of its words down to 30 %."""
+    words = text.split()
+    return " ".join(words[:max(1, round(len(words) * [0.9, 0.75, 0.6, 0.45, 0.3][severity - 1]))])
+
+
+@dataclass
+class Texts:
+    """The text task's usability suite: validation texts, labels, classes and the tokenizer."""
+
+    texts: list[str]
+    labels: np.ndarray
+    classes: list[str]
+    spec: TextPreprocessing
+    corruptions = text_corruptions
+    unit = "texts"
+    corrupted = "to the text before tokenization"
+
+    def inputs(self, corruption: str = "identity", severity: int = 1) -> Tokens:
+        """Token ids of every text under ``corruption`` at ``severity``; seeded, so every variant sees
+        exactly the same corrupted texts."""
+        fn = text_corruptions.get(corruption)
+        rng = np.random.default_rng(1000 * severity + sorted(text_corruptions.names()).index(corruption))
+        return self.spec.encode([fn(t, severity, rng) for t in self.texts])
+
+    def saliency_method(self, clean: Tokens) -> dict[str, Any]:
+        return {"method": "token occlusion", "mask_token": self.mask_token}
+
+    @property
+    def mask_token(self) -> str:
+        return "[MASK]" if self.spec.compiled.token_to_id("[MASK]") is not None else "[UNK]"
+
+    def occlusion(self, predict, clean: Tokens, i: int, target: int) -> np.ndarray:
+        """Drop of the ``target`` probability when each token in turn is replaced by the mask token
+        (the special tokens around the text are left alone: 0)."""
+        ids = clean.ids[i]
+        mask_id = self.spec.compiled.token_to_id(self.mask_token) or 0
+        variants = []
+        for j in range(1, len(ids) - 1):
+            occluded = ids.copy()
+            occluded[j] = mask_id
+            variants.append(occluded)
+        base = softmax(predict(clean[[i]]))[0, target]
+        if not variants:
+            return np.zeros(len(ids))
+        probs = softmax(batched(predict, Tokens(variants, [clean.type_ids[i]] * len(variants), clean.pad_id), 32))
+        return np.concatenate([[0.0], base - probs[:, target], [0.0]])
+
+    def integrated_gradients(self, model, clean: Tokens, i: int, target: int, steps: int = 32) -> np.ndarray:
+        """Integrated gradients on the word embeddings (from all-zero embeddings; positions and token
+        types kept), per token as |attribution| summed over the hidden size."""
+        import torch
+
+        arrays = clean[[i]].feeds(TEXT_INPUTS)
+        args = [torch.from_numpy(np.repeat(arrays[n], steps, 0)) for n in TEXT_INPUTS]
+        embeddings = model.encoder.get_input_embeddings()
+        alphas = torch.linspace(1 / steps, 1, steps).view(-1, 1, 1)
+        captured = {}
+
+        def scale(_module, _inputs, output):
+            captured["embedded"] = output[0].detach()
+            scaled = output * alphas
+            scaled.retain_grad()
+            captured["path"] = scaled
+            return scaled
+
+        hook = embeddings.register_forward_hook(scale)
+        try:
+            model.zero_grad()
+            model(*args)[:, target].sum().backward()
+        finally:
+            hook.remove()
+        grads = captured["path"].grad.mean(0)
+        return (captured["embedded"] * grads).sum(-1).abs().numpy()
+
+    def explained(self, samples: list[int]) -> dict[str, Any]:
+        tokens = self.inputs()
+        return {"tokens": [[self.spec.compiled.id_to_token(int(t)) for t in tokens.ids[i]] for i in samples]}
+
+    def grid(self, clean: Tokens, cfg, cores: int):
+        """Scalability cells: (their fields, batch, threads) over batch size x sequence length, at
+        every core (serving's setting)."""
+        for length in [n for n in cfg.lengths if n <= self.spec.max_length] or [self.spec.max_length]:
+            at_length = clean.at_length(length)
+            for bs in cfg.batch_sizes:
+                yield {"threads": cores, "sequence_length": length, "batch_size": bs}, tile(at_length, bs), cores
+
+    def probe_shape(self, clean: Tokens, cfg) -> tuple[int, ...]:
+        return (max(cfg.batch_sizes), self.spec.max_length)
+
+
+def _attentions(model) -> list:
+    """The self-attention modules of a Hugging Face encoder (query/key/value projections and a head count)."""
+    return [m for m in model.modules() if hasattr(m, "num_attention_heads") and hasattr(m, "query")
+            and hasattr(m, "key") and hasattr(m, "value")]
+
+
+def validation_texts(data, spec: TextPreprocessing, limit: int) -> Texts:
+    from ..data import build_datasets
+
+    splits = build_datasets(data.model_copy(update={"max_train_samples": None}), spec)
+    n = min(limit, len(splits.val))
+    return Texts(splits.val.texts[:n], np.asarray(splits.val.labels[:n]), splits.classes, spec)
+
+
 class TextClassification(Task):
     name = "text_classification"
     input_names = TEXT_INPUTS
     codec = "text"
     description = "Text classification"
+    default_corruptions = TEXT_CORRUPTIONS
+
+    def usability_suite(self, data, spec: TextPreprocessing, limit: int) -> Texts:
+        return validation_texts(data, spec, limit)
 
     def resolve_preprocessor(self, cfg, defaults: dict[str, Any]) -> TextPreprocessing:
         tokenizer = defaults.get("tokenizer")
@@ -145,6 +336,33 @@ class TextClassification(Task):
     def example_inputs(self, spec: TextPreprocessing, names: Sequence[str]) -> list[np.ndarray]:
         tokens = spec.encode(["an example sentence to trace the export", "another one"])
         return list(tokens.at_length(min(16, spec.max_length)).feeds(names).values())
+
+    def pruning_options(self, model, ratio: float) -> tuple[dict[str, Any], list]:
+        """Whole attention heads (every layer keeps at least one) and FFN channels; the hidden size,
+        which every residual connection and LayerNorm shares, stays: the word embeddings are left
+        whole, and with them every group that reaches them."""
+        attentions = _attentions(model)
+        num_heads = {layer: m.num_attention_heads for m in attentions for layer in (m.query, m.key, m.value)}
+        fewest = min((m.num_attention_heads for m in attentions), default=1)
+        options = {"num_heads": num_heads, "prune_num_heads": True, "prune_head_dims": False,
+                   "head_pruning_ratio": min(ratio, 1 - 1 / fewest)}
+        return options, [model.encoder.get_input_embeddings()]
+
+    def after_pruning(self, model) -> None:
+        for m in _attentions(model):
+            m.all_head_size = m.query.out_features
+            m.num_attention_heads = m.all_head_size // m.attention_head_size
+
+    def fusion_options(self, architecture: dict[str, Any]) -> dict[str, Any] | None:
+        config = architecture.get("hf_config") or {}
+        if config.get("model_type") not in FUSABLE:
+            return None
+        heads, width = config["num_attention_heads"], config["hidden_size"]
+        pruned = {(m["attrs"]["num_attention_heads"], m["attrs"]["all_head_size"])
+                  for m in (architecture.get("pruned") or {}).values() if "num_attention_heads" in m["attrs"]}
+        if pruned:  # fewer heads than the config says: the same in every layer, or none fused (0: not known)
+            heads, width = pruned.pop() if len(pruned) == 1 else (0, 0)
+        return {"model_type": FUSABLE[config["model_type"]], "num_heads": heads, "hidden_size": width}
 
     def parity_sets(self, inputs: Tokens, spec: TextPreprocessing) -> dict[str, Tokens]:
         sets: dict[str, Tokens] = {"validation": inputs}
