@@ -17,6 +17,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .config import DataConfig
+from .onnx_model import batch_dependent, session_logits
 from .rundir import ExportDir, Run
 from .tasks import Task, feeds
 from .tasks.base import batched
@@ -81,8 +82,10 @@ def torch_predictor(model, input_names: list[str] | tuple[str, ...] = ("input",)
 
 
 def onnx_predictor(session) -> Predictor:
-    names = [i.name for i in session.get_inputs()]
-    return lambda x: session.run(None, feeds(x, names))[0]
+    """An onnxruntime session as a predictor; a batch-dependent file (dynamic INT8) answers each
+    example alone, as serving runs it."""
+    names, alone = [i.name for i in session.get_inputs()], batch_dependent(session)
+    return lambda x: session_logits(session, names, x, alone)
 
 
 def parity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:

@@ -132,6 +132,19 @@ def open_session(path: str | Path, threads: int | None = None, providers: list[s
                             "pass an ONNX file written by ftdeploy export") from None
 
 
+def session_logits(session, names: list[str], batch, one_by_one: bool = False) -> np.ndarray:
+    """The first output of ``session`` on ``batch``; ``one_by_one`` runs each example alone: a file
+    quantized dynamically computes its activation scales from the whole batch (padding included),
+    so its answer for one example would depend on the examples run beside it."""
+    if one_by_one and len(batch) > 1:
+        return np.concatenate([session.run(None, feeds(batch[i:i + 1], names))[0] for i in range(len(batch))])
+    return session.run(None, feeds(batch, names))[0]
+
+
+def batch_dependent(session) -> bool:
+    return bool(read_metadata(session).get("batch_dependent"))
+
+
 class OnnxClassifier:
     """An onnxruntime session plus what the file says about its task, inputs and classes."""
 
@@ -147,13 +160,14 @@ class OnnxClassifier:
         self.classes: list[str] = list(self.metadata["classes"])
         self.preprocessing = self.task.preprocessor_from_dict(self.metadata["preprocessing"])
         self.input_names = [i.name for i in self.session.get_inputs()]
+        self.batch_dependent = bool(self.metadata.get("batch_dependent"))
 
     def preprocess(self, raw: list):
         """Raw inputs (PIL images, or strings for a text model) -> a batch, exactly as in training."""
         return self.task.preprocess(raw, self.preprocessing)
 
     def logits(self, batch) -> np.ndarray:
-        return self.session.run(None, feeds(batch, self.input_names))[0]
+        return session_logits(self.session, self.input_names, batch, self.batch_dependent)
 
     def samples(self):
         """The sample inputs the file carries (validation inputs stored at export), preprocessed."""

@@ -479,7 +479,8 @@ def ship(source: Path, fp32: Path, out: Path, cfg: QuantizeConfig, calibration: 
         chosen, tried, mode = search(source, fp32, Path(tmp), cfg, calibration, evaluator, plan, noise)
         if chosen is not None:
             model = onnx.load(str(chosen.path))
-            write_metadata(model, metadata)
+            # dynamic INT8 scales activations per run: its answers depend on the batch (see session_logits)
+            write_metadata(model, {**metadata, "batch_dependent": chosen.mode == "dynamic"})
             save_onnx(model, out)
     scheme = chosen.scheme if chosen else schemes(plan, cfg)[0]
     mode = chosen.mode if chosen else mode  # a search may ship another mode than it started from

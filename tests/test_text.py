@@ -260,3 +260,22 @@ def test_pruning_removes_heads_and_ffn_channels_then_reloads_exports_and_passes_
     assert report["gates"]["passed"]
     fusions = report["variants"]["fp32"]["fusions"]
     assert fusions["options"]["num_heads"] == 1 and fusions["fused_operators"].get("Attention") == 2
+
+
+def test_a_dynamic_int8_file_answers_each_text_as_if_it_ran_alone(text_export, tmp_path):
+    """Dynamic INT8 takes its activation scales from the whole batch (padding included): a file
+    quantize ships that way is marked batch-dependent, and every runner answers example by example."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from ftdeploy.evaluation import onnx_predictor
+    from ftdeploy.onnx_model import OnnxClassifier, open_session, update_metadata
+
+    int8 = tmp_path / "model.int8.onnx"
+    quantize_dynamic(str(text_export / "model.unoptimized.onnx"), str(int8), weight_type=QuantType.QInt8)
+    update_metadata(int8, {**OnnxClassifier(text_export / "model.onnx").metadata, "batch_dependent": True})
+    clf = OnnxClassifier(int8, threads=1)
+    texts = ["great", "the plot was dull and the acting was really weak and the ending was awful .", "a warm film"]
+    batch = clf.preprocess(texts)
+    alone = np.concatenate([clf.session.run(None, batch[i:i + 1].feeds(clf.input_names))[0] for i in range(3)])
+    np.testing.assert_array_equal(clf.logits(batch), alone)
+    np.testing.assert_array_equal(onnx_predictor(open_session(int8, 1))(batch), alone)
