@@ -15,7 +15,7 @@ from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -137,10 +137,21 @@ class QuantizeConfig(Section):
     max_accuracy_drop: float = Field(0.5, ge=0, description="percentage points of validation accuracy INT8 may lose")
     min_speedup: float = Field(1.1, ge=1.0, description="INT8 must beat FP32 by this factor at batch 1: a margin over "
                                "timing noise, so that a model no faster than FP32 is never shipped")
-    search: bool = Field(True, description="measure candidate FP32 exclusions when the plain INT8 model falls short")
+    search: Literal["auto", "full", "off"] = Field(
+        "auto", description="auto: measure the preset (the preflight's scheme, every op) first and ship it when it is "
+        "within the budget and faster outside the noise floor, else the full search; full: always the whole "
+        "measured search (exclusions, schemes, sensitive nodes in FP32, a final round); off: the preset alone")
     latency_seconds: float = Field(2.0, gt=0, description="timed seconds per candidate's batch-1 latency")
     required: bool = Field(False, description="refusing INT8 fails the command (exit 2) instead of shipping FP32 only")
     output_dir: Path | None = Field(None, description="where model.int8.onnx and the report go (default: the export directory)")
+
+
+    @field_validator("search", mode="before")
+    @classmethod
+    def _search_bool(cls, value: Any) -> Any:
+        """true/false from configs and --set lines written before ``auto``: the full search or none."""
+        old = {True: "full", False: "off", "true": "full", "false": "off"}
+        return old.get(value.lower() if isinstance(value, str) else value, value)
 
 
 class PruneConfig(Section):

@@ -74,7 +74,8 @@ def int8_section(q: dict[str, Any]) -> list[str]:
                f"in the final measurement at batch {q['final_speedup']['batch_size']} "
                f"({'they agree within' if q['search_final_agree'] else 'they differ by more than'} the noise floor)."
                if q.get("shipped") else f"**INT8 not shipped**: {q.get('not_shipped_reason')}. FP32 ships alone.")
-    return ["", "## INT8", "", f"Preflight: {q['preflight']['reason']}.", "",
+    path = f"Search: {q['search']} ({q['search_why']})." if q.get("search") else ""
+    return ["", "## INT8", "", f"Preflight: {q['preflight']['reason']}.", "", path, "",
             f"Mode {q['mode']}, activations {q['activation_type']}, weights {q['weight_type']}, "
             f"calibration {q['calibration']} on {q['calibration_samples']} training images, "
             f"per-channel {q['per_channel']}, reduce_range {q['reduce_range']}. Kept in FP32: "
@@ -300,9 +301,9 @@ def _saliency_section(data: dict[str, Any], plt) -> str:
     v, inputs = data["variants"], data["saliency_inputs"]
     rows = [[n, _f(x["saliency"]["agreement_with_fp32"], ".3f"),
              " ".join(_f(a, ".2f") for a in x["saliency"]["agreement_per_sample"])] for n, x in v.items()]
-    if "tokens" in inputs:
-        return _token_saliency(data, rows)
     method = next(iter(v.values()))["saliency"]
+    if "tokens" in inputs:
+        return _token_saliency(v, inputs, method, rows)
     out = [f"<h2>Interpretability</h2><p>Occlusion sensitivity through each variant's own predictor (a "
            f"{method['patch']}-pixel gray square, stride {method['stride']}): how much the probability of FP32's "
            f"predicted class drops when each region is hidden. Agreement is the Spearman rank correlation with "
@@ -334,13 +335,11 @@ def _saliency_section(data: dict[str, Any], plt) -> str:
     return "\n".join(out)
 
 
-def _token_saliency(data: dict[str, Any], rows: list[list[Any]]) -> str:
+def _token_saliency(v: dict[str, Any], inputs: dict[str, Any], method: dict[str, Any], rows: list[list[Any]]) -> str:
     """Each explained sentence once per variant, its tokens shaded by how much hiding them lowers the
     probability of FP32's prediction (and, for PyTorch, by integrated gradients)."""
     import html
 
-    v, inputs = data["variants"], data["saliency_inputs"]
-    method = next(iter(v.values()))["saliency"]
     out = [f"<h2>Interpretability</h2><p>Token occlusion through each variant's own predictor: each token in turn "
            f"replaced by <code>{html.escape(method['mask_token'])}</code>; the shade is how much the probability of "
            f"FP32's predicted class drops (red: the token supports it). Agreement is the Spearman rank correlation "

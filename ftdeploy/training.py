@@ -156,9 +156,9 @@ def head_features(built: BuiltModel, dataset, batch_size: int, collate) -> Tenso
     return TensorDataset(torch.cat(captured), torch.cat(labels))
 
 
-def prepare_data(cfg: PipelineConfig, built: BuiltModel, splits: DatasetSplits) -> tuple[nn.Module, Any, Any, Any]:
-    """(module to train, train dataset, val dataset, their collate function): cached head features
-    in head mode, else the task's inputs."""
+def prepare_data(cfg: PipelineConfig, built: BuiltModel, splits: DatasetSplits) -> tuple[nn.Module, Any, Any, Any, Any]:
+    """(module to train, train dataset, val dataset, their collate function, the training order or
+    None for a plain shuffle): cached head features in head mode, else the task's inputs."""
     collate = get_task(cfg.task).collate
     if cfg.train.mode == "head":
         for p in built.model.parameters():
@@ -169,8 +169,10 @@ def prepare_data(cfg: PipelineConfig, built: BuiltModel, splits: DatasetSplits) 
             # The frozen backbone in eval mode gives the same features every epoch: compute them once.
             head = built.model.get_submodule(built.head_name)
             return (head, head_features(built, splits.train, 256, collate), head_features(built, splits.val, 256, collate),
-                    features_collate)
-    return built.model, splits.train, splits.val, collate
+                    features_collate, None)
+    task = get_task(cfg.task)
+    return built.model, splits.train, splits.val, collate, task.train_sampler(splits.train, cfg.data.batch_size,
+                                                                              cfg.train.seed)
 
 
 class DistillationLoss(nn.Module):
@@ -259,13 +261,14 @@ def fine_tune(job: Job, accelerator, resume: bool = False, callbacks: Iterable[C
     if resume and not ckpt.is_dir():
         raise ConfigError(f"--resume: no checkpoint at {ckpt}", "run without --resume to start from scratch"
                           + ("" if cfg.train.checkpoint else " (train.checkpoint=false saves none)"))
-    trained, train_set, val_set, collate = prepare_data(cfg, job.built, job.splits)
+    trained, train_set, val_set, collate, sampler = prepare_data(cfg, job.built, job.splits)
     optimizer = make_optimizer(cfg, job.built)
     bs, workers = cfg.data.batch_size, cfg.data.num_workers
     # Workers that persist across epochs: starting them again every epoch re-imports torch in each
     # under the spawn start method (macOS, Python 3.14), seconds per epoch for nothing.
     loading = {"num_workers": workers, "persistent_workers": workers > 0, "collate_fn": collate}
-    train_loader = DataLoader(train_set, batch_size=bs, shuffle=True, drop_last=len(train_set) > bs, **loading)
+    train_loader = DataLoader(train_set, batch_size=bs, shuffle=sampler is None, sampler=sampler,
+                              drop_last=len(train_set) > bs, **loading)
     val_loader = DataLoader(val_set, batch_size=max(bs, 64), **loading)
     steps_per_epoch = math.ceil(len(train_loader) / cfg.train.grad_accum_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -148,7 +148,7 @@ def text_config(out: Path, bert: Path, data: Path, *overrides: str):
     return load_config(None, ["task=text_classification", f"model.name=hf:{bert}", "model.weights=DEFAULT",
                               "data.name=csv", f"data.root={data}", "data.text_column=review",
                               "data.label_column=sentiment", "data.batch_size=16", "preprocessing.max_length=32",
-                              "train.epochs=3", "train.lr=0.003", "train.warmup_epochs=0", "train.progress=false",
+                              "train.epochs=5", "train.lr=0.003", "train.warmup_epochs=0", "train.progress=false",
                               "train.checkpoint=false", f"output_dir={out}", *overrides])
 
 

@@ -101,7 +101,7 @@ def test_the_search_picks_the_fastest_configuration_that_passes(quantizable, tmp
         "all ops + 8 most sensitive in fp32": (0.90, 1.35, 1.30, 1.40),
     }, noise={"compute ops only": 0.02})  # a quiet moment: the floor before the search (0.08) still holds
     vnni = preflight({"avx2", "avx512_vnni"})  # a fixed CPU: the schemes tried do not depend on this one
-    chosen, tried, mode = search(out / "model.unoptimized.onnx", out / "model.onnx", tmp_path, QuantizeConfig(),
+    chosen, tried, mode = search(out / "model.unoptimized.onnx", out / "model.onnx", tmp_path, QuantizeConfig(search="full"),
                                  data.calibration, evaluator, vnni, noise_floor=0.08, progress=lambda _: None)
     assert mode == "static"
     assert [a.name for a in tried] == ["all ops", "compute ops only", "first/last in fp32", "all ops, u8s8, per-tensor",
@@ -125,7 +125,7 @@ def test_when_eight_nodes_in_fp32_do_not_help_fewer_are_not_tried(quantizable, t
                             "first/last in fp32": (0.40, 1.40, 1.35, 1.45), "all ops, u8s8, per-tensor": (0.30, 1.70, 1.6, 1.8),
                             "all ops, s8s8, per-channel": (0.40, 0.80, 0.75, 0.85),
                             "all ops + 8 most sensitive in fp32": (0.42, 1.45, 1.40, 1.50)})
-    chosen, tried, _ = search(out / "model.unoptimized.onnx", out / "model.onnx", tmp_path, QuantizeConfig(),
+    chosen, tried, _ = search(out / "model.unoptimized.onnx", out / "model.onnx", tmp_path, QuantizeConfig(search="full"),
                               data.calibration, evaluator, preflight({"avx2", "avx512_vnni"}), noise_floor=0.05,
                               progress=lambda _: None)
     assert chosen is None and tried[-1].name == "all ops + 8 most sensitive in fp32"
@@ -142,7 +142,7 @@ def test_the_final_round_decides_between_candidates_measured_apart(quantizable, 
                             "all ops, s8s8, per-channel": (0.90, 0.80, 0.75, 0.85)},
                            final={"all ops": (1.38, 1.33, 1.42), "compute ops only": (1.12, 1.05, 1.20),
                                   "first/last in fp32": (1.31, 1.25, 1.36)})
-    chosen, tried, _ = search(out / "model.unoptimized.onnx", out / "model.onnx", tmp_path, QuantizeConfig(),
+    chosen, tried, _ = search(out / "model.unoptimized.onnx", out / "model.onnx", tmp_path, QuantizeConfig(search="full"),
                               data.calibration, evaluator, preflight({"avx2", "avx512_vnni"}), noise_floor=0.05,
                               progress=lambda _: None)
     assert evaluator.rounds[-1] == ["all ops", "compute ops only", "first/last in fp32"]  # within budget, faster
@@ -151,6 +151,38 @@ def test_the_final_round_decides_between_candidates_measured_apart(quantizable, 
     assert by_name["compute ops only"].verdict == "faster, below min_speedup" and not by_name["compute ops only"].passed
     assert by_name["first/last in fp32"].passed  # its low end cleared min_speedup in the longer measurement
     assert chosen.name == "all ops" and chosen.speedup == 1.38
+
+
+@pytest.mark.slow
+def test_auto_ships_a_preset_that_passes_after_one_measurement_and_searches_when_it_does_not(quantizable, tmp_path):
+    """search=auto: the preset within the budget and faster outside its own A/A noise ships after one
+    measurement; a preset that loses 3 points, or one inside the noise floor, gets the full search,
+    which chooses as it would have alone."""
+    from ftdeploy.quantize import search_path
+
+    _, out, data = quantizable
+    vnni = preflight({"avx2", "avx512_vnni"})
+    others = {"compute ops only": (0.90, 1.30, 1.25, 1.35), "first/last in fp32": (0.90, 1.20, 1.15, 1.25),
+              "all ops, u8s8, per-tensor": (0.80, 1.55, 1.50, 1.60), "all ops, s8s8, per-channel": (0.90, 0.8, 0.75, 0.85),
+              "all ops + 8 most sensitive in fp32": (0.90, 1.35, 1.30, 1.40),
+              "all ops + 1 most sensitive in fp32": (0.90, 1.45, 1.40, 1.50),
+              "all ops, u8s8, per-tensor + 8 most sensitive in fp32": (0.85, 1.50, 1.45, 1.55)}
+
+    def run(preset: tuple[float, float, float, float], noise: float = 0.02):
+        evaluator = SetFigures({"all ops": preset, **others}, noise={"all ops": noise})
+        chosen, tried, _ = search(out / "model.unoptimized.onnx", out / "model.onnx", tmp_path,
+                                  QuantizeConfig(), data.calibration, evaluator, vnni, noise_floor=0.0,
+                                  progress=lambda _: None)
+        return chosen, tried, evaluator, search_path(QuantizeConfig(), tried)
+
+    chosen, tried, evaluator, path = run((0.90, 1.40, 1.35, 1.45))
+    assert chosen.name == "all ops" and len(tried) == 1 and evaluator.rounds == [["all ops"]]
+    assert path["search"] == "quick" and "1.40x" in path["search_why"]
+    chosen, tried, _, path = run((0.87, 1.60, 1.55, 1.65))  # 3 points lost: the full search and its choice
+    assert chosen.name == "all ops + 1 most sensitive in fp32" and len(tried) > 1 and path["search"] == "full search"
+    chosen, tried, _, path = run((0.90, 1.10, 1.05, 1.15), noise=0.15)  # inside its own noise floor
+    assert tried[0].verdict == "not distinguishable" and path["search"] == "full search"
+    assert chosen.name == "compute ops only"
 
 
 @pytest.mark.slow

@@ -87,6 +87,10 @@ class Task:
         """A batch as the positional arguments of the PyTorch model (numpy arrays, in order)."""
         return list(feeds(batch, list(names or self.input_names)).values())
 
+    def train_sampler(self, dataset, batch_size: int, seed: int):
+        """The order training batches are drawn in (a torch Sampler with ``set_epoch``), or None: shuffled."""
+        return None
+
     # --- export -------------------------------------------------------------------------------
     def dynamic_axes(self, names: Sequence[str]) -> dict[str, dict[int, str]]:
         """Axis names per input that the ONNX file keeps dynamic."""

@@ -7,7 +7,6 @@ occlusion and integrated gradients on the word embeddings, latency over batch si
 
 from __future__ import annotations
 
-import json
 import string
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -330,6 +329,13 @@ class TextClassification(Task):
         arrays = self.stack(list(inputs)).feeds(TEXT_INPUTS)
         return tuple(torch.from_numpy(arrays[n]) for n in TEXT_INPUTS), torch.as_tensor(labels)
 
+    def train_sampler(self, dataset, batch_size: int, seed: int):
+        """Batches of texts of similar length: each batch pads to its longest text, and random
+        batches of short snippets pad to the rare long one (2x the work on movie reviews)."""
+        from .length_grouping import LengthGroupedSampler
+
+        return LengthGroupedSampler([len(dataset[i][0][0]) for i in range(len(dataset))], batch_size, seed)
+
     def dynamic_axes(self, names: Sequence[str]) -> dict[str, dict[int, str]]:
         return {n: {0: "batch", 1: "sequence"} for n in names}
 
@@ -379,12 +385,3 @@ class TextClassification(Task):
 
     def decode_samples(self, samples: list, spec: TextPreprocessing) -> Tokens:
         return Tokens([np.asarray(s, np.int64) for s in samples], None, spec.pad_id)
-
-
-def tokenizer_text(path) -> str:
-    """The text of a ``tokenizer.json``, checked to be one."""
-    from pathlib import Path
-
-    text = Path(path).read_text()
-    json.loads(text)
-    return text
