@@ -31,6 +31,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 import httpx
 import numpy as np
@@ -51,6 +52,21 @@ def digits_pngs() -> list[bytes]:
         Image.fromarray((a * 255 / 16).round().astype(np.uint8)).save(buf, format="PNG")
         out.append(buf.getvalue())
     return out
+
+
+def requests_for(clf: OnnxClassifier, model: Path) -> tuple[list, Callable, list[tuple[bytes, str]]]:
+    """(raw inputs, raw -> what the classifier's preprocess takes, request bodies) for the file's task:
+    the digits as PNG uploads for an image model; for a text model, the validation sentences of the
+    export directory it lies in, as JSON."""
+    if clf.task.codec == "text":
+        from ftdeploy.data import build_datasets
+        from ftdeploy.rundir import load_export
+
+        export = load_export(model.parent)
+        texts = build_datasets(export.data, export.preprocessing).val.texts
+        return texts, (lambda t: t), [(json.dumps({"text": t}).encode(), "application/json") for t in texts]
+    images = digits_pngs()
+    return images, (lambda b: Image.open(io.BytesIO(b))), [multipart(b) for b in images]
 
 
 def free_port() -> int:
@@ -199,7 +215,7 @@ async def load(port: int, bodies: list[tuple[bytes, str]], expected: list[str], 
     tally.wall += time.perf_counter() - start
 
 
-def raw_and_server_c1(port: int, clf: OnnxClassifier, images: list[bytes], bodies: list[tuple[bytes, str]],
+def raw_and_server_c1(port: int, clf: OnnxClassifier, images: list, decode: Callable, bodies: list[tuple[bytes, str]],
                       expected: list[str], n: int, rounds: int = 10) -> tuple[dict, dict]:
     """The raw path a server cannot beat (decode + preprocess + one session run, in-process) and the
     server at concurrency 1, on the same images in the same order, in alternating rounds: this VM's
@@ -211,7 +227,7 @@ def raw_and_server_c1(port: int, clf: OnnxClassifier, images: list[bytes], bodie
         start = time.perf_counter()
         for i in indices:
             t0 = time.perf_counter()
-            clf.predict([Image.open(io.BytesIO(images[i % len(images)]))])
+            clf.predict([decode(images[i % len(images)])])
             raw.latencies.append(time.perf_counter() - t0)
             raw.sent += 1
         raw.wall += time.perf_counter() - start
@@ -350,11 +366,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
-    images = digits_pngs()
     clf = OnnxClassifier(args.model, threads=args.threads)
-    expected = [clf.classes[i] for i in np.concatenate([clf.predict([Image.open(io.BytesIO(b)) for b in images[j:j + 64]])
+    images, decode, bodies = requests_for(clf, args.model)
+    expected = [clf.classes[i] for i in np.concatenate([clf.predict([decode(b) for b in images[j:j + 64]])
                                                         for j in range(0, len(images), 64)])]
-    bodies = [multipart(b) for b in images]
     common = ["--threads", str(args.threads), "--max-wait-ms", str(args.max_wait_ms), "--max-batch-size",
               str(args.max_batch_size), "--drain-seconds", "0"]
     columns = [("run", "run", ""), ("requests", "requests", "d"), ("answered_200", "200", "d"), ("errors", "errors", "d"),
@@ -387,7 +402,7 @@ def main() -> None:
         server = Server(args.model, *common, "--max-batch-size", str(batch))
         try:
             if mode == "batching_on":
-                results["raw_c1"], results["c1"] = raw_and_server_c1(server.port, clf, images, bodies, expected,
+                results["raw_c1"], results["c1"] = raw_and_server_c1(server.port, clf, images, decode, bodies, expected,
                                                                      max(200, args.requests // 5))
             tally, before = Tally(), server.batch_counts()
             asyncio.run(load(server.port, bodies, expected, range(args.requests), args.concurrency, tally))

@@ -109,7 +109,8 @@ class ExportConfig(Section):
     output_dir: Path | None = Field(None, description="where model.onnx and report.* go (default: <run>/export)")
     opset: int = Field(18, ge=13, le=23)
     exporter: Literal["auto", "dynamo", "torchscript"] = Field(
-        "auto", description="auto: the dynamo exporter, falling back to TorchScript when it fails")
+        "auto", description="auto: the task's order (images: dynamo, falling back to TorchScript when it fails; text: "
+        "TorchScript first, whose BERT graphs onnxruntime's transformer fusions recognize)")
     optimization: Literal["none", "basic", "extended"] = Field(
         "extended", description="onnxruntime graph optimizations applied offline to the shipped file")
     fusions: bool = Field(True, description="text: try onnxruntime's transformer fusions (Attention, SkipLayerNorm, "

@@ -32,9 +32,11 @@ OUTPUT = "logits"
 
 def export_onnx(model: torch.nn.Module, args: list[torch.Tensor], path: Path, opset: int = 18,
                 exporter: str = "auto", input_names: list[str] | None = None,
-                dynamic_axes: dict[str, dict[int, str]] | None = None) -> tuple[str, str | None]:
+                dynamic_axes: dict[str, dict[int, str]] | None = None,
+                auto_order: tuple[str, ...] = ("dynamo", "torchscript")) -> tuple[str, str | None]:
     """Export ``model`` called on ``args`` (its positional inputs, named ``input_names``) with
-    ``dynamic_axes`` (default: the batch axis of one input); returns (exporter used, why dynamo was
+    ``dynamic_axes`` (default: the batch axis of one input); ``exporter`` ``auto`` tries
+    ``auto_order`` (the task's) until one succeeds. Returns (exporter used, why the first choice was
     not used)."""
     model = model.eval()
     names = list(input_names or ["input"])
@@ -45,24 +47,20 @@ def export_onnx(model: torch.nn.Module, args: list[torch.Tensor], path: Path, op
         return dims.setdefault(label, torch.export.Dim(label, min=1, max=65536))
 
     shapes = tuple({axis: dim(label) for axis, label in axes.get(n, {}).items()} for n in names)
-    dynamo_error = None
-    if exporter in ("auto", "dynamo"):
-        try:
-            _quiet(lambda: torch.onnx.export(
+    runs = {"dynamo": lambda: torch.onnx.export(
                 model, tuple(args), str(path), dynamo=True, opset_version=opset, input_names=names,
-                output_names=[OUTPUT], dynamic_shapes=shapes, external_data=_too_big(model)))
-            return "dynamo", None
-        except Exception as e:  # the dynamo exporter raises many types; the fallback decides
-            dynamo_error = e
-            if exporter == "dynamo":
-                raise _export_error(model, e) from None
-    try:
-        _quiet(lambda: torch.onnx.export(
-            model, tuple(args), str(path), dynamo=False, opset_version=opset, input_names=names,
-            output_names=[OUTPUT], dynamic_axes={**axes, OUTPUT: {0: "batch"}}))
-    except Exception as e:
-        raise _export_error(model, e, dynamo_error) from None
-    return "torchscript", _first_line(dynamo_error) if dynamo_error else None
+                output_names=[OUTPUT], dynamic_shapes=shapes, external_data=_too_big(model)),
+            "torchscript": lambda: torch.onnx.export(
+                model, tuple(args), str(path), dynamo=False, opset_version=opset, input_names=names,
+                output_names=[OUTPUT], dynamic_axes={**axes, OUTPUT: {0: "batch"}})}
+    errors: list[BaseException] = []
+    for kind in auto_order if exporter == "auto" else (exporter,):
+        try:
+            _quiet(runs[kind])
+            return kind, _first_line(errors[0]) if errors else None
+        except Exception as e:  # the exporters raise many types; the next one (or the error) decides
+            errors.append(e)
+    raise _export_error(model, *errors) from None
 
 
 def _quiet(fn) -> None:

@@ -66,7 +66,8 @@ def export(run_dir: str | Path, output_dir: str | Path | None = None, cfg: Expor
     candidate = out / ".model.validating.onnx"  # no shipping name until the gates have passed
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "model.onnx"
-        exporter, reason = export_onnx(model, args, raw, cfg.opset, cfg.exporter, names, task.dynamic_axes(names))
+        exporter, reason = export_onnx(model, args, raw, cfg.opset, cfg.exporter, names, task.dynamic_axes(names),
+                                       task.exporter_order)
         # one load for both (building an image folder decodes every file): the samples stored in
         # the file and the parity images
         data = EvalData.from_run(run, max(cfg.parity_samples, SAMPLES), calibration_samples=1)
