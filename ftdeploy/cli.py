@@ -215,6 +215,42 @@ def prune(run_dir: Path = typer.Argument(..., help="a run directory written by t
     typer.echo(f"pruned run directory: {out}")
 
 
+def _duration(value: Optional[str]) -> Optional[float]:
+    """``90``, ``90s``, ``30m`` or ``2h`` as seconds."""
+    if value is None:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600}
+    number, unit = (value[:-1], value[-1]) if value[-1:] in units else (value, "s")
+    try:
+        return float(number) * units[unit]
+    except ValueError:
+        raise typer.BadParameter(f"--time-budget takes a duration such as 90s, 30m or 2h, not {value!r}") from None
+
+
+@app.command()
+def optimize(run_dir: Path = typer.Argument(..., help="a run directory written by train (with data.test_fraction)"),
+             output_dir: Path = typer.Option(..., "--output-dir", "-o", help="where levels/, pareto.* and best/ go"),
+             max_accuracy_drop: Optional[float] = typer.Option(None, "--max-accuracy-drop", help="points [default: 1.0]"),
+             target_speedup: Optional[float] = typer.Option(None, "--target-speedup", help="least compression reaching "
+                                                            "this speedup over the unpruned FP32 file"),
+             target_latency_ms: Optional[float] = typer.Option(None, "--target-latency-ms", help="least compression "
+                                                               "reaching this batch-1 p50"),
+             providers: Optional[str] = typer.Option(None, "--providers", help="cpu,openvino [default: cpu]"),
+             levels: Optional[str] = typer.Option(None, "--levels", help="MACs fractions [default: 0.7,0.5,0.35]"),
+             time_budget: Optional[str] = typer.Option(None, "--time-budget", help="e.g. 30m: no new level after it"),
+             overrides: Optional[list[str]] = SetOpt) -> None:
+    """The fastest file within an accuracy budget: pruning level x INT8 x execution provider, every point
+    made by the stages and measured on this machine; resumable (run it again to continue)."""
+    from .config import OptimizeConfig
+
+    cfg = _section(OptimizeConfig, "optimize", {
+        "max_accuracy_drop": max_accuracy_drop, "target_speedup": target_speedup,
+        "target_latency_ms": target_latency_ms, "providers": providers.split(",") if providers else None,
+        "levels": [float(x) for x in levels.split(",")] if levels else None, "time_budget_s": _duration(time_budget)},
+        overrides, "optimize")
+    stage("optimize").optimize(run_dir, output_dir, cfg)
+
+
 @app.command()
 def validate(model: Path = typer.Argument(..., help="an ONNX file written by ftdeploy export"),
              run_dir: Path = typer.Option(..., "--run", help="the run directory it was exported from"),

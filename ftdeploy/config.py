@@ -32,6 +32,8 @@ class DataConfig(Section):
     val_root: Path | None = Field(None, description="imagefolder: a separate validation folder instead of a split")
     val_fraction: float = Field(0.2, gt=0, lt=1, description="share held out for validation when there is no val split")
     split_seed: int = Field(0, description="seed of the stratified train/val split")
+    test_fraction: float = Field(0.0, ge=0, lt=1, description="share of the validation split held out as a test "
+                                 "split that no stage evaluates on (ftdeploy optimize judges its choice there)")
     on_corrupt: Literal["error", "skip"] = Field("error", description="unreadable image or text row: stop with its "
                                                  "name, or skip and count it")
     text_column: str = Field("text", description="csv/jsonl: the column holding the text")
@@ -228,6 +230,39 @@ class ReportConfig(Section):
         bad = [s for s in self.severities if not 1 <= s <= 5]
         if bad:
             raise ValueError(f"severities must lie in 1..5 (got {bad})")
+        return self
+
+
+class OptimizeConfig(Section):
+    """``ftdeploy optimize``: pruning level x INT8 configuration x execution provider, measured here."""
+
+    max_accuracy_drop: float = Field(1.0, ge=0, description="points of validation accuracy a point may lose "
+                                     "against the unpruned FP32 file")
+    target_speedup: float | None = Field(None, gt=0, description="choose the least compressed point this much "
+                                         "faster than the unpruned FP32 file (instead of the fastest)")
+    target_latency_ms: float | None = Field(None, gt=0, description="choose the least compressed point at most "
+                                            "this fast at batch 1 (p50)")
+    levels: list[float] = Field([0.7, 0.5, 0.35], min_length=0, description="pruning levels to try: fractions of "
+                                "the MACs kept (the unpruned run, 1.0, is always a level)")
+    providers: list[Literal["cpu", "openvino"]] = Field(["cpu"], min_length=1, description="execution providers "
+                                                        "to time every file on (those installed)")
+    time_budget_s: float | None = Field(None, gt=0, description="start no new level after this many seconds")
+    finetune_epochs: int = Field(1, ge=0, description="recovery fine-tuning epochs per pruning level")
+    distill_alpha: float = Field(0.5, ge=0, le=1, description="distillation weight from the unpruned model")
+    round_to: int | None = Field(8, ge=1, description="prune.round_to of every level")
+    give_up_drop: float = Field(3.0, ge=0, description="skip deeper levels once a level loses this many points "
+                                "beyond the budget")
+    latency_seconds: float = Field(2.0, gt=0, description="timed seconds per point (beside the reference)")
+    threads: int | None = Field(None, ge=1)
+    export: ExportConfig | None = Field(None, description="the export stage's settings for every level")
+    quantize: QuantizeConfig | None = Field(None, description="the quantize stage's settings for every level "
+                                            "(its max_accuracy_drop is this section's)")
+
+    @model_validator(mode="after")
+    def _levels(self) -> "OptimizeConfig":
+        bad = [x for x in self.levels if not 0 < x < 1]
+        if bad:
+            raise ValueError(f"levels are fractions of the MACs kept, strictly between 0 and 1 (got {bad})")
         return self
 
 

@@ -11,6 +11,7 @@ collates them (:mod:`ftdeploy.tasks`).
 from __future__ import annotations
 
 import bz2
+import copy
 import csv
 import importlib.util
 import inspect
@@ -57,6 +58,22 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         x = self.cached[i] if self.cached is not None else torch.from_numpy(self._array(i))
         return x, self.labels[i]
+
+    def subset(self, indices: list[int]) -> "ImageDataset":
+        out = copy.copy(self)
+        out.load, out.labels = Indexed(self.load, indices), [self.labels[i] for i in indices]
+        out.cached = self.cached[indices] if self.cached is not None else None
+        return out
+
+
+class Indexed:
+    """Item ``i`` is item ``index[i]`` of ``load`` (picklable, for worker processes)."""
+
+    def __init__(self, load: Callable[[int], Image.Image], index: list[int]):
+        self.load, self.index = load, list(index)
+
+    def __call__(self, i: int) -> Image.Image:
+        return self.load(self.index[i])
 
 
 class InMemoryImages:
@@ -111,6 +128,12 @@ class TextDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         return (self.ids[i], self.type_ids[i]), self.labels[i]
 
+    def subset(self, indices: list[int]) -> "TextDataset":
+        out = copy.copy(self)
+        for name in ("texts", "labels", "ids", "type_ids"):
+            setattr(out, name, [getattr(self, name)[i] for i in indices])
+        return out
+
 
 @dataclass
 class DatasetSplits:
@@ -119,6 +142,7 @@ class DatasetSplits:
     classes: list[str]
     name: str
     skipped: list[str] = field(default_factory=list)  # unreadable files left out (on_corrupt=skip)
+    test: torch.utils.data.Dataset | None = None  # held out of val by data.test_fraction
 
 
 def build_datasets(cfg: DataConfig, spec: Preprocessing) -> DatasetSplits:
@@ -132,6 +156,11 @@ def build_datasets(cfg: DataConfig, spec: Preprocessing) -> DatasetSplits:
     """
     builder = datasets.get("torchvision" if cfg.name.startswith("torchvision:") else cfg.name)
     splits = builder(cfg, spec)
+    if cfg.test_fraction > 0:  # a seeded share of the validation split, which no stage sees
+        order = np.random.default_rng(cfg.split_seed + 1).permutation(len(splits.val))
+        n = max(1, round(cfg.test_fraction * len(splits.val)))
+        splits.test = splits.val.subset(sorted(order[:n].tolist()))
+        splits.val = splits.val.subset(sorted(order[n:].tolist()))
     if cfg.max_train_samples is not None and cfg.max_train_samples < len(splits.train):
         keep = np.random.default_rng(cfg.split_seed).permutation(len(splits.train))[:cfg.max_train_samples]
         splits.train = torch.utils.data.Subset(splits.train, sorted(keep.tolist()))

@@ -58,6 +58,14 @@ class EvalData:
         return cls.load(export.data, export.preprocessing, export.task, val_limit, calibration_samples)
 
 
+def held_out_test(data: DataConfig, spec: Any, task: Task) -> tuple[Any, np.ndarray] | None:
+    """The held-out test split (``data.test_fraction``) as (inputs, labels), or None without one."""
+    from .data import build_datasets
+
+    splits = build_datasets(data.model_copy(update={"augment": False, "max_train_samples": None}), spec)
+    return split_arrays(splits.test, len(splits.test), task) if splits.test is not None else None
+
+
 def split_arrays(ds, limit: int, task: Task, shuffle: bool = False) -> tuple[Any, np.ndarray]:
     """Up to ``limit`` items of a dataset as (inputs batched by ``task``, labels) (a seeded random
     subset when shuffled)."""

@@ -9,7 +9,7 @@ from conftest import REPO
 
 PACKAGE = REPO / "ftdeploy"
 STAGES = {"train", "prune", "export", "quantize", "usability"}
-ENTRY_POINTS = {"cli", "pipeline", "__main__", "train.__main__"}
+ENTRY_POINTS = {"cli", "pipeline", "optimize", "__main__", "train.__main__"}
 
 
 def module_name(path: Path) -> str:

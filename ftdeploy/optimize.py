@@ -1,0 +1,271 @@
+"""``ftdeploy optimize``: from an accuracy budget to the fastest file this machine runs.
+
+A loop over the stages, not a copy of them: for each pruning level (a fraction of the MACs; 1.0 is
+the run itself) ``prune`` (recovery fine-tuning with distillation) writes a run directory, ``export``
+an export directory and ``quantize`` (its own measured search) the INT8 file, all under
+``OUT/levels/<level>/`` with their manifests and lineage. Every file shipped there, on every
+requested execution provider that is installed, is a *point*: timed at batch 1 beside the unpruned
+FP32 file under the latency protocol (the same rounds, with an A/A session for the noise), and
+evaluated on the validation split. The choice is the fastest point within the budget (ties inside
+the noise go to the least compressed), or, with a target, the least compressed point that meets it;
+it is then evaluated on the test split (``data.test_fraction``) that no stage saw, so that choosing
+among many points does not flatter it.
+
+Writes ``points.json`` after every point (a killed search resumes and skips finished levels and
+points), then ``pareto.json``, ``pareto.png``, ``summary.md`` and ``best/`` (the chosen level's export
+directory). ``time_budget_s`` stops starting new levels; the front found so far is still written.
+
+Example::
+
+    optimize("runs/digits", "runs/digits-opt", OptimizeConfig(max_accuracy_drop=1.0))
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import ExportConfig, OptimizeConfig, PruneConfig, QuantizeConfig
+from .errors import ConfigError
+from .evaluation import accuracy, batched, onnx_predictor, held_out_test
+from .export import export
+from .files import relative, write_json, write_text
+from .latency import PROVIDERS, compare, installed_providers, ort_runner, ort_session, tile_batch
+from .machine import machine_info, physical_cores
+from .prune import prune
+from .quantize import quantize
+from .rundir import load_export, load_run, manifest, read_json, write_manifest
+
+POINTS = "points.json"
+
+
+def level_name(level: float) -> str:
+    return f"{level:.2f}"
+
+
+def build_level(run_dir: Path, out: Path, level: float, cfg: OptimizeConfig) -> Path:
+    """The export directory of one pruning level, made by the stages (or found finished from an
+    earlier, interrupted search: a level counts once its quantize stage wrote its record)."""
+    base = out / "levels" / level_name(level)
+    export_dir = base / "export"
+    if (export_dir / "report.json").is_file() and "quantization" in read_json(export_dir / "report.json"):
+        return export_dir
+    shutil.rmtree(base, ignore_errors=True)  # half-made by a killed search: made again, whole
+    source = run_dir
+    if level < 1.0:
+        source = prune(run_dir, base / "run", PruneConfig(target_macs=level, finetune_epochs=cfg.finetune_epochs,
+                                                           distill_alpha=cfg.distill_alpha, round_to=cfg.round_to,
+                                                           latency_seconds=cfg.latency_seconds))
+    export(source, export_dir, cfg.export or ExportConfig())
+    quantize(export_dir, None, (cfg.quantize or QuantizeConfig()).model_copy(
+        update={"max_accuracy_drop": cfg.max_accuracy_drop}))
+    return export_dir
+
+
+def measure_point(path: Path, reference: Path, provider: str, bench, threads: int, seconds: float) -> dict[str, Any]:
+    """Batch-1 latency of ``path`` on ``provider`` beside the unpruned FP32 file (CPU provider) and an
+    A/A session of it, in the same alternating rounds."""
+    batch = tile_batch(bench, 1)
+    fns = {"reference": ort_runner(ort_session(reference, threads), batch),
+           "reference A/A": ort_runner(ort_session(reference, threads), batch),
+           "point": ort_runner(ort_session(path, threads, [PROVIDERS[provider]]), batch)}
+    result = compare(fns, 1, seconds=seconds)
+    speedup = result.speedup("reference", "point")
+    return {"p50_ms": result.stats["point"].p50, "p90_ms": result.stats["point"].p90,
+            "reference_p50_ms": result.stats["reference"].p50, "speedup": speedup.as_dict(),
+            "noise_floor": result.speedup("reference", "reference A/A").noise}
+
+
+def choose(points: list[dict[str, Any]], cfg: OptimizeConfig) -> dict[str, Any] | None:
+    """The point to ship: within the accuracy budget, the least compressed one meeting the target
+    when there is a target, else the fastest (speedups inside the noise floor of the fastest are a
+    tie, won by the least compressed).
+
+    >>> pts = [{"level": 1.0, "variant": "fp32", "accuracy_drop_points": 0.0, "speedup": {"median": 1.0},
+    ...         "p50_ms": 10.0, "noise_floor": 0.05},
+    ...        {"level": 1.0, "variant": "int8", "accuracy_drop_points": 0.4, "speedup": {"median": 2.0},
+    ...         "p50_ms": 5.0, "noise_floor": 0.05},
+    ...        {"level": 0.5, "variant": "int8", "accuracy_drop_points": 0.8, "speedup": {"median": 2.05},
+    ...         "p50_ms": 4.9, "noise_floor": 0.05}]
+    >>> c = choose(pts, OptimizeConfig(max_accuracy_drop=1.0)); (c["level"], c["variant"])
+    (1.0, 'int8')
+    >>> c = choose(pts, OptimizeConfig(max_accuracy_drop=1.0, target_latency_ms=4.95)); (c["level"], c["variant"])
+    (0.5, 'int8')
+    """
+    within = [p for p in points if p["accuracy_drop_points"] <= cfg.max_accuracy_drop]
+    order = sorted(within, key=compression_order)  # least compressed first
+    if cfg.target_speedup is not None or cfg.target_latency_ms is not None:
+        return next((p for p in order if (cfg.target_speedup is None or p["speedup"]["median"] >= cfg.target_speedup)
+                     and (cfg.target_latency_ms is None or p["p50_ms"] <= cfg.target_latency_ms)), None)
+    if not order:
+        return None
+    best = max(p["speedup"]["median"] for p in order)
+    noise = max(p["noise_floor"] for p in order)
+    return next(p for p in order if p["speedup"]["median"] >= best * (1 - noise))
+
+
+def compression_order(point: dict[str, Any]) -> tuple:
+    return (-point["level"], point["variant"] != "fp32", point.get("provider") != "cpu")
+
+
+def pareto_front(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Points no other point beats on both latency and accuracy."""
+    return [p for p in points if not any(q["p50_ms"] <= p["p50_ms"] and q["accuracy"] >= p["accuracy"]
+                                         and (q["p50_ms"], q["accuracy"]) != (p["p50_ms"], p["accuracy"]) for q in points)]
+
+
+def optimize(run_dir: str | Path, output_dir: str | Path, cfg: OptimizeConfig | None = None) -> Path:
+    """Search pruning level x INT8 configuration x execution provider for ``run_dir``'s model; see
+    the module docstring. Returns ``output_dir``."""
+    cfg = cfg or OptimizeConfig()
+    started = time.monotonic()
+    run = load_run(run_dir)
+    if run.config.data.test_fraction <= 0:
+        raise ConfigError(f"{run.path} has no test split: optimize judges its choice on data the search never saw",
+                          "train the run with --set data.test_fraction=0.2 (held out of the validation split)")
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    wanted = list(cfg.providers)
+    providers = [p for p in wanted if p in installed_providers()]
+    skipped_providers = sorted(set(wanted) - set(providers))
+    done = {(p["level"], p["variant"], p["provider"]): p for p in
+            (read_json(out / POINTS)["points"] if (out / POINTS).is_file() else [])}
+    threads = cfg.threads or physical_cores()
+    reference = bench = None
+    stopped = None
+    for level in [1.0, *sorted(cfg.levels, reverse=True)]:
+        if cfg.time_budget_s is not None and time.monotonic() - started > cfg.time_budget_s:
+            stopped = f"time budget of {cfg.time_budget_s:.0f} s spent before level {level_name(level)}"
+            break
+        export_dir = build_level(run.path, out, level, cfg)
+        src = load_export(export_dir)
+        if reference is None:  # level 1.0: the unpruned FP32 file, the yardstick of every point
+            reference = src.variant_path("fp32")
+            from .evaluation import EvalData
+
+            bench = EvalData.from_export(src, 64, calibration_samples=1).bench
+            fp32_accuracy = src.report["variants"]["fp32"]["accuracy"]
+        for variant in ("fp32", "int8"):
+            path = src.variant_path(variant)
+            for provider in providers if path is not None else []:
+                key = (level, variant, provider)
+                if key not in done:
+                    acc = src.report["variants"][variant]["accuracy"]
+                    done[key] = {"level": level, "variant": variant, "provider": provider,
+                                 "path": relative(path, out), "accuracy": acc,
+                                 "accuracy_drop_points": 100 * (fp32_accuracy - acc),
+                                 **measure_point(path, reference, provider, bench, threads, cfg.latency_seconds)}
+                    write_json(out / POINTS, {"points": list(done.values())})
+                    print(f"  level {level_name(level)} {variant} on {provider}: {done[key]['p50_ms']:.2f} ms = "
+                          f"{done[key]['speedup']['median']:.2f}x unpruned fp32, accuracy {100 * acc:.2f}% "
+                          f"({done[key]['accuracy_drop_points']:+.2f} pts)")
+        if level < 1.0 and all(p["accuracy_drop_points"] > cfg.max_accuracy_drop + cfg.give_up_drop
+                               for p in done.values() if p["level"] == level):
+            stopped = f"level {level_name(level)} lost more than {cfg.give_up_drop} points beyond the budget: deeper levels skipped"
+            break
+    points = sorted(done.values(), key=lambda p: p["p50_ms"])
+    chosen = choose(points, cfg)
+    test = chosen_on_test(run, out, chosen, reference) if chosen else None
+    record = {"run": relative(run.path, out), "machine": machine_info(threads), "settings": cfg.model_dump(mode="json"),
+              "points": points, "front": pareto_front(points), "chosen": chosen, "test": test,
+              "stopped": stopped, "providers_not_installed": skipped_providers,
+              "seconds": time.monotonic() - started}
+    write_json(out / "pareto.json", record)
+    plot_pareto(record, cfg, out / "pareto.png")
+    write_text(out / "summary.md", summary(record, cfg))
+    if chosen is not None:
+        best = out / "best"
+        shutil.rmtree(best, ignore_errors=True)
+        shutil.copytree(out / "levels" / level_name(chosen["level"]) / "export", best)
+        write_manifest(best, manifest("optimize", out / "levels" / level_name(chosen["level"]) / "export",
+                                      config=cfg, chosen=chosen, test=test))
+    print(summary(record, cfg))
+    return out
+
+
+def chosen_on_test(run, out: Path, chosen: dict[str, Any], reference: Path) -> dict[str, Any]:
+    """The chosen file and the unpruned FP32 file on the test split no stage saw."""
+    src = load_export(out / "levels" / level_name(chosen["level"]) / "export")
+    inputs, labels = held_out_test(src.data, src.preprocessing, src.task)
+    figures = {}
+    for name, path in (("chosen", out / chosen["path"]), ("unpruned_fp32", reference)):
+        figures[name] = accuracy(batched(onnx_predictor(ort_session(path, physical_cores())), inputs, 32), labels)
+    return {"samples": int(len(labels)), "accuracy": figures["chosen"], "unpruned_fp32_accuracy": figures["unpruned_fp32"],
+            "accuracy_drop_points": 100 * (figures["unpruned_fp32"] - figures["chosen"])}
+
+
+def summary(record: dict[str, Any], cfg: OptimizeConfig) -> str:
+    c, t = record["chosen"], record["test"]
+    lines = [f"# ftdeploy optimize ({record['machine']['cpu']}, {record['machine']['threads']} threads)", "",
+             f"{len(record['points'])} points, {len(record['front'])} on the front; budget {cfg.max_accuracy_drop} "
+             f"points" + (f"; target {cfg.target_speedup}x" if cfg.target_speedup else "")
+             + (f"; target {cfg.target_latency_ms} ms" if cfg.target_latency_ms else "") + ".", ""]
+    if c is None:
+        lines.append("**No point meets the budget and target.**")
+    else:
+        lines += [f"**Chosen**: level {level_name(c['level'])} (MACs fraction), {c['variant']}, {c['provider']}: "
+                  f"{c['p50_ms']:.2f} ms at batch 1 = {c['speedup']['median']:.2f}x "
+                  f"[{c['speedup']['low']:.2f}-{c['speedup']['high']:.2f}] the unpruned FP32 file; validation "
+                  f"{100 * c['accuracy']:.2f}% ({c['accuracy_drop_points']:+.2f} pts); test split {100 * t['accuracy']:.2f}% "
+                  f"against the unpruned FP32's {100 * t['unpruned_fp32_accuracy']:.2f}% ({t['samples']} examples "
+                  f"no stage saw). Files: best/."]
+    if record["stopped"]:
+        lines += ["", f"Stopped: {record['stopped']}."]
+    if record["providers_not_installed"]:
+        lines += ["", f"Providers requested but not installed: {', '.join(record['providers_not_installed'])}."]
+    lines += ["", "| level | variant | provider | p50 ms | x unpruned fp32 | val acc % | drop pts | front |",
+              "|---:|---|---|---:|---:|---:|---:|---|"]
+    front = {(p["level"], p["variant"], p["provider"]) for p in record["front"]}
+    for p in record["points"]:
+        lines.append(f"| {level_name(p['level'])} | {p['variant']} | {p['provider']} | {p['p50_ms']:.2f} | "
+                     f"{p['speedup']['median']:.2f} | {100 * p['accuracy']:.2f} | {p['accuracy_drop_points']:+.2f} | "
+                     f"{'yes' if (p['level'], p['variant'], p['provider']) in front else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_pareto(record: dict[str, Any], cfg: OptimizeConfig, path: Path) -> None:
+    """Latency (log, ms) against validation accuracy: every point, the front joined, the budget line,
+    the unpruned FP32 file and the chosen point labelled."""
+    from .report import pyplot
+
+    plt = pyplot()
+    points = record["points"]
+    if plt is None or not points:
+        return
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    markers = {"fp32": "o", "int8": "s"}
+    for variant in ("fp32", "int8"):
+        mine = [p for p in points if p["variant"] == variant]
+        ax.scatter([p["p50_ms"] for p in mine], [100 * p["accuracy"] for p in mine], marker=markers[variant],
+                   s=36, label=f"{variant} points", alpha=0.8)
+        for p in mine:
+            ax.annotate(f"{level_name(p['level'])}", (p["p50_ms"], 100 * p["accuracy"]), fontsize=7,
+                        xytext=(4, 3), textcoords="offset points")
+    front = sorted(record["front"], key=lambda p: p["p50_ms"])
+    ax.plot([p["p50_ms"] for p in front], [100 * p["accuracy"] for p in front], color="tab:gray", lw=1, label="front")
+    unpruned = next((p for p in points if p["level"] == 1.0 and p["variant"] == "fp32" and p["provider"] == "cpu"), None)
+    if unpruned:
+        budget = 100 * unpruned["accuracy"] - cfg.max_accuracy_drop
+        ax.axhline(budget, color="tab:red", ls="--", lw=1, label=f"budget: -{cfg.max_accuracy_drop} pts")
+        ax.scatter([unpruned["p50_ms"]], [100 * unpruned["accuracy"]], s=120, facecolors="none", edgecolors="black",
+                   label="unpruned FP32")
+    c = record["chosen"]
+    if c:
+        ax.scatter([c["p50_ms"]], [100 * c["accuracy"]], s=200, marker="*", color="gold", edgecolors="black",
+                   zorder=5, label="chosen")
+        ax.annotate(f"chosen: {level_name(c['level'])} {c['variant']}, {c['speedup']['median']:.2f}x",
+                    (c["p50_ms"], 100 * c["accuracy"]), xytext=(8, -14), textcoords="offset points", fontsize=8)
+    ax.set(xscale="log", xlabel="latency at batch 1, p50 (ms, log scale)", ylabel="validation accuracy (%)",
+           title="ftdeploy optimize: pruning level (MACs fraction) x INT8 x provider")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    from .files import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)

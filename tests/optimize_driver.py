@@ -1,0 +1,45 @@
+"""Run by test_optimize.py in a subprocess: ftdeploy optimize with set latencies (by level and
+variant), so that a killed and resumed search can be compared with an uninterrupted one apart from
+this machine's timing noise. argv: RUN OUT [SLOW_LEVEL]: sleeps while building SLOW_LEVEL (the test
+kills it there)."""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import ftdeploy.optimize as stage  # noqa: E402
+from ftdeploy.config import OptimizeConfig  # noqa: E402
+
+LATENCY = {("1.00", "fp32"): 4.0, ("1.00", "int8"): 2.5, ("0.50", "fp32"): 2.2, ("0.50", "int8"): 1.6}
+SETTINGS = {"levels": [0.5], "finetune_epochs": 1, "round_to": None, "max_accuracy_drop": 30.0, "latency_seconds": 0.05,
+            "export": {"exporter": "torchscript", "batch_sizes": [1], "latency_seconds": 0.05, "parity_samples": 32},
+            "quantize": {"search": "off", "latency_seconds": 0.05, "min_speedup": 1.0}}
+
+
+def set_figures(path, reference, provider, bench, threads, seconds):
+    level, variant = Path(path).parts[-3], "int8" if Path(path).name == "model.int8.onnx" else "fp32"
+    ms = LATENCY[(level, variant)]
+    return {"p50_ms": ms, "p90_ms": ms, "reference_p50_ms": 4.0, "noise_floor": 0.02,
+            "speedup": {"median": 4.0 / ms, "low": 4.0 / ms, "high": 4.0 / ms, "rounds": []}}
+
+
+if __name__ == "__main__":
+    run, out = sys.argv[1], Path(sys.argv[2])
+    stage.measure_point = set_figures
+    if len(sys.argv) > 3:  # hold the search inside this level's stages until the test kills it
+        build = stage.build_level
+
+        def slow(run_dir, out_dir, level, cfg):
+            if f"{level:.2f}" == sys.argv[3]:
+                (out_dir / "levels" / sys.argv[3]).mkdir(parents=True, exist_ok=True)
+                (out_dir / "levels" / sys.argv[3] / "half-made").write_text("killed here")
+                print("BUILDING", flush=True)
+                time.sleep(600)
+            return build(run_dir, out_dir, level, cfg)
+
+        stage.build_level = slow
+    stage.optimize(run, out, OptimizeConfig.model_validate(SETTINGS))
+    print(json.dumps(json.loads((out / "pareto.json").read_text())["chosen"]))

@@ -1,0 +1,94 @@
+"""ftdeploy optimize: a loop over the stages that resumes where it was killed, chooses by the
+budget, and judges its choice on a test split no stage saw."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, tiny_config
+
+DRIVER = REPO / "tests" / "optimize_driver.py"
+
+
+def driver(*args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(DRIVER), *map(str, args)], stdout=subprocess.PIPE, text=True,
+                            cwd=REPO, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def split_run(tmp_path_factory):
+    """The tiny run with a test split held out of validation."""
+    from ftdeploy.train import train
+
+    return train(tiny_config(tmp_path_factory.mktemp("opt") / "run", "data.test_fraction=0.25", "data.num_samples=128"))
+
+
+@pytest.mark.slow
+def test_a_killed_search_resumes_to_the_same_front_and_choice(split_run, tmp_path):
+    whole = driver(split_run, tmp_path / "whole")
+    assert whole.wait(300) == 0
+    reference = json.loads((tmp_path / "whole" / "pareto.json").read_text())
+
+    killed = driver(split_run, tmp_path / "resumed", "0.50")
+    deadline = time.time() + 300
+    while "BUILDING" not in (killed.stdout.readline() or "") and time.time() < deadline:
+        pass
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait(30)
+    finished = json.loads((tmp_path / "resumed" / "points.json").read_text())["points"]
+    assert {(p["level"], p["variant"]) for p in finished} == {(1.0, "fp32"), (1.0, "int8")}
+    level1 = tmp_path / "resumed" / "levels" / "1.00" / "export" / "model.onnx"
+    made = level1.stat().st_mtime_ns
+
+    resumed = driver(split_run, tmp_path / "resumed")
+    assert resumed.wait(300) == 0
+    result = json.loads((tmp_path / "resumed" / "pareto.json").read_text())
+    assert level1.stat().st_mtime_ns == made  # the finished level was not made again
+    assert not (tmp_path / "resumed" / "levels" / "0.50" / "half-made").exists()  # the killed one was, whole
+    assert [p for p in result["points"] if p["level"] == 1.0] == [p for p in reference["points"] if p["level"] == 1.0]
+
+    def key(points):
+        return sorted((p["level"], p["variant"], p["accuracy"], p["p50_ms"]) for p in points)
+
+    assert key(result["front"]) == key(reference["front"]) and key(result["points"]) == key(reference["points"])
+    chosen = result["chosen"]
+    assert (chosen["level"], chosen["variant"]) == (reference["chosen"]["level"], reference["chosen"]["variant"])
+    assert (chosen["level"], chosen["variant"]) == (0.5, "int8")  # the fastest within the (wide) budget
+    assert result["test"]["samples"] == 8 and 0 <= result["test"]["accuracy"] <= 1  # 32 validation images, a quarter
+    best = json.loads((tmp_path / "resumed" / "best" / "manifest.json").read_text())
+    assert best["stage"] == "optimize" and [e["stage"] for e in best["lineage"]][:3] == ["data", "train", "prune"]
+    assert (tmp_path / "resumed" / "pareto.png").stat().st_size > 10_000
+    assert "Chosen**: level 0.50 (MACs fraction), int8" in (tmp_path / "resumed" / "summary.md").read_text()
+
+
+def test_a_run_without_a_test_split_is_refused_with_the_fix(tiny_run, tmp_path):
+    from ftdeploy.errors import ConfigError
+    from ftdeploy.optimize import optimize
+
+    with pytest.raises(ConfigError, match="no test split.*data.test_fraction=0.2"):
+        optimize(tiny_run, tmp_path / "out")
+
+
+def test_the_choice_rule_on_set_figures():
+    from ftdeploy.config import OptimizeConfig
+    from ftdeploy.optimize import choose, pareto_front
+
+    def point(level, variant, drop, speedup):
+        return {"level": level, "variant": variant, "provider": "cpu", "accuracy_drop_points": drop,
+                "accuracy": 0.9 - drop / 100, "speedup": {"median": speedup}, "p50_ms": 10 / speedup, "noise_floor": 0.05}
+
+    points = [point(1.0, "fp32", 0.0, 1.0), point(1.0, "int8", 0.3, 2.0), point(0.5, "fp32", 0.5, 1.8),
+              point(0.5, "int8", 0.9, 3.5), point(0.35, "int8", 2.5, 5.0)]
+    pick = lambda **kw: (lambda c: c and (c["level"], c["variant"]))(choose(points, OptimizeConfig(**kw)))  # noqa: E731
+    assert pick() == (0.5, "int8")  # the fastest within 1 point; 0.35 loses 2.5
+    assert pick(max_accuracy_drop=3.0) == (0.35, "int8")
+    assert pick(target_speedup=1.9) == (1.0, "int8")  # the least compressed reaching the target
+    assert pick(target_latency_ms=5.2) == (1.0, "int8") and pick(target_latency_ms=3.0) == (0.5, "int8")
+    assert pick(target_speedup=10.0) is None
+    assert {(p["level"], p["variant"]) for p in pareto_front(points)} == {
+        (1.0, "fp32"), (1.0, "int8"), (0.5, "int8"), (0.35, "int8")}  # 0.5 fp32: slower and less accurate than 1.0 int8
