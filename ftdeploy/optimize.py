@@ -261,6 +261,10 @@ def plot_pareto(record: dict[str, Any], cfg: OptimizeConfig, path: Path) -> None
                     (c["p50_ms"], 100 * c["accuracy"]), xytext=(8, -14), textcoords="offset points", fontsize=8)
     ax.set(xscale="log", xlabel="latency at batch 1, p50 (ms, log scale)", ylabel="validation accuracy (%)",
            title="ftdeploy optimize: pruning level (MACs fraction) x INT8 x provider")
+    from matplotlib.ticker import FuncFormatter
+
+    for axis_format in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):  # 3, not 3x10^0
+        axis_format(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()

@@ -58,8 +58,8 @@ def test_a_killed_search_resumes_to_the_same_front_and_choice(split_run, tmp_pat
     assert key(result["front"]) == key(reference["front"]) and key(result["points"]) == key(reference["points"])
     chosen = result["chosen"]
     assert (chosen["level"], chosen["variant"]) == (reference["chosen"]["level"], reference["chosen"]["variant"])
-    assert (chosen["level"], chosen["variant"]) == (0.5, "int8")  # the fastest within the (wide) budget
-    assert result["test"]["samples"] == 8 and 0 <= result["test"]["accuracy"] <= 1  # 32 validation images, a quarter
+    assert chosen["level"] == 0.5  # its points are the fastest (set figures), within the (wide) budget
+    assert result["test"]["samples"] == 6 and 0 <= result["test"]["accuracy"] <= 1  # a quarter of 26 validation images
     best = json.loads((tmp_path / "resumed" / "best" / "manifest.json").read_text())
     assert best["stage"] == "optimize" and [e["stage"] for e in best["lineage"]][:3] == ["data", "train", "prune"]
     assert (tmp_path / "resumed" / "pareto.png").stat().st_size > 10_000
