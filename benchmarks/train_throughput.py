@@ -25,7 +25,8 @@ from ftdeploy.data import build_datasets
 from ftdeploy.machine import machine_info
 from ftdeploy.models import build_model
 from ftdeploy.train import train
-from ftdeploy.training import lr_lambda, make_optimizer, resolve_preprocessing
+from ftdeploy.preprocessing import resolve_preprocessing
+from ftdeploy.training import lr_lambda, make_optimizer
 
 
 def plain_epoch(cfg, built, dataset) -> float:

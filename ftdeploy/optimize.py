@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from .config import ExportConfig, OptimizeConfig, PruneConfig, QuantizeConfig
 from .errors import ConfigError

@@ -27,7 +27,6 @@ from .config import PipelineConfig
 from .data import DatasetSplits, build_datasets
 from .errors import ConfigError, DependencyError
 from .models import BuiltModel, build_model, split_parameters
-from .preprocessing import resolve_preprocessing  # noqa: F401 (the image task's, re-exported)
 from .files import atomic_path, write_json, write_text
 from .tasks import get_task
 from .rundir import WEIGHTS, is_run_dir, load_run, write_run_files

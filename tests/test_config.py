@@ -53,7 +53,7 @@ def test_a_text_field_gets_the_text_typed():
 
 
 def test_bilinear_interpolation_can_be_chosen_over_the_weights_default():
-    from ftdeploy.training import resolve_preprocessing
+    from ftdeploy.preprocessing import resolve_preprocessing
 
     defaults = {"mean": (0.5,) * 3, "std": (0.5,) * 3, "input_size": 32, "resize_size": 36, "interpolation": "bicubic"}
     chosen = load_config(None, ["preprocessing.interpolation=bilinear"]).preprocessing

@@ -42,7 +42,7 @@ def test_two_cpu_processes_train_data_parallel(two_ranks):
 
     from ftdeploy.data import build_datasets
     from ftdeploy.models import build_model
-    from ftdeploy.training import resolve_preprocessing
+    from ftdeploy.preprocessing import resolve_preprocessing
 
     cfg = tiny_config(out, *SIZE)
     spec = resolve_preprocessing(cfg.preprocessing, build_model(cfg.model, None).defaults)
