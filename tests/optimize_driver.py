@@ -16,7 +16,9 @@ from ftdeploy.config import OptimizeConfig  # noqa: E402
 LATENCY = {("1.00", "fp32"): 4.0, ("1.00", "int8"): 2.5, ("0.50", "fp32"): 2.2, ("0.50", "int8"): 1.6}
 SETTINGS = {"levels": [0.5], "finetune_epochs": 1, "round_to": None, "max_accuracy_drop": 30.0, "latency_seconds": 0.05,
             "export": {"exporter": "torchscript", "batch_sizes": [1], "latency_seconds": 0.05, "parity_samples": 32},
-            "quantize": {"search": "off", "latency_seconds": 0.05, "min_speedup": 1.0}}
+            # INT8 never ships: whether a tiny model's INT8 file is faster is timing noise, and the
+            # uninterrupted and the resumed search must see the same files
+            "quantize": {"search": "off", "latency_seconds": 0.05, "min_speedup": 1000.0}}
 
 
 def set_figures(path, reference, provider, bench, threads, seconds):
