@@ -708,23 +708,33 @@ def block_new_connections(sock: socket.socket) -> bool:
     return True
 
 
-def take_queued_connections(listener) -> list[socket.socket]:
+HANDSHAKE_GRACE_S = 0.05  # a handshake begun before the SYN filter completes within a round trip
+
+
+def take_queued_connections(listener, grace: float = HANDSHAKE_GRACE_S) -> list[socket.socket]:
     """Every connection in a listening socket's accept queue: clients that finished the TCP handshake
     (for them the connection is open, and their request may be on its way) but that the server has
     not accepted yet. Closing the listener resets those; accepting them first lets them be answered.
-    New SYNs are dropped first, so the queue cannot refill between the last accept and the close."""
+    New SYNs are dropped first, so the queue cannot refill between the last accept and the close,
+    but a handshake already half done when the filter went in still lands in the queue one round
+    trip later: the queue is emptied until it has stayed empty for ``grace`` seconds."""
     sock = socket.socket(fileno=os.dup(listener.fileno()))  # a second handle on the same listener
     try:
         block_new_connections(sock)
         sock.setblocking(False)
         queued = []
+        quiet_until = time.monotonic() + grace
         while True:
             try:
                 conn, _ = sock.accept()
             except (BlockingIOError, InterruptedError):
-                return queued
+                if time.monotonic() >= quiet_until:
+                    return queued
+                time.sleep(0.002)
+                continue
             conn.setblocking(False)
             queued.append(conn)
+            quiet_until = time.monotonic() + grace
     finally:
         sock.close()  # the duplicate handle only; the server closes the listener itself
 
