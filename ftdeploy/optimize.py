@@ -27,10 +27,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-
 from .config import ExportConfig, OptimizeConfig, PruneConfig, QuantizeConfig
 from .errors import ConfigError
-from .evaluation import accuracy, batched, onnx_predictor, held_out_test
+from .evaluation import EvalData, accuracy, batched, held_out_test, onnx_predictor
 from .export import export
 from .files import relative, write_json, write_text
 from .latency import PROVIDERS, compare, installed_providers, ort_runner, ort_session, tile_batch
@@ -144,8 +143,6 @@ def optimize(run_dir: str | Path, output_dir: str | Path, cfg: OptimizeConfig | 
         src = load_export(export_dir)
         if reference is None:  # level 1.0: the unpruned FP32 file, the yardstick of every point
             reference = src.variant_path("fp32")
-            from .evaluation import EvalData
-
             bench = EvalData.from_export(src, 64, calibration_samples=1).bench
             fp32_accuracy = src.report["variants"]["fp32"]["accuracy"]
         for variant in ("fp32", "int8"):

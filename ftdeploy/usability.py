@@ -263,13 +263,12 @@ def report(export_dir: str | Path, cfg: ReportConfig | None = None) -> Path:
     cfg = cfg or ReportConfig()
     source = load_export(export_dir)
     cfg = cfg.model_copy(update={"corruptions": cfg.corruptions or source.task.default_corruptions})
-    suite = source.task.usability_suite(source.data, source.preprocessing, cfg.val_limit)
+    images = source.task.usability_suite(source.data, source.preprocessing, cfg.val_limit)  # or texts
     for name in cfg.corruptions:  # a misspelt one fails now, naming the known ones
-        suite.corruptions.get(name)
+        images.corruptions.get(name)
     out = Path(cfg.output or source.path / "report.html")
     variants, no_torch = gather_variants([source, *(load_export(d) for d in cfg.compare)])
     threads = physical_cores()
-    images = suite
     clean = images.inputs()
     steps = len(variants) * (1 + len(cfg.corruptions) * len(cfg.severities)) + len(variants) * 2
     bar = tqdm(total=steps, desc="usability report", unit="step", disable=None, mininterval=0.5)

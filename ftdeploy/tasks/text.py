@@ -267,8 +267,8 @@ class Texts:
         return (captured["embedded"] * grads).sum(-1).abs().numpy()
 
     def explained(self, samples: list[int]) -> dict[str, Any]:
-        tokens = self.inputs()
-        return {"tokens": [[self.spec.compiled.id_to_token(int(t)) for t in tokens.ids[i]] for i in samples]}
+        tokens = self.spec.encode([self.texts[i] for i in samples])  # only the explained ones
+        return {"tokens": [[self.spec.compiled.id_to_token(int(t)) for t in ids] for ids in tokens.ids]}
 
     def grid(self, clean: Tokens, cfg, cores: int):
         """Scalability cells: (their fields, batch, threads) over batch size x sequence length, at
