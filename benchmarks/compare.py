@@ -271,9 +271,10 @@ def ort_openvino_ep(venv: Path, files: dict[str, Path], data: EvalData, threads:
 
 def fine_tuned(name: str, workdir: Path, quick: bool):
     run_dir = workdir / name
-    # --quick: one epoch, and the TorchScript exporter (seconds where dynamo takes ten)
+    # --quick: one epoch, the TorchScript exporter (seconds where dynamo takes ten), short export timing
     cfg = load_config(REPO / "configs" / "digits.yaml",
-                      [*MODELS[name], *(["train.epochs=1", "export.exporter=torchscript"] if quick else []),
+                      [*MODELS[name], *(["train.epochs=1", "export.exporter=torchscript", "export.latency_seconds=0.2"]
+                                        if quick else []),
                        "train.progress=false", "train.checkpoint=false"])
     if not (run_dir / "manifest.json").is_file():
         print(f"== {name}: fine-tuning", flush=True)

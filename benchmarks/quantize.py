@@ -7,12 +7,24 @@ final side-by-side measurement (median and interquartile range of per-round rati
 drop, top-1 agreement and size.
 
     python benchmarks/quantize.py --json benchmarks/results/quantize.json
+
+``--search-paths N`` instead times ``ftdeploy quantize`` itself, on a copy of each FP32 export: the
+quick path (``quantize.search=auto``, the default) N times and the full search N times, each a
+command of its own. It records the command's wall time and the search's own seconds (what
+compare.py's "quantize s" column holds for every contender), the path taken and why, and whether
+each quick decision matches each full one: the same configuration, or speedups within the noise floor.
+
+    python benchmarks/quantize.py --search-paths 2 --json benchmarks/results/quantize_search_paths.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from ftdeploy.config import QuantizeConfig, load_config
@@ -67,12 +79,49 @@ def exported(run_dir: Path, cfg) -> dict:
     return json.loads((out / "report.json").read_text())
 
 
+def search_paths(export_dir: Path, runs: int) -> dict:
+    """``ftdeploy quantize -o`` on ``export_dir``, search=auto then search=full, ``runs`` times each."""
+    rows = []
+    for search in ("auto", "full"):
+        for i in range(runs):
+            out = export_dir.with_name(f"quantize-{search}{i}")
+            shutil.rmtree(out, ignore_errors=True)
+            print(f"   quantize, search={search}, run {i + 1}", flush=True)
+            start = time.perf_counter()
+            done = subprocess.run([sys.executable, "-m", "ftdeploy", "quantize", str(export_dir), "-o", str(out),
+                                   "--set", f"quantize.search={search}"], capture_output=True, text=True)
+            wall = time.perf_counter() - start
+            if done.returncode != 0:
+                raise RuntimeError(f"quantize failed: {done.stderr.strip()[-500:]}")
+            q = json.loads((out / "report.json").read_text())["quantization"]
+            final = (q.get("final_speedup") or {}).get("median")
+            rows.append({"search": search, "run": i + 1, "command_seconds": wall, "search_seconds": q["seconds"],
+                         "path": q["search"], "why": q["search_why"], "tried": len(q["tried"]), "chosen": q["chosen"],
+                         "shipped": q["shipped"], "final_speedup": final, "noise_floor": q["noise_floor"]})
+            print(f"     {wall:.1f} s command, {q['seconds']:.1f} s search: {q['search']}, chose {q['chosen']}, "
+                  f"shipped {q['shipped']}" + (f" at {final:.2f}x" if final else ""), flush=True)
+    return {"runs": rows, "decisions_match": [
+        {"quick_run": a["run"], "full_run": b["run"], "match": same_decision(a, b)}
+        for a in rows if a["search"] == "auto" for b in rows if b["search"] == "full"]}
+
+
+def same_decision(a: dict, b: dict) -> bool:
+    """Both refused, or both shipped the same configuration or files whose final speedups lie within
+    the larger of the two noise floors of each other."""
+    if not (a["shipped"] and b["shipped"]):
+        return a["shipped"] == b["shipped"]
+    noise = max(a["noise_floor"], b["noise_floor"])
+    return a["chosen"] == b["chosen"] or abs(a["final_speedup"] / b["final_speedup"] - 1) <= noise
+
+
 def models_parser(doc: str, models: str = ",".join(MODELS)) -> argparse.ArgumentParser:
     """The options of a benchmark over the fine-tuned MODELS: which ones, where their runs live, JSON out."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=models, help=f"comma-separated, from {', '.join(MODELS)}")
     parser.add_argument("--workdir", type=Path, default=Path("runs/bench_quantize"))
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--search-paths", type=int, default=0, metavar="N",
+                        help="time ftdeploy quantize's quick path and its full search, N runs each")
     return parser
 
 
@@ -90,9 +139,22 @@ def main() -> None:
     results = {}
     for name in args.models.split(","):
         run_dir, cfg = fine_tuned(name, args.workdir)
+        if args.search_paths:
+            export_dir = run_dir / "export"
+            if not (export_dir / "report.json").is_file():
+                print(f"== {name}: export", flush=True)
+                export(run_dir, export_dir, cfg.export)
+            print(f"== {name}: quick path and full search", flush=True)
+            results[name] = search_paths(export_dir, args.search_paths)
+            continue
         print(f"== {name}: export + int8", flush=True)
         report = exported(run_dir, cfg)
         results[name] = summarize(report)
+    if args.search_paths:
+        for name, r in results.items():
+            print(name, [(row["search"], round(row["command_seconds"], 1), round(row["search_seconds"], 1), row["chosen"])
+                         for row in r["runs"]], "decisions match:", all(m["match"] for m in r["decisions_match"]))
+        return write_results(args.json, results)
 
     rows = [{"model": k, **v} for k, v in results.items()]
     print()

@@ -1,6 +1,8 @@
 """Shared fixtures: trained and exported runs built once per session (tests that change one work on a
 copy), the command line in a subprocess, and a suite that cannot reach the network."""
 
+import contextlib
+import io
 import ipaddress
 import os
 import shutil
@@ -83,6 +85,24 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 300, cwd: Path =
     """The real console entry point in a subprocess."""
     return subprocess.run([sys.executable, "-m", "ftdeploy", *args], capture_output=True, text=True, cwd=cwd,
                           env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The command line in this process: the console script's own ``main``, its exit code and output,
+    for tests about what a command does rather than about its process (each new interpreter spends
+    ~4 s importing torch). ``run_cli`` stays for environments, signals and the process itself."""
+    from ftdeploy.cli import main
+
+    out, err, code, before = io.StringIO(), io.StringIO(), 0, Path.cwd()
+    try:
+        os.chdir(cwd or REPO)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main(list(args))
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    finally:
+        os.chdir(before)
+    return subprocess.CompletedProcess(["ftdeploy", *args], code, out.getvalue(), err.getvalue())
 
 
 def free_port() -> int:

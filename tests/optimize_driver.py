@@ -1,9 +1,8 @@
-"""Run by test_optimize.py in a subprocess: ftdeploy optimize with set latencies (by level and
-variant), so that a killed and resumed search can be compared with an uninterrupted one apart from
-this machine's timing noise. argv: RUN OUT [SLOW_LEVEL]: sleeps while building SLOW_LEVEL (the test
-kills it there)."""
+"""ftdeploy optimize with set latencies (by level and variant), so that a killed and resumed search
+can be compared with an uninterrupted one apart from this machine's timing noise. test_optimize.py
+runs ``search`` in its own process, and this file as a script to be killed: argv RUN OUT SLOW_LEVEL,
+it sleeps while building SLOW_LEVEL."""
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -28,20 +27,24 @@ def set_figures(path, reference, provider, bench, threads, seconds):
             "speedup": {"median": 4.0 / ms, "low": 4.0 / ms, "high": 4.0 / ms, "rounds": []}}
 
 
-if __name__ == "__main__":
-    run, out = sys.argv[1], Path(sys.argv[2])
-    stage.measure_point = set_figures
-    if len(sys.argv) > 3:  # hold the search inside this level's stages until the test kills it
-        build = stage.build_level
-
-        def slow(run_dir, out_dir, level, cfg):
-            if f"{level:.2f}" == sys.argv[3]:
-                (out_dir / "levels" / sys.argv[3]).mkdir(parents=True, exist_ok=True)
-                (out_dir / "levels" / sys.argv[3] / "half-made").write_text("killed here")
-                print("BUILDING", flush=True)
-                time.sleep(600)
-            return build(run_dir, out_dir, level, cfg)
-
-        stage.build_level = slow
+def search(run, out) -> None:
+    """The search with set latencies (the caller replaces ``measure_point``, as below or by monkeypatch)."""
     stage.optimize(run, out, OptimizeConfig.model_validate(SETTINGS))
-    print(json.dumps(json.loads((out / "pareto.json").read_text())["chosen"]))
+
+
+if __name__ == "__main__":
+    run, out, slow_level = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+    stage.measure_point = set_figures
+    build = stage.build_level
+
+    def slow(run_dir, out_dir, level, cfg):
+        """Hold the search inside this level's stages until the test kills it."""
+        if f"{level:.2f}" == slow_level:
+            (out_dir / "levels" / slow_level).mkdir(parents=True, exist_ok=True)
+            (out_dir / "levels" / slow_level / "half-made").write_text("killed here")
+            print("BUILDING", flush=True)
+            time.sleep(600)
+        return build(run_dir, out_dir, level, cfg)
+
+    stage.build_level = slow
+    search(run, out)

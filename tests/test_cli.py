@@ -4,7 +4,7 @@ import typing
 import pydantic
 import pytest
 
-from conftest import TINY, run_cli
+from conftest import TINY, cli, run_cli
 from test_data import make_folder
 
 
@@ -28,20 +28,20 @@ def sets(*items):
     (["train.epoks=2"], ["unknown key 'train.epoks'", "allowed here: epochs"]),
 ])
 def test_user_mistakes_give_one_line_and_a_non_zero_exit(tmp_path, overrides, fragments):
-    result = run_cli("train", *sets(*TINY, *overrides), "--output-dir", str(tmp_path / "out"))
+    result = cli("train", *sets(*TINY, *overrides), "--output-dir", str(tmp_path / "out"))
     assert_one_line_error(result, *fragments)
 
 
 @pytest.mark.slow
 def test_corrupt_image_names_the_file(tmp_path):
     root = make_folder(tmp_path / "photos", corrupt=True)
-    result = run_cli("train", *sets(*TINY, "data.name=imagefolder", f"data.root={root}"), "--output-dir", str(tmp_path / "o"))
+    result = cli("train", *sets(*TINY, "data.name=imagefolder", f"data.root={root}"), "--output-dir", str(tmp_path / "o"))
     assert_one_line_error(result, "broken.png", "on_corrupt=skip")
 
 
 def test_unknown_config_key_in_a_file(tmp_path):
     (tmp_path / "c.yaml").write_text("model:\n  nam: timm:efficientnet_lite0\n")
-    assert_one_line_error(run_cli("train", "--config", str(tmp_path / "c.yaml")), "unknown key 'model.nam'", "allowed here: name, weights")
+    assert_one_line_error(cli("train", "--config", str(tmp_path / "c.yaml")), "unknown key 'model.nam'", "allowed here: name, weights")
 
 
 @pytest.mark.slow
@@ -75,14 +75,14 @@ def test_a_serving_install_names_the_extra_to_add(tmp_path, args):
 
 
 def test_validate_a_missing_file_says_so(tmp_path):
-    assert_one_line_error(run_cli("validate", str(tmp_path / "missing.onnx"), "--run", str(tmp_path), "-o", str(tmp_path)),
+    assert_one_line_error(cli("validate", str(tmp_path / "missing.onnx"), "--run", str(tmp_path), "-o", str(tmp_path)),
                           "missing.onnx", "not found")
     (tmp_path / "junk.onnx").write_bytes(b"not a model")
-    assert_one_line_error(run_cli("bench", str(tmp_path / "junk.onnx")), "onnxruntime cannot load")
+    assert_one_line_error(cli("bench", str(tmp_path / "junk.onnx")), "onnxruntime cannot load")
 
 
 def test_a_misspelt_quantize_mode_lists_the_allowed_ones(tiny_run, tmp_path):
-    assert_one_line_error(run_cli("export", str(tiny_run), "-o", str(tmp_path / "e"), "--quantize", "statik"),
+    assert_one_line_error(cli("export", str(tiny_run), "-o", str(tmp_path / "e"), "--quantize", "statik"),
                           "'auto', 'static' or 'dynamic'", "got 'statik'")
     assert not (tmp_path / "e").exists()  # refused before any work
 
@@ -95,7 +95,7 @@ def test_a_misspelt_quantize_mode_lists_the_allowed_ones(tiny_run, tmp_path):
 def test_set_means_section_field_on_every_command(tiny_run, tiny_export, tmp_path, args, fragments):
     args = [a.replace("RUN", str(tiny_run)).replace("OUT", str(tmp_path / "o")).replace("EXPORT", str(tiny_export))
             for a in args]
-    assert_one_line_error(run_cli(*args), *fragments)
+    assert_one_line_error(cli(*args), *fragments)
 
 
 @pytest.mark.parametrize("section", ["data", "model", "preprocessing", "train", "export", "quantize", "prune", "report"])
@@ -120,11 +120,11 @@ def test_set_reaches_every_field_of_every_section(section):
 def test_every_export_field_can_be_set_and_a_run_command_refuses_an_export_directory(tiny_run, tmp_path):
     """--set reaches fields without a flag of their own (here: the optimization level), and an export
     directory fed to a stage that wants a run names the mix-up."""
-    result = run_cli("export", str(tiny_run), "-o", str(tmp_path / "e"), "--set", "export.optimization=none",
+    result = cli("export", str(tiny_run), "-o", str(tmp_path / "e"), "--set", "export.optimization=none",
                      "--set", "export.batch_sizes=[1]", "--set", "export.latency_seconds=0.05",
                      "--set", "export.exporter=torchscript")
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "e" / "report.json").read_text())
     assert report["variants"]["fp32"]["optimization"] == "none" and list(report["variants"]["fp32"]["latency_ms"]) == ["1"]
     assert not (tmp_path / "e" / "model.unoptimized.onnx").exists()  # nothing to keep: the shipped file is unoptimized
-    assert_one_line_error(run_cli("prune", str(tmp_path / "e"), "-o", str(tmp_path / "p")), "export directory")
+    assert_one_line_error(cli("prune", str(tmp_path / "e"), "-o", str(tmp_path / "p")), "export directory")

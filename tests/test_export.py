@@ -9,7 +9,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from conftest import FAST_EXPORT, REPO, copy_of, make_run, run_cli
+from conftest import FAST_EXPORT, REPO, cli, copy_of, make_run
 from ftdeploy.config import ExportConfig
 from ftdeploy.conversion import export_onnx, temporary_onnx
 from ftdeploy.errors import ExportError, GateError
@@ -114,7 +114,7 @@ def test_perturbed_weights_fail_the_gate(resnet_run, resnet_export, tmp_path):
             init.CopyFrom(numpy_helper.from_array((w * (1 + 1e-3 * rng.standard_normal(w.shape))).astype(np.float32),
                                                   init.name))
     onnx.save(model, str(tmp_path / "perturbed.onnx"))
-    result = run_cli("validate", str(tmp_path / "perturbed.onnx"), "--run", str(resnet_run), "--output-dir",
+    result = cli("validate", str(tmp_path / "perturbed.onnx"), "--run", str(resnet_run), "--output-dir",
                      str(tmp_path / "rep"), "--batch-sizes", "1", "--set", "export.latency_seconds=0.05")
     assert result.returncode == 2, result.stderr
     assert "fp32 parity: the file is" in result.stderr and "x PyTorch float32's own" in result.stderr
@@ -129,7 +129,7 @@ def test_a_wrong_preprocessing_constant_in_the_file_fails_the_gate(tiny_run, tin
     wrong = copy_of(tiny_export, tmp_path) / "model.onnx"
     meta = model_metadata(onnx.load(str(wrong)))
     update_metadata(wrong, {"preprocessing": {**meta["preprocessing"], "mean": [0.45, 0.5, 0.5]}})
-    result = run_cli("validate", str(wrong), "--run", str(tiny_run), "-o", str(tmp_path / "rep"), "--batch-sizes", "1",
+    result = cli("validate", str(wrong), "--run", str(tiny_run), "-o", str(tmp_path / "rep"), "--batch-sizes", "1",
                      "--set", "export.latency_seconds=0.05")
     assert result.returncode == 2
     assert "fp32 metadata: preprocessing" in result.stderr and "differs from the run's" in result.stderr
@@ -153,7 +153,7 @@ def test_a_file_that_fails_its_gate_never_carries_the_shipping_name(tiny_run, tm
     assert report["variants"]["fp32"]["path"] == "model.rejected.onnx" and not report["gates"]["passed"]
     assert "model.rejected.onnx" in json.loads((out / "manifest.json").read_text())["files"]
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary file left
-    refused = run_cli("quantize", str(out))
+    refused = cli("quantize", str(out))
     assert refused.returncode == 2 and "model.rejected.onnx" in refused.stderr
     export(run, out, ExportConfig(**FAST_EXPORT))  # passes again: the rejected file goes
     assert (out / "model.onnx").is_file() and not (out / "model.rejected.onnx").exists()
@@ -222,7 +222,7 @@ print(clf.metadata["source_run"], clf.metadata["variant"], clf.preprocessing.inp
 
 
 def test_bench_prints_a_grid(tiny_export):
-    result = run_cli("bench", str(tiny_export / "model.onnx"), "--batch-sizes", "1,2", "--threads", "1", "--seconds",
+    result = cli("bench", str(tiny_export / "model.onnx"), "--batch-sizes", "1,2", "--threads", "1", "--seconds",
                      "0.05", "--json")
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)["results"]

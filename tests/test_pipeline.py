@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, TINY, run_cli
+from conftest import REPO, TINY, cli
 
 STAGE_SECTIONS = {
     "prune": {"ratio": 0.25, "finetune_epochs": 1, "latency_seconds": 0.05},
@@ -54,7 +54,7 @@ def test_stages_by_hand_give_what_ftdeploy_run_gives(tmp_path):
     ftdeploy run on the same config: the same files, the same weights, the same report fields."""
     config = tiny_yaml(tmp_path / "tiny.yaml")
     auto, hand = tmp_path / "auto" / "run", tmp_path / "hand" / "run"
-    result = run_cli("run", "--config", str(config), "-o", str(auto))
+    result = cli("run", "--config", str(config), "-o", str(auto))
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("INT8 not shipped: ") == 1
     steps = [("train", "--config", str(config), "-o", str(hand)),
@@ -65,7 +65,7 @@ def test_stages_by_hand_give_what_ftdeploy_run_gives(tmp_path):
              ("quantize", str(hand) + "-pruned/export", "--set", "quantize.min_speedup=1000",
               "--set", "quantize.search=false", "--set", "quantize.latency_seconds=0.1")]
     for step in steps:
-        done = run_cli(*step)
+        done = cli(*step)
         assert done.returncode == 0, (step, done.stderr)
     for a, b in [(auto, hand), (Path(f"{auto}-pruned"), Path(f"{hand}-pruned")),
                  (Path(f"{auto}-pruned/export"), Path(f"{hand}-pruned/export"))]:
@@ -131,8 +131,8 @@ def test_a_copied_run_and_export_work_from_any_working_directory(tiny_run, tiny_
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     quick = ["--set", "quantize.min_speedup=1000", "--set", "quantize.search=false", "--set", "quantize.latency_seconds=0.05"]
-    assert run_cli("quantize", str(export), *quick, cwd=elsewhere).returncode == 0
-    report = run_cli("report", str(export), "--set", "report.severities=[1]", "--set", "report.batch_sizes=[1]",
+    assert cli("quantize", str(export), *quick, cwd=elsewhere).returncode == 0
+    report = cli("report", str(export), "--set", "report.severities=[1]", "--set", "report.batch_sizes=[1]",
                      "--set", "report.threads=[1]", "--set", "report.latency_seconds=0.02", "--set",
                      "report.corruptions=[blur]", "--samples", "1", "--set", "report.peak_memory=false", cwd=elsewhere)
     assert report.returncode == 0, report.stderr

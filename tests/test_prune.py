@@ -8,7 +8,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from conftest import FAST_EXPORT, REPO, run_cli
+from conftest import FAST_EXPORT, REPO, cli
 from ftdeploy.config import ExportConfig, PruneConfig, load_config
 from ftdeploy.errors import ConfigError
 from ftdeploy.prune import prune
@@ -83,7 +83,7 @@ def test_pruned_run_fine_tunes_again_like_any_run(pruned, tmp_path):
     out = tmp_path / "again"
     args = [a for item in [*TINY, "preprocessing.input_size=32", "data.image_size=32", "train.epochs=1",
                            f"model.weights={pruned}"] for a in ("--set", item)]
-    result = run_cli("train", *args, "--output-dir", str(out))
+    result = cli("train", *args, "--output-dir", str(out))
     assert result.returncode == 0, result.stderr
     assert layer_weights(load_run(out).load_model()) == layer_weights(load_run(pruned).load_model())
     assert json.loads((out / "manifest.json").read_text())["parent"] == os.path.relpath(pruned, out)

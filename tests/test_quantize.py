@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import run_cli
+from conftest import cli
 
 from ftdeploy.config import QuantizeConfig
 from ftdeploy.latency import Speedup
@@ -300,7 +300,7 @@ def test_quantize_o_writes_a_complete_export_directory_that_later_commands_accep
     assert load_export(moved).variant_path("int8") == moved / "model.int8.onnx"
     elsewhere = tmp_path / "cwd"
     elsewhere.mkdir()
-    again = run_cli("quantize", str(moved), "--set", "quantize.min_speedup=1000", "--set", "quantize.search=false",
+    again = cli("quantize", str(moved), "--set", "quantize.min_speedup=1000", "--set", "quantize.search=false",
                     "--set", "quantize.latency_seconds=0.05", cwd=elsewhere)
     assert again.returncode == 0 and "INT8 not shipped" in again.stdout, again.stderr
     manifest = json.loads((moved / "manifest.json").read_text())  # quantize again, in place: its record replaced
@@ -315,5 +315,5 @@ def test_strict_refusal_exits_2(quantizable, tmp_path):
     exits 0 with one line (test_pipeline's runs and test_quantize_o_...'s second quantize)."""
     _, out, _ = quantizable
     args = ["--set", "quantize.min_speedup=1000", "--set", "quantize.search=false", "--set", "quantize.latency_seconds=0.05"]
-    strict = run_cli("quantize", str(out), "-o", str(tmp_path / "b"), "--strict", *args)
+    strict = cli("quantize", str(out), "-o", str(tmp_path / "b"), "--strict", *args)
     assert strict.returncode == 2 and strict.stderr.strip().splitlines()[-1].startswith("error: INT8 not shipped")

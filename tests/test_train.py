@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, TINY, run_cli, tiny_config
+from conftest import TINY, cli, tiny_config
 from ftdeploy.rundir import load_run
 from ftdeploy.train import train
 
@@ -49,7 +49,7 @@ def current_umask() -> int:
 
 def test_resume_without_checkpoints_says_why(tiny_run, tmp_path):
     run = shutil.copytree(tiny_run, tmp_path / "run")
-    result = run_cli("train", *[a for item in TINY for a in ("--set", item)], "-o", str(run), "--resume")
+    result = cli("train", *[a for item in TINY for a in ("--set", item)], "-o", str(run), "--resume")
     assert result.returncode == 2 and "no checkpoint" in result.stderr and "train.checkpoint=false" in result.stderr
 
 
@@ -108,19 +108,17 @@ def test_head_mode_trains_only_the_head(tmp_path, cache):
 def test_a_dataloader_with_spawned_workers_trains(tmp_path):
     """Datasets pickle: two DataLoader workers under the spawn start method (macOS; Linux from Python
     3.14) train an epoch."""
-    code = f"""
-import multiprocessing, sys
-sys.path.insert(0, {str(REPO / 'tests')!r})
-from conftest import tiny_config
-from ftdeploy.train import train
-if __name__ == "__main__":
+    import multiprocessing
+
+    from ftdeploy.train import train
+
+    before = multiprocessing.get_start_method()
     multiprocessing.set_start_method("spawn", force=True)
-    train(tiny_config({str(tmp_path / 'run')!r}, "data.num_workers=2", "train.epochs=1"))
-"""
-    (tmp_path / "spawned.py").write_text(code)
-    result = subprocess.run([sys.executable, str(tmp_path / "spawned.py")], capture_output=True, text=True, cwd=REPO,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    try:
+        train(tiny_config(tmp_path / "run", "data.num_workers=2", "train.epochs=1"))
+    finally:
+        multiprocessing.set_start_method(before, force=True)
+    assert multiprocessing.get_start_method() == before
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["epochs"] == 1
 
 

@@ -5,7 +5,7 @@ import onnx
 import pytest
 import torch
 
-from conftest import FAST_EXPORT, copy_of, run_cli
+from conftest import FAST_EXPORT, cli, copy_of
 from test_cli import assert_one_line_error
 from ftdeploy.tasks.image import occlusion_map, validation_images
 from ftdeploy.usability import calibration, expected_calibration_error
@@ -95,7 +95,7 @@ def proc_writable() -> bool:
 @pytest.mark.slow
 def test_report_fills_every_section_for_every_variant(export_dir, tmp_path):
     export_dir = copy_of(export_dir, tmp_path)  # --calibrate writes into its files
-    result = run_cli("report", str(export_dir), "-o", str(tmp_path / "r.html"), "--calibrate", *QUICK)
+    result = cli("report", str(export_dir), "-o", str(tmp_path / "r.html"), "--calibrate", *QUICK)
     assert result.returncode == 0, result.stderr
     data = json.loads((tmp_path / "usability.json").read_text())
     assert set(data["variants"]) == {"torch", "fp32"} and data["passed"] is True and data["budgets"] == {}
@@ -155,7 +155,7 @@ def test_compare_adds_the_variants_of_another_export_directory_and_never_writes_
 
 @pytest.mark.slow
 def test_strict_with_an_impossible_budget_exits_2_and_writes_both_files(export_dir, tmp_path):
-    result = run_cli("report", str(export_dir), "-o", str(tmp_path / "r.html"), "--strict",
+    result = cli("report", str(export_dir), "-o", str(tmp_path / "r.html"), "--strict",
                      "--set", "report.max_p99_ms=0.000001", "--set", "report.min_accuracy=0.0", *QUICK,
                      "--set", "report.severities=[1]", "--set", "report.corruptions=[blur]", "--samples", "1",
                      "--set", "report.peak_memory=false")
@@ -175,4 +175,4 @@ def test_strict_with_an_impossible_budget_exits_2_and_writes_both_files(export_d
 ])
 @pytest.mark.slow
 def test_a_bad_path_or_flag_gets_one_line(export_dir, args, fragments):
-    assert_one_line_error(run_cli("report", *[a.replace("EXPORT", str(export_dir)) for a in args]), *fragments)
+    assert_one_line_error(cli("report", *[a.replace("EXPORT", str(export_dir)) for a in args]), *fragments)
