@@ -85,7 +85,9 @@ def int8_section(q: dict[str, Any]) -> list[str]:
             f"when it loses at most {q['max_accuracy_drop']} points and the low end of its speedup clears "
             f"{q['min_speedup']}x outside the noise floor. The configurations within the accuracy budget "
             "that were faster in their first measurement are timed again, together and twice as long (the final "
-            "round); they are judged on that, and their first figure is kept beside it.", "", shipped, "",
+            "round); they are judged on that, and their first figure is kept beside it."
+            + (f" The final measurement is judged on the noise of the chosen file's own two measurements: "
+               f"±{q['noise_floor_judged']:.3f}." if q.get("noise_floor_judged") is not None else ""), "", shipped, "",
             format_table([{**t, "first": (t.get("first_pass") or {}).get("median")} for t in q["tried"]],
                          [("name", "configuration tried", ""), ("accuracy_drop_points", "accuracy drop (pts)", "+.2f"),
                           ("latency_ms", "p50 ms @1", ".2f"), ("first", "first pass", ".2f"), ("speedup", "vs fp32", ".2f"),
