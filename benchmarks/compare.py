@@ -1,9 +1,10 @@
 """ftdeploy beside what users would pick instead: one FP32 ONNX file per model, every contender on it.
 
-For each model, fine-tuned on the embedded digits and exported by ftdeploy, every contender works
+For each model, fine-tuned on the embedded digits (image models) or the Rotten Tomatoes snippets
+(``minilm``: all-MiniLM-L6-v2, ``configs/text.yaml``) and exported by ftdeploy, every contender works
 on the same FP32 file (``model.unoptimized.onnx``: the checked export before onnxruntime's own
 fusions, which other tools cannot read) through its own public API with its documented defaults,
-the same 256 calibration images and the same validation images:
+the same 256 calibration inputs and the same validation inputs. Image models:
 
   torch_eager, ort_fp32                    PyTorch eager, onnxruntime FP32
   ort_dynamic_default, ort_static_default  onnxruntime quantize_dynamic / quantize_static, defaults
@@ -14,13 +15,25 @@ the same 256 calibration images and the same validation images:
   ftdeploy_int8                            ftdeploy quantize
   grid_best                                the best point of {u8s8, s8s8, u8u8} x per-channel x reduce_range
                                            (QDQ) within the accuracy budget: the ceiling for ftdeploy's search
-  ftdeploy_pruned_fp32/_int8               ResNet-18 only: ftdeploy prune to 0.5x MACs, then export/quantize
+  ftdeploy_pruned_fp32/_int8               ResNet-18 and MiniLM: ftdeploy prune to 0.5x MACs, then export/quantize
+
+MiniLM, the contenders that transformer guides lead with (the static QDQ recipes and the grid are
+for convolutional models; ftdeploy's own search tries static QDQ on transformers itself):
+
+  ort_fp32, ort_fp32_fused                 onnxruntime FP32 without and with its transformer fusions
+                                           (ftdeploy's shipped model.onnx: fusions kept where measured faster)
+  ort_dynamic_default                      onnxruntime quantize_dynamic, defaults
+  optimum_dynamic_preset                   Optimum ORTOptimizer (O2), then the ISA's dynamic ORTQuantizer preset
+  openvino_fp32, openvino_nncf_int8        OpenVINO; nncf.quantize with model_type=TRANSFORMER, as NNCF's BERT guide
+  ort_openvino_ep_*, ftdeploy_*            as above
 
 Latency: every in-process contender is timed side by side under ftdeploy's latency protocol (batch 1:
-p50/p90; batch 32: throughput; threads = physical cores); the onnxruntime-openvino contenders in
-their venv, under the same protocol. A contender that fails records its error and the script goes on.
+p50/p90; batch 32: throughput; threads = physical cores) on the task's bench inputs (images; text
+padded to max_length, 128 tokens); the onnxruntime-openvino contenders in their venv, under the same
+protocol. A contender that fails records its error and the script goes on.
 
     python benchmarks/compare.py --output benchmarks/results/compare [--models resnet18,efficientnet_lite0,mobilenet_v3_large] [--quick]
+    python benchmarks/compare.py --output benchmarks/results/compare_minilm --models minilm
 """
 
 from __future__ import annotations
@@ -48,6 +61,7 @@ from ftdeploy.onnx_model import open_session
 from ftdeploy.prune import prune
 from ftdeploy.quantize import CalibrationReader, Evaluator, quantize
 from ftdeploy.rundir import load_export, load_run, read_json
+from ftdeploy.tasks import feeds
 from ftdeploy.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,7 +77,15 @@ MODELS = {
                            "preprocessing.input_size=128", "preprocessing.resize_size=128", "train.epochs=4"],
     "resnet50": ["model.name=torchvision:resnet50", "model.weights=none", "preprocessing.input_size=128",
                  "preprocessing.resize_size=128", "train.epochs=3", "train.lr=0.001"],
+    "minilm": [],  # configs/text.yaml as it is
 }
+CONFIGS = {"minilm": "text.yaml"}  # the config a model's overrides apply to (default: digits.yaml)
+IMAGE_PEERS = ("ort_dynamic_default", "ort_static_default", "optimum_preset", "olive_static_default", "openvino_fp32",
+               "openvino_nncf_int8", "grid_best")
+PEERS = {"minilm": ("ort_fp32_fused", "ort_dynamic_default", "optimum_dynamic_preset", "openvino_fp32",
+                    "openvino_nncf_int8")}
+PRUNED = ("resnet18", "minilm")  # also compared pruned to half the MACs by ftdeploy prune
+NNCF_MODEL_TYPE = {"minilm": "TRANSFORMER"}  # nncf.ModelType, as NNCF's guide for BERT-family models sets it
 BUDGET_POINTS = 0.5
 SKIPPED = "skipped (--skip)"
 FIELDS = ("accuracy", "accuracy_drop_points", "top1_agreement", "size_bytes", "p50_ms_bs1", "p90_ms_bs1",
@@ -92,8 +114,14 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     return result, time.perf_counter() - start
 
 
-def reader(data: EvalData) -> CalibrationReader:
-    return CalibrationReader(data.calibration)
+def input_names(file: Path) -> list[str]:
+    import onnx
+
+    return [i.name for i in onnx.load(str(file), load_external_data=False).graph.input]
+
+
+def reader(data: EvalData, file: Path) -> CalibrationReader:
+    return CalibrationReader(data.calibration, input_names(file))
 
 
 def ort_dynamic_default(file: Path, work: Path, data: EvalData) -> Contender:
@@ -108,17 +136,22 @@ def ort_static_default(file: Path, work: Path, data: EvalData) -> Contender:
     from onnxruntime.quantization import quantize_static
 
     out = work / "ort_static.onnx"
-    _, seconds = timed(lambda: quantize_static(str(file), str(out), reader(data)))
+    _, seconds = timed(lambda: quantize_static(str(file), str(out), reader(data, file)))
     return onnx_contender(out, True, seconds)
+
+
+def optimum_isa() -> str:
+    """The AutoQuantizationConfig preset Optimum names for this CPU."""
+    flags = cpu_flags()
+    return ("avx512_vnni" if "avx512_vnni" in flags else "avx512" if "avx512f" in flags else "avx2"
+            if "avx2" in flags else "arm64")
 
 
 def optimum_preset(file: Path, work: Path, data: EvalData) -> Contender:
     from datasets import Dataset
     from optimum.onnxruntime import AutoCalibrationConfig, AutoQuantizationConfig, ORTQuantizer
 
-    flags = cpu_flags()
-    preset = ("avx512_vnni" if "avx512_vnni" in flags else "avx512" if "avx512f" in flags else "avx2"
-              if "avx2" in flags else "arm64")
+    preset = optimum_isa()
 
     def run() -> Path:
         quantizer = ORTQuantizer.from_pretrained(file.parent, file_name=file.name)
@@ -133,6 +166,31 @@ def optimum_preset(file: Path, work: Path, data: EvalData) -> Contender:
     out, seconds = timed(run)
     path = next(Path(out).glob("*.onnx")) if Path(out).is_dir() else Path(out)
     return onnx_contender(path, True, seconds, preset=preset)
+
+
+def optimum_dynamic_preset(file: Path, work: Path, data: EvalData, hf_config: dict[str, Any]) -> Contender:
+    """Optimum's transformer recipe: ORTOptimizer at O2 (fusions read the model type from
+    config.json beside the file), then the dynamic AutoQuantizationConfig preset for this CPU."""
+    import shutil
+
+    from optimum.onnxruntime import AutoOptimizationConfig, AutoQuantizationConfig, ORTOptimizer, ORTQuantizer
+
+    preset = optimum_isa()
+    source = work / "optimum_source"
+    source.mkdir(exist_ok=True)
+    shutil.copyfile(file, source / "model.onnx")
+    (source / "config.json").write_text(json.dumps(hf_config))
+
+    def run() -> Path:
+        optimizer = ORTOptimizer.from_pretrained(source, file_names=["model.onnx"])
+        optimizer.optimize(save_dir=work / "optimum_o2", optimization_config=AutoOptimizationConfig.O2())
+        quantizer = ORTQuantizer.from_pretrained(work / "optimum_o2", file_name="model_optimized.onnx")
+        qconfig = getattr(AutoQuantizationConfig, preset)(is_static=False, per_channel=False)
+        return quantizer.quantize(quantization_config=qconfig, save_dir=work / "optimum_dynamic")
+
+    out, seconds = timed(run)
+    path = next(Path(out).glob("*quantized*.onnx")) if Path(out).is_dir() else Path(out)
+    return onnx_contender(path, True, seconds, preset=f"O2 + {preset} dynamic")
 
 
 def olive_static_default(file: Path, work: Path, data: EvalData) -> Contender:
@@ -158,29 +216,35 @@ def openvino_fp32(file: Path, work: Path, data: EvalData) -> Contender:
     core = ov.Core()
 
     def make(threads: int):
-        compiled = core.compile_model(core.read_model(str(file)), "CPU", {"INFERENCE_NUM_THREADS": threads})
-        return lambda x: compiled([x])[0]
+        return openvino_predictor(core.compile_model(core.read_model(str(file)), "CPU", {"INFERENCE_NUM_THREADS": threads}))
 
     # OpenVINO computes "FP32" in bf16 on CPUs that have it: recorded beside its figures
     return Contender("openvino", False, make, file,
                      extra={"inference_precision": str(core.get_property("CPU", "INFERENCE_PRECISION_HINT"))})
 
 
-def openvino_nncf_int8(file: Path, work: Path, data: EvalData) -> Contender:
+def openvino_predictor(compiled) -> Callable[[Any], np.ndarray]:
+    """A compiled OpenVINO model as a predictor of any task's inputs, fed by input name."""
+    names = [i.get_any_name() for i in compiled.inputs]
+    return lambda x: compiled(feeds(x, names))[0]
+
+
+def openvino_nncf_int8(file: Path, work: Path, data: EvalData, model_type: str | None = None) -> Contender:
     import nncf
     import openvino as ov
 
     core = ov.Core()
-    quantized, seconds = timed(lambda: nncf.quantize(core.read_model(str(file)),
-                                                     nncf.Dataset([x[None] for x in data.calibration])))
+    names = input_names(file)
+    samples = [feeds(data.calibration[i:i + 1], names) for i in range(len(data.calibration))]
+    options = {"model_type": getattr(nncf.ModelType, model_type)} if model_type else {}
+    quantized, seconds = timed(lambda: nncf.quantize(core.read_model(str(file)), nncf.Dataset(samples), **options))
     out = work / "nncf_int8.xml"
     ov.save_model(quantized, str(out))
 
     def make(threads: int):
-        compiled = core.compile_model(quantized, "CPU", {"INFERENCE_NUM_THREADS": threads})
-        return lambda x: compiled([x])[0]
+        return openvino_predictor(core.compile_model(quantized, "CPU", {"INFERENCE_NUM_THREADS": threads}))
 
-    return Contender("openvino", True, make, out, seconds)
+    return Contender("openvino", True, make, out, seconds, extra={"model_type": model_type or "default"})
 
 
 def grid(file: Path, work: Path, data: EvalData, fp32_accuracy: float, threads: int, seconds: float,
@@ -190,7 +254,7 @@ def grid(file: Path, work: Path, data: EvalData, fp32_accuracy: float, threads: 
 
     pre = work / "grid_pre.onnx"
     quant_pre_process(str(file), str(pre))
-    batch = tile_batch(data.inputs, 1)
+    batch = tile_batch(data.bench, 1)
     fp32 = ort_runner(open_session(file, threads), batch)
     points = []
     for act, weight in types:
@@ -198,7 +262,7 @@ def grid(file: Path, work: Path, data: EvalData, fp32_accuracy: float, threads: 
             for reduce_range in (False, True):
                 out = work / f"grid_{act}_{weight}_{per_channel}_{reduce_range}.onnx"
                 _, q_seconds = timed(lambda: quantize_static(
-                    str(pre), str(out), reader(data), quant_format=QuantFormat.QDQ, activation_type=QuantType[act],
+                    str(pre), str(out), reader(data, file), quant_format=QuantFormat.QDQ, activation_type=QuantType[act],
                     weight_type=QuantType[weight], per_channel=per_channel, reduce_range=reduce_range))
                 acc = accuracy(batched(onnx_predictor(open_session(out, threads)), data.inputs, 32), data.labels)
                 speed = compare({"fp32": fp32, "int8": ort_runner(open_session(out, threads), batch)}, 1,
@@ -216,11 +280,18 @@ def grid(file: Path, work: Path, data: EvalData, fp32_accuracy: float, threads: 
                           point={k: best[k] for k in ("activation_type", "weight_type", "per_channel", "reduce_range")})
 
 
+# Inputs travel as named arrays (any task's): "acc/<i>/<input>" (the validation batches of 32) and
+# "bench/<batch size>/<input>" (the timed batches).
 ORT_OPENVINO_SCRIPT = """
 import json, sys
 import numpy as np
-from ftdeploy.latency import compare, ort_session, tile_batch
-files, inputs, threads, seconds = json.loads(sys.argv[1]), np.load(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+from ftdeploy.latency import compare, ort_session
+files, arrays, threads, seconds = json.loads(sys.argv[1]), np.load(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+
+def feed(prefix):
+    return {k.rsplit("/", 1)[1]: arrays[k] for k in arrays.files if k.startswith(prefix + "/")}
+
+batches = sorted({int(k.split("/")[1]) for k in arrays.files if k.startswith("acc/")})
 out = {}
 sessions = {}
 for name, path in files.items():
@@ -228,8 +299,7 @@ for name, path in files.items():
         sessions[name] = ort_session(path, threads, providers=["OpenVINOExecutionProvider"])
         if "OpenVINOExecutionProvider" not in sessions[name].get_providers():
             raise RuntimeError("the OpenVINO execution provider did not load")
-        feed = sessions[name].get_inputs()[0].name
-        logits = np.concatenate([sessions[name].run(None, {feed: inputs[i:i + 32]})[0] for i in range(0, len(inputs), 32)])
+        logits = np.concatenate([sessions[name].run(None, feed(f"acc/{i}"))[0] for i in batches])
         np.save(sys.argv[2] + f".{name}.npy", logits)
         out[name] = {"error": None}
     except Exception as e:
@@ -238,8 +308,8 @@ for name, path in files.items():
 for bs in (1, 32):
     if not sessions:
         break
-    batch = tile_batch(inputs, bs)
-    runners = {n: (lambda s=s, b=batch, f=s.get_inputs()[0].name: s.run(None, {f: b})) for n, s in sessions.items()}
+    batch = feed(f"bench/{bs}")
+    runners = {n: (lambda s=s: s.run(None, batch)) for n, s in sessions.items()}
     result = compare(runners, bs, rounds=5 if bs == 1 else 3, seconds=seconds)
     for n, st in result.stats.items():
         out[n]["p50_ms_bs%d" % bs], out[n]["p90_ms_bs%d" % bs] = st.p50, st.p90
@@ -255,16 +325,19 @@ def ort_openvino_ep(venv: Path, files: dict[str, Path], data: EvalData, threads:
     if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         subprocess.run([str(python), "-m", "pip", "install", "-q", "onnxruntime-openvino", "numpy"], check=True)
+    names = input_names(next(iter(files.values())))
+    arrays = {f"acc/{i}/{n}": a for i in range(0, len(data.inputs), 32) for n, a in feeds(data.inputs[i:i + 32], names).items()}
+    arrays.update({f"bench/{bs}/{n}": a for bs in (1, 32) for n, a in feeds(tile_batch(data.bench, bs), names).items()})
     with tempfile.TemporaryDirectory() as tmp:
-        np.save(Path(tmp) / "inputs.npy", data.inputs)
+        np.savez(Path(tmp) / "inputs.npz", **arrays)
         result = subprocess.run([str(python), "-c", ORT_OPENVINO_SCRIPT, json.dumps({k: str(v) for k, v in files.items()}),
-                                 str(Path(tmp) / "inputs.npy"), str(threads), str(seconds)],
+                                 str(Path(tmp) / "inputs.npz"), str(threads), str(seconds)],
                                 capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=1800)
         if result.returncode != 0:
             raise RuntimeError(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed")
         out = json.loads(result.stdout.strip().splitlines()[-1])
         for name in files:
-            logits = Path(tmp) / f"inputs.npy.{name}.npy"
+            logits = Path(tmp) / f"inputs.npz.{name}.npy"
             out[name]["logits"] = np.load(logits) if logits.exists() else None
     return out
 
@@ -272,7 +345,7 @@ def ort_openvino_ep(venv: Path, files: dict[str, Path], data: EvalData, threads:
 def fine_tuned(name: str, workdir: Path, quick: bool):
     run_dir = workdir / name
     # --quick: one epoch, the TorchScript exporter (seconds where dynamo takes ten), short export timing
-    cfg = load_config(REPO / "configs" / "digits.yaml",
+    cfg = load_config(REPO / "configs" / CONFIGS.get(name, "digits.yaml"),
                       [*MODELS[name], *(["train.epochs=1", "export.exporter=torchscript", "export.latency_seconds=0.2"]
                                         if quick else []),
                        "train.progress=false", "train.checkpoint=false"])
@@ -294,31 +367,39 @@ def contenders_for(name: str, run_dir: Path, cfg, work: Path, data: EvalData, ar
     threads = physical_cores()
     export_dir = exported(run_dir, cfg, qcfg)
     file = export_dir / "model.unoptimized.onnx"
-    model = load_run(run_dir).load_model()
+    run = load_run(run_dir)
+    model = run.load_model()
+
     def torch_eager(threads: int):
         import torch
 
         torch.set_num_threads(threads)
-        return torch_predictor(model)
+        return torch_predictor(model, run.input_names)
 
     out: dict[str, Contender] = {"torch_eager": Contender("torch", False, torch_eager), "ort_fp32": onnx_contender(file, False)}
     fp32_accuracy = accuracy(batched(onnx_predictor(open_session(file, threads)), data.inputs, 32), data.labels)
-    builders = {"ort_dynamic_default": ort_dynamic_default, "ort_static_default": ort_static_default,
-                "optimum_preset": optimum_preset, "olive_static_default": olive_static_default,
-                "openvino_fp32": openvino_fp32, "openvino_nncf_int8": openvino_nncf_int8}
-    for key, build in builders.items():
+    builders: dict[str, Callable[[], Contender]] = {
+        "ort_fp32_fused": lambda: onnx_contender(export_dir / "model.onnx", False),
+        "ort_dynamic_default": lambda: ort_dynamic_default(file, work, data),
+        "ort_static_default": lambda: ort_static_default(file, work, data),
+        "optimum_preset": lambda: optimum_preset(file, work, data),
+        "optimum_dynamic_preset": lambda: optimum_dynamic_preset(file, work, data, run.architecture.get("hf_config", {})),
+        "olive_static_default": lambda: olive_static_default(file, work, data),
+        "openvino_fp32": lambda: openvino_fp32(file, work, data),
+        "openvino_nncf_int8": lambda: openvino_nncf_int8(file, work, data, NNCF_MODEL_TYPE.get(name)),
+        "grid_best": lambda: grid(file, work, data, fp32_accuracy, threads, 0.1 if args.quick else 1.0,
+                                  *([(("QUInt8", "QInt8"),)] if args.quick else []))}
+    for key in PEERS.get(name, IMAGE_PEERS):
         print(f"== {name}: {key}", flush=True)
-        engine = "onnxruntime" if key.startswith(("ort", "optimum", "olive")) else "openvino"
-        out[key] = (Contender(engine, key != "openvino_fp32", error=SKIPPED) if key in args.skip
-                    else attempt(lambda: build(file, work, data), engine, key != "openvino_fp32"))
+        engine = "openvino" if key.startswith("openvino") else "onnxruntime"
+        int8 = key not in ("openvino_fp32", "ort_fp32_fused")
+        out[key] = (Contender(engine, int8, error=SKIPPED) if key in args.skip else attempt(builders[key], engine, int8))
     report = load_export(export_dir).report
     q = report["quantization"]
     int8 = export_dir / "model.int8.onnx"
     out["ftdeploy_int8"] = (onnx_contender(int8, True, q.get("seconds"), chosen=q["chosen"])
                             if int8.is_file() else Contender("onnxruntime", True, error=q["not_shipped_reason"]))
-    out["grid_best"] = attempt(lambda: grid(file, work, data, fp32_accuracy, threads, 0.1 if args.quick else 1.0,
-                                            *([(("QUInt8", "QInt8"),)] if args.quick else [])), "onnxruntime", True)
-    if name == "resnet18":
+    if name in PRUNED:
         pruned = run_dir.with_name(f"{name}-pruned50")
         if not (pruned / "manifest.json").is_file():
             prune(run_dir, pruned, PruneConfig(target_macs=0.5, finetune_epochs=1 if args.quick else 2, distill_alpha=0.5))
@@ -364,7 +445,7 @@ def measure(name: str, contenders: dict[str, Contender], data: EvalData, seconds
             row["top1_agreement"] = float((logits.argmax(-1) == reference.argmax(-1)).mean())
     print(f"== {name}: timing {len(predictors)} contenders side by side", flush=True)
     for bs, rounds in ((1, 5), (32, 3)):
-        batch = tile_batch(data.inputs, bs)
+        batch = tile_batch(data.bench, bs)
         result = compare({k: (lambda p=p, b=batch: p(b)) for k, p in predictors.items()}, bs, rounds=rounds, seconds=seconds)
         for key, st in result.stats.items():
             if bs == 1:
@@ -457,7 +538,7 @@ def compare_model(name: str, workdir: Path, args, qcfg: QuantizeConfig, seconds:
     q = report["quantization"]
     return {
         "file": str(export_dir / "model.unoptimized.onnx"), "fp32_accuracy": rows["ort_fp32"].get("accuracy"),
-        "noise_floor": Evaluator(data.inputs, data.labels, physical_cores(), seconds).noise_floor(
+        "noise_floor": Evaluator(data.inputs, data.labels, physical_cores(), seconds, data.bench).noise_floor(
             export_dir / "model.unoptimized.onnx"),
         "ftdeploy_search": {"chosen": q["chosen"], "search_speedup": q.get("search_speedup"),
                             "final_speedup": q.get("final_speedup"), "search_final_agree": q.get("search_final_agree"),
@@ -501,7 +582,7 @@ def write_outputs(results: dict[str, Any], out: Path) -> None:
                                       ("accuracy", "accuracy", ".4f"), ("accuracy_drop_points", "drop (pts)", "+.2f"),
                                       ("top1_agreement", "agreement", ".4f"), ("size_bytes", "bytes", ",d"),
                                       ("p50_ms_bs1", "p50 ms @1", ".2f"), ("p90_ms_bs1", "p90 ms @1", ".2f"),
-                                      ("speedup", "vs ort_fp32 @1", ".2f"), ("throughput_bs32", "img/s @32", ".0f"),
+                                      ("speedup", "vs ort_fp32 @1", ".2f"), ("throughput_bs32", "items/s @32", ".0f"),
                                       ("quantize_seconds", "quantize s", ".1f"), ("error_short", "error", "")]), ""]
     (out / "compare.md").write_text("\n".join(lines) + "\n")
     plot(results, out / "compare.png")
