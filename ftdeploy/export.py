@@ -21,7 +21,6 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import tempfile
 from dataclasses import replace
@@ -40,7 +39,7 @@ from .files import relative
 from .gates import Gates
 from .latency import FASTER, compare, ort_runner, profile, provider_latency, session_policy, tile_batch
 from .machine import machine_info, physical_cores
-from .onnx_model import external_data, move_onnx, onnx_size, open_session, read_metadata, save_onnx, write_metadata
+from .onnx_model import external_data, fuse_transformer, move_onnx, onnx_size, open_session, read_metadata, save_onnx, write_metadata
 from .report import write_report
 from .rundir import Run, load_run, manifest, write_manifest
 
@@ -101,17 +100,13 @@ def transformer_fusions(raw: Path, candidate: Path, metadata: dict[str, Any], op
     Gelu/BiasGelu) on the raw export; the fused file replaces ``candidate`` only when it is measured
     faster at batch 1 than onnxruntime's own optimizations, outside the noise of an A/A session timed
     in the same rounds. The parity gate then checks whichever file ships."""
-    from onnxruntime.transformers.optimizer import optimize_model
-
     try:
-        with _quiet_logs():
-            fused_model = optimize_model(str(raw), use_gpu=False, opt_level=1, **options)
+        fused_model, found = fuse_transformer(raw, options)
     except Exception as e:  # a graph the optimizer does not understand keeps onnxruntime's own optimizations
         return {"kept": False, "reason": f"the optimizer failed ({type(e).__name__}: {str(e)[:200]})"}
-    found = {op: n for op, n in fused_model.get_fused_operator_statistics().items() if n}
     fused = candidate.with_name(".model.fused.onnx")
-    write_metadata(fused_model.model, metadata)
-    save_onnx(fused_model.model, fused)
+    write_metadata(fused_model, metadata)
+    save_onnx(fused_model, fused)
     try:
         plain, fused_session = open_session(candidate, threads), open_session(fused, threads)
         sample = bench[:16]
@@ -138,16 +133,6 @@ def transformer_fusions(raw: Path, candidate: Path, metadata: dict[str, Any], op
 
 
 FUSION_RTOL = 1e-3  # fused kernels sum in another order: they may differ by float32 rounding, not more
-
-
-@contextlib.contextmanager
-def _quiet_logs():
-    """onnxruntime.transformers logs every fusion pass (from modules it imports by their bare names)."""
-    logging.disable(logging.WARNING)
-    try:
-        yield
-    finally:
-        logging.disable(logging.NOTSET)
 
 
 def source_record(run: Run) -> dict[str, Any]:

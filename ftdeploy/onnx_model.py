@@ -10,7 +10,9 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -33,6 +35,27 @@ def write_metadata(model, metadata: dict[str, object]) -> None:
     for key, value in metadata.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = PREFIX + key, json.dumps(value)
+
+
+def fuse_transformer(path: str | Path, options: dict[str, object]):
+    """onnxruntime's transformer fusions (Attention, SkipLayerNormalization, EmbedLayerNormalization,
+    Gelu/BiasGelu) on an exported graph: (the fused ``onnx.ModelProto``, {fused operator: count}).
+    Raises whatever the optimizer raises on a graph it does not understand."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    with _quiet_logs():
+        fused = optimize_model(str(path), use_gpu=False, opt_level=1, **options)
+    return fused.model, {op: n for op, n in fused.get_fused_operator_statistics().items() if n}
+
+
+@contextlib.contextmanager
+def _quiet_logs():
+    """onnxruntime.transformers logs every fusion pass (from modules it imports by their bare names)."""
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def onnx_size(path: Path) -> int:

@@ -68,6 +68,9 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+FUSED = ", on the graph fused by onnxruntime's transformer optimizer"
+
+
 def int8_section(q: dict[str, Any]) -> list[str]:
     shipped = (f"**Shipped** `{q['chosen']}`: {q['search_speedup']['median']:.2f}x in the search, "
                f"{q['final_speedup']['median']:.2f}x [{q['final_speedup']['low']:.2f}-{q['final_speedup']['high']:.2f}] "
@@ -78,7 +81,8 @@ def int8_section(q: dict[str, Any]) -> list[str]:
     return ["", "## INT8", "", f"Preflight: {q['preflight']['reason']}.", "", path, "",
             f"Mode {q['mode']}, activations {q['activation_type']}, weights {q['weight_type']}, "
             f"calibration {q['calibration']} on {q['calibration_samples']} training images, "
-            f"per-channel {q['per_channel']}, reduce_range {q['reduce_range']}. Kept in FP32: "
+            f"per-channel {q['per_channel']}, reduce_range {q['reduce_range']}{FUSED if q.get('graph') == 'fused' else ''}. "
+            f"Kept in FP32: "
             f"{', '.join(q['excluded_nodes']) if q['excluded_nodes'] else 'nothing'}.", "",
             f"Noise floor (FP32 against itself, same protocol, before the search, beside every configuration "
             f"and beside the final measurement; the largest): ±{q['noise_floor']:.3f}. A configuration passes "
@@ -89,7 +93,8 @@ def int8_section(q: dict[str, Any]) -> list[str]:
             + (f" The final measurement is judged on the noise of the chosen file's own two measurements: "
                f"±{q['noise_floor_judged']:.3f}." if q.get("noise_floor_judged") is not None else ""), "", shipped, "",
             format_table([{**t, "first": (t.get("first_pass") or {}).get("median")} for t in q["tried"]],
-                         [("name", "configuration tried", ""), ("accuracy_drop_points", "accuracy drop (pts)", "+.2f"),
+                         [("name", "configuration tried", ""), ("graph", "graph", ""),
+                          ("accuracy_drop_points", "accuracy drop (pts)", "+.2f"),
                           ("latency_ms", "p50 ms @1", ".2f"), ("first", "first pass", ".2f"), ("speedup", "vs fp32", ".2f"),
                           ("speedup_low", "low", ".2f"), ("speedup_high", "high", ".2f"),
                           ("verdict", "verdict", ""), ("passed", "passed", "")])]

@@ -133,6 +133,9 @@ def test_quantize_searches_the_transformer_candidates_on_real_token_batches(text
     record = json.loads((out / "report.json").read_text())["quantization"]
     tried = {t["name"]: t for t in record["tried"]}
     assert tried["all ops"]["mode"] == "dynamic" and tried["all ops"]["scheme"]["per_channel"]
+    # dynamic INT8 starts from the fused graph (QAttention), and the exported one is measured too
+    assert json.loads((text_export / "report.json").read_text())["variants"]["fp32"]["fusions"]["fused_operators"]["Attention"]
+    assert tried["all ops"]["graph"] == "fused" and tried["all ops, exported graph"]["graph"] == "exported"
     assert not tried["dynamic, per-tensor weights"]["scheme"]["per_channel"]
     static = [t for name, t in tried.items() if name.startswith("static QDQ, u8s8")]
     assert len(static) == 1 and static[0]["mode"] == "static"  # calibrated on real token batches
