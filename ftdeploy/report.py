@@ -80,8 +80,9 @@ def int8_section(q: dict[str, Any]) -> list[str]:
     path = f"Search: {q['search']} ({q['search_why']})." if q.get("search") else ""
     return ["", "## INT8", "", f"Preflight: {q['preflight']['reason']}.", "", path, "",
             f"Mode {q['mode']}, activations {q['activation_type']}, weights {q['weight_type']}, "
-            f"calibration {q['calibration']} on {q['calibration_samples']} training images, "
-            f"per-channel {q['per_channel']}, reduce_range {q['reduce_range']}{FUSED if q.get('graph') == 'fused' else ''}. "
+            + (f"calibration {q['calibration']} on {q['calibration_samples']} training samples, " if q["calibration"]
+               else "no calibration (activation ranges measured at run time), ")
+            + f"per-channel {q['per_channel']}, reduce_range {q['reduce_range']}{FUSED if q.get('graph') == 'fused' else ''}. "
             f"Kept in FP32: "
             f"{', '.join(q['excluded_nodes']) if q['excluded_nodes'] else 'nothing'}.", "",
             f"Noise floor (FP32 against itself, same protocol, before the search, beside every configuration "
