@@ -57,7 +57,7 @@ from ftdeploy.evaluation import EvalData, accuracy, batched, onnx_predictor, tor
 from ftdeploy.export import export
 from ftdeploy.latency import compare, format_table, ort_runner, session_policy, tile_batch
 from ftdeploy.machine import cpu_flags, machine_info, physical_cores
-from ftdeploy.onnx_model import open_session
+from ftdeploy.onnx_model import fuse_transformer, open_session, save_onnx
 from ftdeploy.prune import prune
 from ftdeploy.quantize import CalibrationReader, Evaluator, quantize
 from ftdeploy.rundir import load_export, load_run, read_json
@@ -128,11 +128,9 @@ def reader(data: EvalData, file: Path) -> CalibrationReader:
 def ort_fp32_fused(file: Path, work: Path, report: dict[str, Any]) -> Contender:
     """onnxruntime's transformer fusions on the FP32 file, always applied (ftdeploy's model.onnx keeps
     them only where its export measured them faster), with the options the export derived."""
-    from onnxruntime.transformers.optimizer import optimize_model
-
     out = work / "ort_fused.onnx"
     options = report["variants"]["fp32"]["fusions"]["options"]
-    optimize_model(str(file), use_gpu=False, opt_level=1, **options).save_model_to_file(str(out))
+    save_onnx(fuse_transformer(file, options)[0], out)
     return onnx_contender(out, False, fusions=options)
 
 

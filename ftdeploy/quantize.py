@@ -290,18 +290,19 @@ def search(source: Path, fp32: Path, workdir: Path, cfg: QuantizeConfig, calibra
 
     pre = workdir / "pre.onnx"
     pre_process(source, pre)
-    model = onnx.load(str(pre))  # read once; the helpers below only inspect the graph
-    mode = pick_mode(model) if cfg.mode == "auto" else cfg.mode
-    graphs = {"exported": pre}
+    # each graph read once (the helpers below only inspect it), by name: "exported" and maybe "fused"
+    graphs, models = {"exported": pre}, {"exported": onnx.load(str(pre))}
+    mode = pick_mode(models["exported"]) if cfg.mode == "auto" else cfg.mode
     if mode == "dynamic" and fusions:
         try:
             fused, found = fuse_transformer(source, fusions)
             if found:
                 save_onnx(fused, workdir / "fused.onnx")
-                graphs["fused"], model = workdir / "fused.onnx", fused
+                graphs["fused"], models["fused"] = workdir / "fused.onnx", fused
         except Exception as e:  # a graph the optimizer does not understand is quantized as exported
             log.info("transformer fusions failed (%s): quantizing the exported graph", e)
     primary = "fused" if "fused" in graphs else "exported"
+    model = models[primary]
     reader = CalibrationReader(calibration, [i.name for i in model.graph.input])
     fp32_accuracy = evaluator.accuracy("fp32", fp32)
     tried: list[Attempt] = []
@@ -356,8 +357,7 @@ def search(source: Path, fp32: Path, workdir: Path, cfg: QuantizeConfig, calibra
             base = min(fast, key=lambda a: (a.accuracy_drop_points, -a.speedup))
             # The most first: when even 8 nodes in FP32 do not restore the accuracy, fewer will not
             # (the error is spread over the network, e.g. per-tensor ranges), so one try settles it.
-            graph = graphs[base.graph]
-            ranked = sensitive_nodes(graph, model if graph == graphs[primary] else onnx.load(str(graph)), base.path, reader)
+            ranked = sensitive_nodes(graphs[base.graph], models[base.graph], base.path, reader)
             for k in (8, 1, 2, 4):
                 passed = attempt(f"{base.name} + {k} most sensitive in fp32", base.excluded_nodes + ranked[:k],
                                  base.op_types, base.scheme, base.mode, base.graph).passed
