@@ -126,6 +126,11 @@ class Comparison:
     def speedup(self, baseline: str, candidate: str) -> Speedup:
         return Speedup.of(self.blocks[baseline], self.blocks[candidate])
 
+    def renamed(self, names: dict[str, str]) -> "Comparison":
+        """The variants in ``names`` (old -> new name), the others left out."""
+        return Comparison({names[k]: v for k, v in self.stats.items() if k in names},
+                          {names[k]: v for k, v in self.blocks.items() if k in names})
+
 
 def compare(fns: dict[str, Callable[[], object]], batch_size: int, rounds: int = 5, seconds: float = 1.5,
             warmup: int = 3, min_iterations: int = 3, settle: float = SETTLE_SECONDS) -> Comparison:
@@ -146,16 +151,21 @@ def compare(fns: dict[str, Callable[[], object]], batch_size: int, rounds: int =
 
 
 def profile(runners: dict[str, Callable[[np.ndarray], Callable[[], object]]], samples: np.ndarray,
-            batch_sizes: list[int], seconds: float) -> tuple[dict[str, dict], dict[int, Comparison]]:
+            batch_sizes: list[int], seconds: float, measured: dict[int, Comparison] | None = None,
+            only_at: dict[str, int] | None = None) -> tuple[dict[str, dict], dict[int, Comparison]]:
     """Every variant (name -> batch -> callable) timed side by side at each batch size; returns the
     report figures per variant (p50/p90/p99, throughput, iterations per batch size) and the
-    comparison behind each batch size, for speedups."""
+    comparison behind each batch size, for speedups. ``measured`` holds comparisons of the same
+    variants already taken under the protocol (batch size -> comparison): those are not timed again.
+    ``only_at`` times a variant at one batch size alone (an A/A session, where a speedup is judged)."""
     figures: dict[str, dict] = {name: {"latency_ms": {}, "throughput": {}, "iterations": {}} for name in runners}
-    comparisons = {}
+    comparisons = dict(measured or {})
     for bs in batch_sizes:
-        batch = tile_batch(samples, bs)
-        comparisons[bs] = result = compare({name: make(batch) for name, make in runners.items()}, bs, seconds=seconds)
-        for name, st in result.stats.items():
+        if bs not in comparisons:
+            batch = tile_batch(samples, bs)
+            comparisons[bs] = compare({name: make(batch) for name, make in runners.items()
+                                       if (only_at or {}).get(name, bs) == bs}, bs, seconds=seconds)
+        for name, st in comparisons[bs].stats.items():
             figures[name]["latency_ms"][str(bs)] = {"p50": st.p50, "p90": st.p90, "p99": st.p99}
             figures[name]["throughput"][str(bs)] = st.throughput
             figures[name]["iterations"][str(bs)] = st.iterations

@@ -9,7 +9,7 @@ import pytest
 from conftest import cli
 
 from ftdeploy.config import QuantizeConfig
-from ftdeploy.latency import Speedup
+from ftdeploy.latency import Comparison, LatencyStats, Speedup
 from ftdeploy.onnx_model import model_metadata
 from ftdeploy.quantize import Evaluator, preflight, search, ship
 
@@ -66,6 +66,7 @@ class SetFigures:
     def __init__(self, figures: dict[str, tuple[float, float, float, float]], noise: dict[str, float] | None = None,
                  final: dict[str, tuple[float, float, float]] | None = None):
         self.figures, self.noise, self.final, self.rounds = figures, noise or {}, final or {}, []
+        self.latest = None  # the last measurement, as the real evaluator keeps it: FP32 at 2 ms
 
     def noise_floor(self, reference):
         return 0.02
@@ -79,7 +80,10 @@ class SetFigures:
         out = {}
         for name in candidates:
             median, low, high = self.final[name] if together and name in self.final else self.figures[name][1:]
-            out[name] = (Speedup(median, low, high, [low, median, high]), 1.0 / median)
+            out[name] = (Speedup(median, low, high, [low, median, high]), 2.0 / median)
+        ms = {"reference": 2.0, "reference A/A": 2.0, **{name: p50 for name, (_, p50) in out.items()}}
+        self.latest = Comparison({n: LatencyStats(1, 5, v, v, v, v, 1000 / v) for n, v in ms.items()},
+                                 {n: [v] * 5 for n, v in ms.items()})
         return out, max([self.noise.get(name, 0.0) for name in candidates], default=0.0)
 
 
@@ -251,8 +255,8 @@ def measured_as(int8_ms: float):
 
     real = stage.profile
 
-    def profile(runners, samples, batch_sizes, seconds):
-        figures, comparisons = real(runners, samples, batch_sizes, 0.02)
+    def profile(runners, samples, batch_sizes, seconds, measured=None, only_at=None):
+        figures, comparisons = real(runners, samples, batch_sizes, 0.02, only_at=only_at)
         for comparison in comparisons.values():
             comparison.blocks = {"fp32": [2.0] * 5, "fp32 A/A": [2.0] * 5, "int8": [int8_ms] * 5}
         return figures, comparisons
@@ -288,6 +292,35 @@ def test_quantize_ships_a_file_measured_faster_and_within_budget(quantizable, tm
     assert [e["stage"] for e in manifest["lineage"]] == ["data", "train", "export"] and manifest["stage"] == "quantize"
     assert {"model.int8.onnx", "model.onnx"} <= set(manifest["files"])
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
+def test_the_quick_path_reports_its_own_batch1_measurement_and_times_only_the_other_sizes(quantizable, tmp_path,
+                                                                                           monkeypatch):
+    """The preset passed, measured seconds before beside FP32 and an A/A session: its figures are
+    the report's batch-1 latency and the final speedup; only the other batch sizes are timed again,
+    without the A/A session (it judges the batch-1 speedup alone)."""
+    import ftdeploy.quantize as stage
+
+    _, export_dir, _ = quantizable
+    timed = []
+    real = stage.profile
+
+    def profile(runners, samples, batch_sizes, seconds, measured=None, only_at=None):
+        figures, comparisons = real(runners, samples, batch_sizes, 0.02, measured, only_at)
+        timed.extend((b, sorted(c.stats)) for b, c in comparisons.items() if b not in (measured or {}))
+        return figures, comparisons
+
+    monkeypatch.setattr(stage, "Evaluator", lambda *a: SetFigures({"all ops": (0.90, 1.6, 1.5, 1.7)}))
+    monkeypatch.setattr(stage, "profile", profile)
+    out = stage.quantize(export_dir, tmp_path / "q", QuantizeConfig(latency_seconds=0.05))
+    report = json.loads((out / "report.json").read_text())
+    q = report["quantization"]
+    sizes = [int(b) for b in report["variants"]["fp32"]["latency_ms"]]
+    assert q["search"] == "quick" and q["shipped"] and 1 in sizes
+    assert timed == [(b, ["fp32", "int8"]) for b in sizes if b != 1]
+    assert q["final_speedup"]["median"] == pytest.approx(1.6) and q["final_measured_by"].startswith("the quick path")
+    assert report["variants"]["fp32"]["latency_ms"]["1"]["p50"] == pytest.approx(2.0)
+    assert report["variants"]["int8"]["latency_ms"]["1"]["p50"] == pytest.approx(1.25)
 
 
 def test_a_file_the_final_measurement_refuses_keeps_no_shipping_name(quantizable, tmp_path, monkeypatch, capsys):
