@@ -50,6 +50,7 @@ def test_a_killed_search_resumes_to_the_same_front_and_choice(split_run, tmp_pat
     search(split_run, tmp_path / "resumed")
     result = json.loads((tmp_path / "resumed" / "pareto.json").read_text())
     assert level1.stat().st_mtime_ns == made  # the finished level was not made again
+    assert result["seconds"] > result["seconds_this_run"]  # the killed run's time counts in the search's
     assert not (tmp_path / "resumed" / "levels" / "0.50" / "half-made").exists()  # the killed one was, whole
     assert [p for p in result["points"] if p["level"] == 1.0] == [p for p in reference["points"] if p["level"] == 1.0]
 
