@@ -12,10 +12,14 @@ the same 256 calibration inputs and the same validation inputs. Image models:
   olive_static_default                     Olive's OnnxStaticQuantization pass, defaults
   openvino_fp32, openvino_nncf_int8        OpenVINO runtime; INT8 from nncf.quantize (default preset)
   ort_openvino_ep_fp32/_int8               onnxruntime-openvino (its own venv) on ftdeploy's FP32 and INT8 files
+  ftdeploy_optimize_openvino               ResNet-18 and MiniLM: ftdeploy optimize --providers cpu,openvino in that venv,
+                                           on the same levels: its choice, timed there on the provider it chose
   ftdeploy_int8                            ftdeploy quantize
   grid_best                                the best point of {u8s8, s8s8, u8u8} x per-channel x reduce_range
                                            (QDQ) within the accuracy budget: the ceiling for ftdeploy's search
   ftdeploy_pruned_fp32/_int8               ResNet-18 and MiniLM: ftdeploy prune to 0.5x MACs, then export/quantize
+  ftdeploy_optimize                        ResNet-18 and MiniLM: the file ftdeploy optimize chose within the budget
+                                           (its test-split figure beside it; these runs hold out data.test_fraction=0.2)
 
 MiniLM, the contenders that transformer guides lead with (the static QDQ recipes and the grid are
 for convolutional models; ftdeploy's own search tries static QDQ on transformers itself):
@@ -41,6 +45,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -52,12 +57,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ftdeploy.config import ExportConfig, PruneConfig, QuantizeConfig, load_config
+from ftdeploy.config import ExportConfig, OptimizeConfig, PruneConfig, QuantizeConfig, load_config
 from ftdeploy.evaluation import EvalData, accuracy, batched, onnx_predictor, torch_predictor
 from ftdeploy.export import export
-from ftdeploy.latency import compare, format_table, ort_runner, session_policy, tile_batch
+from ftdeploy.latency import PROVIDERS, compare, format_table, ort_runner, session_policy, tile_batch
 from ftdeploy.machine import cpu_flags, machine_info, physical_cores
 from ftdeploy.onnx_model import fuse_transformer, open_session, save_onnx
+from ftdeploy.optimize import optimize
 from ftdeploy.prune import prune
 from ftdeploy.quantize import CalibrationReader, Evaluator, quantize
 from ftdeploy.rundir import load_export, load_run, read_json
@@ -84,7 +90,12 @@ IMAGE_PEERS = ("ort_dynamic_default", "ort_static_default", "optimum_preset", "o
                "openvino_nncf_int8", "grid_best")
 PEERS = {"minilm": ("ort_fp32_fused", "ort_dynamic_default", "optimum_dynamic_preset", "openvino_fp32",
                     "openvino_nncf_int8")}
-PRUNED = ("resnet18", "minilm")  # also compared pruned to half the MACs by ftdeploy prune
+PRUNED = ("resnet18", "minilm")  # also compared pruned to half the MACs by ftdeploy prune, and optimized
+OPTIMIZE_BUDGET = 1.0  # points: issue 19's budget for optimize, on ResNet-18 as on MiniLM
+# ftdeploy optimize's settings: the MACs fractions it tries, recovery epochs per level (MiniLM's run
+# saw one epoch of 6,000 snippets: its pruned levels need more to recover)
+OPTIMIZE = {"resnet18": {"levels": [0.5, 0.35, 0.25], "finetune_epochs": 2},
+            "minilm": {"levels": [0.5, 0.4], "finetune_epochs": 3}}
 NNCF_MODEL_TYPE = {"minilm": "TRANSFORMER"}  # nncf.ModelType, as NNCF's guide for BERT-family models sets it
 BUDGET_POINTS = 0.5
 BUDGETS = {"minilm": 1.0}  # a model's own budget where its config sets another (configs/text.yaml)
@@ -304,11 +315,11 @@ def feed(prefix):
 batches = sorted({int(k.split("/")[1]) for k in arrays.files if k.startswith("acc/")})
 out = {}
 sessions = {}
-for name, path in files.items():
+for name, (path, provider) in files.items():
     try:
-        sessions[name] = ort_session(path, threads, providers=["OpenVINOExecutionProvider"])
-        if "OpenVINOExecutionProvider" not in sessions[name].get_providers():
-            raise RuntimeError("the OpenVINO execution provider did not load")
+        sessions[name] = ort_session(path, threads, providers=[provider])
+        if provider not in sessions[name].get_providers():
+            raise RuntimeError(f"{provider} did not load")
         logits = np.concatenate([sessions[name].run(None, feed(f"acc/{i}"))[0] for i in batches])
         np.save(sys.argv[2] + f".{name}.npy", logits)
         out[name] = {"error": None}
@@ -329,21 +340,36 @@ print(json.dumps(out))
 """
 
 
-def ort_openvino_ep(venv: Path, files: dict[str, Path], data: EvalData, threads: int, seconds: float) -> dict[str, dict]:
-    """ftdeploy's own files in onnxruntime-openvino, which replaces onnxruntime: a venv of its own."""
+def openvino_ep_venv(venv: Path) -> Path:
+    """The python of a venv holding ftdeploy with onnxruntime-openvino in place of onnxruntime (both
+    install the same module): made once."""
     python = venv / "bin" / "python"
-    if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    # Pillow: the script imports ftdeploy.latency, and with it the tasks package (the image task's decoder)
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "onnxruntime-openvino", "numpy", "pillow"], check=True)
+    check = "import ftdeploy.optimize, onnxruntime as o; assert 'OpenVINOExecutionProvider' in o.get_available_providers()"
+    if python.exists() and subprocess.run([str(python), "-c", check], capture_output=True).returncode == 0:
+        return python
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(python), "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, "-e", f"{REPO}[train]"], check=True)
+    subprocess.run([str(python), "-m", "pip", "uninstall", "-q", "-y", "onnxruntime"], check=True)
+    subprocess.run([*pip, "onnxruntime-openvino"], check=True)
+    subprocess.run([str(python), "-c", check], check=True)
+    return python
+
+
+def ort_openvino_ep(python: Path, files: dict[str, Path], data: EvalData, threads: int, seconds: float,
+                    cpu: tuple[str, ...] = ()) -> dict[str, dict]:
+    """Files on onnxruntime-openvino's execution provider (those named in ``cpu``: on its CPU
+    provider), in its venv (``openvino_ep_venv``)."""
     names = input_names(next(iter(files.values())))
     arrays = {f"acc/{i}/{n}": a for i in range(0, len(data.inputs), 32) for n, a in feeds(data.inputs[i:i + 32], names).items()}
     arrays.update({f"bench/{bs}/{n}": a for bs in (1, 32) for n, a in feeds(tile_batch(data.bench, bs), names).items()})
     with tempfile.TemporaryDirectory() as tmp:
         np.savez(Path(tmp) / "inputs.npz", **arrays)
-        result = subprocess.run([str(python), "-c", ORT_OPENVINO_SCRIPT, json.dumps({k: str(v) for k, v in files.items()}),
+        providers = {k: PROVIDERS["cpu" if k in cpu else "openvino"] for k in files}
+        result = subprocess.run([str(python), "-c", ORT_OPENVINO_SCRIPT,
+                                 json.dumps({k: [str(v), providers[k]] for k, v in files.items()}),
                                  str(Path(tmp) / "inputs.npz"), str(threads), str(seconds)],
-                                capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=1800)
+                                capture_output=True, text=True, timeout=1800)
         if result.returncode != 0:
             raise RuntimeError(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed")
         out = json.loads(result.stdout.strip().splitlines()[-1])
@@ -357,7 +383,8 @@ def fine_tuned(name: str, workdir: Path, quick: bool):
     run_dir = workdir / name
     # --quick: one epoch, the TorchScript exporter (seconds where dynamo takes ten), short export timing
     cfg = load_config(REPO / "configs" / CONFIGS.get(name, "digits.yaml"),
-                      [*MODELS[name], *(["train.epochs=1", "export.exporter=torchscript", "export.latency_seconds=0.2"]
+                      [*MODELS[name], *(["data.test_fraction=0.2"] if name in PRUNED else []),  # optimize's test split
+                       *(["train.epochs=1", "export.exporter=torchscript", "export.latency_seconds=0.2"]
                                         if quick else []),
                        "train.progress=false", "train.checkpoint=false"])
     if not (run_dir / "manifest.json").is_file():
@@ -419,7 +446,45 @@ def contenders_for(name: str, run_dir: Path, cfg, work: Path, data: EvalData, ar
         pruned_int8 = pruned_export / "model.int8.onnx"
         out["ftdeploy_pruned_int8"] = (onnx_contender(pruned_int8, True) if pruned_int8.is_file() else Contender(
             "onnxruntime", True, error=load_export(pruned_export).report["quantization"]["not_shipped_reason"]))
+        out["ftdeploy_optimize"] = attempt(lambda: ftdeploy_optimize(name, run_dir, qcfg), "onnxruntime", True)
     return out
+
+
+def ftdeploy_optimize(name: str, run_dir: Path, qcfg: QuantizeConfig) -> Contender:
+    """``ftdeploy optimize`` on the run within the model's budget (resumed where its directory holds
+    finished points): the file it chose, and its figure on the test split the search never saw."""
+    out = run_dir.with_name(f"{name}-optimize")
+    optimize(run_dir, out, OptimizeConfig(max_accuracy_drop=OPTIMIZE_BUDGET, quantize=qcfg, **OPTIMIZE[name]))
+    record = read_json(out / "pareto.json")
+    if record["chosen"] is None:
+        return Contender("onnxruntime", True, error=f"no point within {OPTIMIZE_BUDGET} points")
+    choice = optimize_choice(record)
+    return onnx_contender(out / record["chosen"]["path"], choice.pop("int8"), record["seconds"], **choice)
+
+
+def optimize_choice(record: dict[str, Any]) -> dict[str, Any]:
+    c = record["chosen"]
+    return {"chosen": f"{c['variant']} at {c['level']:.2f}x MACs on {c['provider']}", "provider": c["provider"],
+            "budget_points": OPTIMIZE_BUDGET,
+            "int8": c["variant"] == "int8",
+            "optimize_speedup": c["speedup"]["median"], "test_split": record["test"]}
+
+
+def optimize_on_openvino(python: Path, name: str, run_dir: Path) -> tuple[Path | None, dict[str, Any]]:
+    """``ftdeploy optimize --providers cpu,openvino`` in the OpenVINO EP's venv, on the levels the CPU
+    search made (copied: the same files, not made again), every file timed on both providers beside
+    the unpruned FP32 file. Returns (the chosen file or None, its figures)."""
+    out = run_dir.with_name(f"{name}-optimize-openvino")
+    if not (out / "levels").is_dir():
+        shutil.copytree(run_dir.with_name(f"{name}-optimize") / "levels", out / "levels")
+    settings = OPTIMIZE[name]
+    subprocess.run([str(python), "-m", "ftdeploy", "optimize", str(run_dir), "-o", str(out), "--providers", "cpu,openvino",
+                    "--max-accuracy-drop", str(OPTIMIZE_BUDGET), "--levels", ",".join(map(str, settings["levels"])),
+                    "--set", f"optimize.finetune_epochs={settings['finetune_epochs']}"], check=True)
+    record = read_json(out / "pareto.json")
+    if record["chosen"] is None:
+        return None, {"chosen": f"no point within {OPTIMIZE_BUDGET} points"}
+    return out / record["chosen"]["path"], optimize_choice(record)
 
 
 def attempt(build: Callable[[], Contender], engine: str, int8: bool) -> Contender:
@@ -531,15 +596,28 @@ def compare_model(name: str, workdir: Path, args, qcfg: QuantizeConfig, seconds:
     ep_files = {"ort_openvino_ep_fp32": export_dir / "model.unoptimized.onnx"}
     if (export_dir / "model.int8.onnx").is_file():
         ep_files["ort_openvino_ep_int8"] = export_dir / "model.int8.onnx"
-    ep = {k: {"error": SKIPPED, "logits": None} for k in ep_files if k in args.skip}
+    ep_keys = ["ort_openvino_ep_fp32", "ort_openvino_ep_int8"] + (["ftdeploy_optimize_openvino"] if name in PRUNED else [])
+    ep = {k: {"error": SKIPPED, "logits": None} for k in ep_keys if k in args.skip}
     try:
-        if len(ep) < len(ep_files):
-            ep.update(ort_openvino_ep(args.output / "venv-ort-openvino", {k: v for k, v in ep_files.items() if k not in ep},
-                                      data, physical_cores(), seconds))
+        if len(ep) < len(ep_keys):
+            python = openvino_ep_venv(args.output / "venv-ort-openvino")
+            chosen, on_cpu = {}, ()
+            if "ftdeploy_optimize_openvino" in ep_keys and "ftdeploy_optimize_openvino" not in ep:
+                path, chosen = optimize_on_openvino(python, name, run_dir)
+                if path is None:
+                    ep["ftdeploy_optimize_openvino"] = {"error": chosen["chosen"], "logits": None}
+                else:
+                    ep_files["ftdeploy_optimize_openvino"] = path
+                    on_cpu = ("ftdeploy_optimize_openvino",) if chosen["provider"] == "cpu" else ()
+            ep.update(ort_openvino_ep(python, {k: v for k, v in ep_files.items() if k not in ep}, data, physical_cores(),
+                                      seconds, on_cpu))
+            if "ftdeploy_optimize_openvino" in ep_files:
+                ep["ftdeploy_optimize_openvino"].update(chosen)
     except Exception as e:
-        ep.update({k: {"error": f"{type(e).__name__}: {e}"[:300], "logits": None} for k in ep_files if k not in ep})
+        traceback.print_exc(limit=3)
+        ep.update({k: {"error": f"{type(e).__name__}: {e}"[:300], "logits": None} for k in ep_keys if k not in ep})
     ref_logits = batched(contenders["ort_fp32"].predictor(physical_cores()), data.inputs, 32)
-    for key in ("ort_openvino_ep_fp32", "ort_openvino_ep_int8"):
+    for key in ep_keys:
         r = ep.get(key, {"error": "INT8 not shipped by ftdeploy for this model", "logits": None})
         logits = r.pop("logits", None)
         row = {"engine": "onnxruntime-openvino", "int8": key.endswith("int8"), **dict.fromkeys(FIELDS),
@@ -601,9 +679,27 @@ def write_outputs(results: dict[str, Any], out: Path) -> None:
                                       ("p50_ms_bs1", "p50 ms @1", ".2f"), ("p90_ms_bs1", "p90 ms @1", ".2f"),
                                       ("speedup", "vs ort_fp32 @1", ".2f"), ("throughput_bs32", "items/s @32", ".0f"),
                                       ("quantize_seconds", "quantize s", ".1f"), ("error_short", "error", "")]), ""]
+        lines += optimize_lines(m["contenders"])
     (out / "compare.md").write_text("\n".join(lines) + "\n")
     plot(results, out / "compare.png")
     print("\n".join(lines))
+
+
+def optimize_lines(rows: dict[str, dict]) -> list[str]:
+    """What ftdeploy optimize chose, its test-split figure, and the OpenVINO EP choice beside NNCF."""
+    lines = []
+    nncf = rows.get("openvino_nncf_int8", {}).get("p50_ms_bs1")
+    for key in ("ftdeploy_optimize", "ftdeploy_optimize_openvino"):
+        r = rows.get(key, {})
+        if not r.get("test_split"):
+            continue
+        t = r["test_split"]
+        lines.append(f"- `{key}` (budget {r.get('budget_points', OPTIMIZE_BUDGET)} points) chose {r['chosen']} "
+                     f"({r['optimize_speedup']:.2f}x the unpruned FP32 file in its own search); on the test split no stage saw ({t['samples']} examples) {100 * t['accuracy']:.2f}% "
+                     f"against the unpruned FP32's {100 * t['unpruned_fp32_accuracy']:.2f}%"
+                     + (f"; p50 {nncf / r['p50_ms_bs1']:.2f}x faster than openvino_nncf_int8's"
+                        if nncf and r.get("p50_ms_bs1") else "") + ".")
+    return lines + ([""] if lines else [])
 
 
 def speedup(row: dict[str, Any], fp32: dict[str, Any]) -> float | None:
@@ -636,7 +732,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
         rows = {k: v for k, v in contenders.items() if v.get("p50_ms_bs1")}
         names = sorted(rows, key=lambda k: speedup(rows[k], contenders["ort_fp32"]))
         speed = [speedup(rows[k], contenders["ort_fp32"]) for k in names]
-        colors = ["tab:red" if (rows[k].get("accuracy_drop_points") or 0) > budget(results, name)
+        colors = ["tab:red" if (rows[k].get("accuracy_drop_points") or 0) > rows[k].get("budget_points", budget(results, name))
                   else "tab:green" if k.startswith("ftdeploy") else "tab:blue" for k in names]
         ax.barh(names, speed, color=colors)
         for y, k in enumerate(names):
@@ -646,7 +742,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax.set(title=f"{name}: batch-1 speedup over onnxruntime FP32 (median of per-round ratios)", xlim=(0, max(speed) * 1.18),
                xlabel="speedup (x)" + (f"\nno figures: {', '.join(missing)}" if missing else ""))
     fig.legend(handles=[Patch(color="tab:green", label="ftdeploy"), Patch(color="tab:blue", label="other contenders"),
-                        Patch(color="tab:red", label="loses more than the model's accuracy budget")],
+                        Patch(color="tab:red", label="loses more than its accuracy budget")],
                loc="lower center", ncol=3, frameon=False)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=90)

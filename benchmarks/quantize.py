@@ -15,6 +15,7 @@ compare.py's "quantize s" column holds for every contender), the path taken and 
 each quick decision matches each full one: the same configuration, or speedups within the noise floor.
 
     python benchmarks/quantize.py --search-paths 2 --json benchmarks/results/quantize_search_paths.json
+    python benchmarks/quantize.py --search-paths 2 --models efficientnet_lite0,resnet18_128 --json ...
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ MODELS = {
     "efficientnet_lite0": [],
     "resnet18": ["model.name=torchvision:resnet18", "model.weights=none", "preprocessing.input_size=224",
                  "preprocessing.resize_size=224", "train.epochs=2", "train.lr=0.001"],
+    # compare.py's ResNet-18 (128 px, three epochs), where its "quantize s" column was measured
+    "resnet18_128": ["model.name=torchvision:resnet18", "model.weights=none", "preprocessing.input_size=128",
+                     "preprocessing.resize_size=128", "train.epochs=3", "train.lr=0.001"],
     # timm's MobileNetV3-Large: torchvision's uses BatchNorm momentum 0.01, whose running statistics
     # are still far off after the ~200 steps of a from-scratch digits run (eval accuracy at chance).
     "mobilenet_v3_large": ["model.name=timm:mobilenetv3_large_100", "model.weights=none",
@@ -114,7 +118,7 @@ def same_decision(a: dict, b: dict) -> bool:
     return a["chosen"] == b["chosen"] or abs(a["final_speedup"] / b["final_speedup"] - 1) <= noise
 
 
-def models_parser(doc: str, models: str = ",".join(MODELS)) -> argparse.ArgumentParser:
+def models_parser(doc: str, models: str = "efficientnet_lite0,resnet18,mobilenet_v3_large") -> argparse.ArgumentParser:
     """The options of a benchmark over the fine-tuned MODELS: which ones, where their runs live, JSON out."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=models, help=f"comma-separated, from {', '.join(MODELS)}")
