@@ -456,25 +456,27 @@ def ftdeploy_optimize(name: str, run_dir: Path, qcfg: QuantizeConfig) -> Contend
     finished points): the file it chose, and its figure on the test split the search never saw."""
     out = run_dir.with_name(f"{name}-optimize")
     optimize(run_dir, out, OptimizeConfig(max_accuracy_drop=OPTIMIZE_BUDGET, quantize=qcfg, **OPTIMIZE[name]))
+    path, choice = optimize_choice(out)
+    return onnx_contender(path, choice.pop("int8"), choice.pop("optimize_seconds"), **choice)
+
+
+def optimize_choice(out: Path) -> tuple[Path, dict[str, Any]]:
+    """The file optimize chose in ``out`` and its figures for the contender's row; raises when no
+    point met the budget (the row then records why)."""
     record = read_json(out / "pareto.json")
-    if record["chosen"] is None:
-        return Contender("onnxruntime", True, error=f"no point within {OPTIMIZE_BUDGET} points")
-    choice = optimize_choice(record)
-    return onnx_contender(out / record["chosen"]["path"], choice.pop("int8"), record["seconds"], **choice)
-
-
-def optimize_choice(record: dict[str, Any]) -> dict[str, Any]:
     c = record["chosen"]
-    return {"chosen": f"{c['variant']} at {c['level']:.2f}x MACs on {c['provider']}", "provider": c["provider"],
-            "budget_points": OPTIMIZE_BUDGET,
-            "int8": c["variant"] == "int8",
-            "optimize_speedup": c["speedup"]["median"], "test_split": record["test"]}
+    if c is None:
+        raise RuntimeError(f"no point within {OPTIMIZE_BUDGET} points")
+    return out / c["path"], {"chosen": f"{c['variant']} at {c['level']:.2f}x MACs on {c['provider']}",
+                             "provider": c["provider"], "budget_points": OPTIMIZE_BUDGET, "int8": c["variant"] == "int8",
+                             "optimize_speedup": c["speedup"]["median"], "optimize_seconds": record["seconds"],
+                             "test_split": record["test"]}
 
 
-def optimize_on_openvino(python: Path, name: str, run_dir: Path) -> tuple[Path | None, dict[str, Any]]:
+def optimize_on_openvino(python: Path, name: str, run_dir: Path) -> tuple[Path, dict[str, Any]]:
     """``ftdeploy optimize --providers cpu,openvino`` in the OpenVINO EP's venv, on the levels the CPU
     search made (copied: the same files, not made again), every file timed on both providers beside
-    the unpruned FP32 file. Returns (the chosen file or None, its figures)."""
+    the unpruned FP32 file. Returns what ``optimize_choice`` returns."""
     out = run_dir.with_name(f"{name}-optimize-openvino")
     if not (out / "levels").is_dir():
         shutil.copytree(run_dir.with_name(f"{name}-optimize") / "levels", out / "levels")
@@ -482,10 +484,7 @@ def optimize_on_openvino(python: Path, name: str, run_dir: Path) -> tuple[Path |
     subprocess.run([str(python), "-m", "ftdeploy", "optimize", str(run_dir), "-o", str(out), "--providers", "cpu,openvino",
                     "--max-accuracy-drop", str(OPTIMIZE_BUDGET), "--levels", ",".join(map(str, settings["levels"])),
                     "--set", f"optimize.finetune_epochs={settings['finetune_epochs']}"], check=True)
-    record = read_json(out / "pareto.json")
-    if record["chosen"] is None:
-        return None, {"chosen": f"no point within {OPTIMIZE_BUDGET} points"}
-    return out / record["chosen"]["path"], optimize_choice(record)
+    return optimize_choice(out)
 
 
 def attempt(build: Callable[[], Contender], engine: str, int8: bool) -> Contender:
@@ -605,15 +604,11 @@ def compare_model(name: str, workdir: Path, args, qcfg: QuantizeConfig, seconds:
             chosen, on_cpu = {}, ()
             if "ftdeploy_optimize_openvino" in ep_keys and "ftdeploy_optimize_openvino" not in ep:
                 try:
-                    path, chosen = optimize_on_openvino(python, name, run_dir)
+                    ep_files["ftdeploy_optimize_openvino"], chosen = optimize_on_openvino(python, name, run_dir)
+                    on_cpu = ("ftdeploy_optimize_openvino",) if chosen["provider"] == "cpu" else ()
                 except Exception as e:  # the other files still run on the provider
                     traceback.print_exc(limit=3)
-                    path, chosen = None, {"chosen": f"{type(e).__name__}: {e}"[:300]}
-                if path is None:
-                    ep["ftdeploy_optimize_openvino"] = {"error": chosen["chosen"], "logits": None}
-                else:
-                    ep_files["ftdeploy_optimize_openvino"] = path
-                    on_cpu = ("ftdeploy_optimize_openvino",) if chosen["provider"] == "cpu" else ()
+                    ep["ftdeploy_optimize_openvino"] = {"error": f"{type(e).__name__}: {e}"[:300], "logits": None}
             ep.update(ort_openvino_ep(python, {k: v for k, v in ep_files.items() if k not in ep}, data, physical_cores(),
                                       seconds, on_cpu))
             if "ftdeploy_optimize_openvino" in ep_files:

@@ -66,10 +66,11 @@ def build_level(run_dir: Path, out: Path, level: float, cfg: OptimizeConfig) -> 
     return export_dir
 
 
-def val_accuracy(path: Path, provider: str, val: EvalData, threads: int) -> float:
-    """Accuracy on the validation split (up to VAL_SAMPLES), run on the point's own provider: the
-    export's figure covers its parity samples only (256 sentences for text: 0.4 points each)."""
-    return accuracy(batched(onnx_predictor(ort_session(path, threads, [PROVIDERS[provider]])), val.inputs, 32), val.labels)
+def file_accuracy(path: Path, provider: str, inputs, labels, threads: int) -> float:
+    """Accuracy of a file run on ``provider``: every point on the validation split (up to
+    VAL_SAMPLES; the export's figure covers its parity samples only, 256 sentences for text), the
+    choice on the test split."""
+    return accuracy(batched(onnx_predictor(ort_session(path, threads, [PROVIDERS[provider]])), inputs, 32), labels)
 
 
 def measure_point(path: Path, reference: Path, provider: str, bench, threads: int, seconds: float) -> dict[str, Any]:
@@ -160,13 +161,14 @@ def optimize(run_dir: str | Path, output_dir: str | Path, cfg: OptimizeConfig | 
             reference = src.variant_path("fp32")
             val = EvalData.from_export(src, VAL_SAMPLES, calibration_samples=1)
             bench = val.bench
-            fp32_accuracy = done.get((1.0, "fp32", "cpu"), {}).get("accuracy") or val_accuracy(reference, "cpu", val, threads)
+            fp32_accuracy = done.get((1.0, "fp32", "cpu"), {}).get("accuracy") or file_accuracy(reference, "cpu", val.inputs,
+                                                                                          val.labels, threads)
         for variant in ("fp32", "int8"):
             path = src.variant_path(variant)
             for provider in providers if path is not None else []:
                 key = (level, variant, provider)
                 if key not in done:
-                    acc = val_accuracy(path, provider, val, threads)
+                    acc = file_accuracy(path, provider, val.inputs, val.labels, threads)
                     done[key] = {"level": level, "variant": variant, "provider": provider,
                                  "path": relative(path, out), "accuracy": acc,
                                  "accuracy_drop_points": 100 * (fp32_accuracy - acc),
@@ -206,10 +208,8 @@ def chosen_on_test(run, out: Path, chosen: dict[str, Any], reference: Path) -> d
     """The chosen file and the unpruned FP32 file on the test split no stage saw."""
     src = load_export(out / "levels" / level_name(chosen["level"]) / "export")
     inputs, labels = held_out_test(src.data, src.preprocessing, src.task)
-    figures = {}
-    for name, path, provider in (("chosen", out / chosen["path"], chosen["provider"]), ("unpruned_fp32", reference, "cpu")):
-        session = ort_session(path, physical_cores(), [PROVIDERS[provider]])
-        figures[name] = accuracy(batched(onnx_predictor(session), inputs, 32), labels)
+    figures = {name: file_accuracy(path, provider, inputs, labels, physical_cores()) for name, path, provider in
+               (("chosen", out / chosen["path"], chosen["provider"]), ("unpruned_fp32", reference, "cpu"))}
     return {"samples": int(len(labels)), "accuracy": figures["chosen"], "unpruned_fp32_accuracy": figures["unpruned_fp32"],
             "accuracy_drop_points": 100 * (figures["unpruned_fp32"] - figures["chosen"])}
 

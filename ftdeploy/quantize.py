@@ -453,9 +453,9 @@ def quantize(export_dir: str | Path, output_dir: str | Path | None = None, cfg: 
     if reason is None:
         # The quick path's one measurement, seconds old, beside FP32 and an A/A session, is its
         # batch-1 figure: timing the same two files again would only repeat it.
-        again = evaluator.latest.renamed({"reference": "fp32", "reference A/A": "fp32 A/A", record["chosen"]: "int8"}
-                                         ) if record["search"] == "quick" else None
-        reason = confirm(report, fp32, candidate, data, threads, cfg, record, again)
+        preset = evaluator.latest.renamed({"reference": "fp32", "reference A/A": "fp32 A/A", record["chosen"]: "int8"}
+                                          ) if record["search"] == "quick" else None
+        reason = confirm(report, fp32, candidate, data, threads, cfg, record, preset)
     record["shipped"], record["not_shipped_reason"] = reason is None, reason
     if candidate.is_file():
         final = out / (INT8 if reason is None else INT8_REJECTED)
