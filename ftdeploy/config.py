@@ -145,6 +145,9 @@ class QuantizeConfig(Section):
         "within the budget and faster outside the noise floor, else the full search; full: always the whole "
         "measured search (exclusions, schemes, sensitive nodes in FP32, a final round); off: the preset alone")
     latency_seconds: float = Field(2.0, gt=0, description="timed seconds per candidate's batch-1 latency")
+    eval_samples: int = Field(2000, ge=1, description="validation examples every candidate's accuracy is judged on "
+                              "(at most): one example of 2,000 is 0.05 points, one of the 256 a text export "
+                              "compares is 0.4, enough to flip a 1-point budget")
     required: bool = Field(False, description="refusing INT8 fails the command (exit 2) instead of shipping FP32 only")
     output_dir: Path | None = Field(None, description="where model.int8.onnx and the report go (default: the export directory)")
 

@@ -191,7 +191,8 @@ def validate(onnx_path: Path, run: Run, cfg: ExportConfig, out: Path, model=None
     report: dict[str, Any] = {
         "source_run": relative(run.path, out),
         "source": source_record(run),
-        "dataset": {"name": run.config.data.name, "split": "val", "num_samples": int(len(data.labels))},
+        "dataset": {"name": run.config.data.name, "split": "val", "num_samples": int(len(data.labels)),
+                    "unit": run.task.unit},
         "machine": machine_info(threads),
         "latency_session": session_policy(threads),
         "variants": {

@@ -439,7 +439,7 @@ def quantize(export_dir: str | Path, output_dir: str | Path | None = None, cfg: 
     fp32 = out / report["variants"]["fp32"]["path"]
     source = out / (report["variants"]["fp32"].get("unoptimized_path") or report["variants"]["fp32"]["path"])
     threads = report.get("latency_session", {}).get("intra_op_threads") or physical_cores()
-    data = EvalData.from_export(src, report["dataset"]["num_samples"], cfg.calibration_samples)
+    data = EvalData.from_export(src, cfg.eval_samples, cfg.calibration_samples)
     evaluator = Evaluator(data.inputs, data.labels, threads, cfg.latency_seconds, data.bench)
     candidate = out / ".model.int8.validating.onnx"
     started = time.perf_counter()
@@ -580,8 +580,11 @@ def confirm(report: dict[str, Any], fp32: Path, int8: Path, data: EvalData, thre
     record["final_speedup"] = {**final.as_dict(), "batch_size": bs, "verdict": final.verdict(noise, cfg.min_speedup)}
     # two measurements of one ratio agree when they differ by less than the noise, relative to it
     record["search_final_agree"] = abs(final.median / record["search_speedup"]["median"] - 1) <= noise
-    report["variants"]["fp32"].update(figures["fp32"], latency_measured_by="quantize")
-    report["variants"]["int8"] = {"path": int8.name, "size_bytes": onnx_size(int8),
+    # FP32 again on the examples INT8 was judged on (quantize.eval_samples, often more than the export's)
+    samples = len(data.labels)
+    report["variants"]["fp32"].update(figures["fp32"], latency_measured_by="quantize", accuracy_samples=samples,
+                                      accuracy=accuracy(fp32_logits, data.labels))
+    report["variants"]["int8"] = {"path": int8.name, "size_bytes": onnx_size(int8), "accuracy_samples": samples,
                                   "accuracy": accuracy(int8_logits, data.labels),
                                   "parity": {**parity(fp32_logits, int8_logits), "reference": "fp32", "batch_sizes": [1]},
                                   **figures["int8"], "latency_measured_by": "quantize",

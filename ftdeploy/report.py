@@ -42,13 +42,18 @@ def markdown(report: dict[str, Any]) -> str:
         f"# ftdeploy report: {report['source']['model']} from run `{report['source_run']}`", "",
         f"**Gates: {'PASSED' if g['passed'] else 'FAILED'}**", "",
         *[f"- {f}" for f in g["failures"]], *([""] if g["failures"] else []),
-        f"Data: {d['name']} ({d['split']}, {d['num_samples']} images). "
+        f"Data: {d['name']} ({d['split']}, {d['num_samples']} {d.get('unit', 'images')}). "
         f"Machine: {m['cpu']}, {m['threads']} thread(s), ISA {', '.join(m['isa']) or 'baseline'}; "
         f"onnxruntime {m['onnxruntime']}, torch {m['torch']}. Sessions: {session.get('intra_op_threads')} intra-op "
         f"thread(s), spinning {'on' if session.get('allow_spinning') else 'off'}; variants timed side by side in "
         f"alternating blocks.", "",
         format_table(variant_rows(report), columns), "",
     ]
+    rescored = {n: v["accuracy_samples"] for n, v in report["variants"].items()
+                if v.get("accuracy_samples", d["num_samples"]) != d["num_samples"]}
+    if rescored:
+        lines += [f"Accuracy of {', '.join(rescored)} on {max(rescored.values())} validation {d.get('unit', 'images')} "
+                  f"(quantize's); the others on the {d['num_samples']} above.", ""]
     if len(measured) > 1:
         lines += [f"Latency was measured by stages {', '.join(sorted(measured))}: compare rows of the same stage.", ""]
     parity = report["variants"]["fp32"].get("parity") or {}

@@ -323,6 +323,29 @@ def test_the_quick_path_reports_its_own_batch1_measurement_and_times_only_the_ot
     assert report["variants"]["int8"]["latency_ms"]["1"]["p50"] == pytest.approx(1.25)
 
 
+def test_int8_is_judged_on_eval_samples_not_on_the_exports_few_parity_examples(quantizable, tmp_path, monkeypatch):
+    """A text export compares 256 sentences (0.4 points each); quantize judges INT8, and reports both
+    files' accuracy, on up to quantize.eval_samples validation examples."""
+    import ftdeploy.quantize as stage
+    from ftdeploy.config import ExportConfig
+    from ftdeploy.export import export
+
+    from conftest import FAST_EXPORT
+
+    run, _, data = quantizable  # data: every validation image (fewer than 100)
+    export_dir = export(run.path, tmp_path / "export", ExportConfig(**{**FAST_EXPORT, "parity_samples": 4}))
+    given = []
+    monkeypatch.setattr(stage, "Evaluator", lambda inputs, labels, *a: given.append(len(labels)) or SetFigures(
+        {"all ops": (0.90, 1.6, 1.5, 1.7)}))
+    monkeypatch.setattr(stage, "profile", measured_as(1.0))
+    report = json.loads((stage.quantize(export_dir, None, QuantizeConfig(search="off", latency_seconds=0.05)
+                         ) / "report.json").read_text())
+    val = len(data.labels)
+    assert report["dataset"]["num_samples"] == 4 and given == [val] and val > 4
+    assert [report["variants"][v]["accuracy_samples"] for v in ("fp32", "int8")] == [val, val]
+    assert f"Accuracy of fp32, int8 on {val} validation images" in (export_dir / "report.md").read_text()
+
+
 def test_a_file_the_final_measurement_refuses_keeps_no_shipping_name(quantizable, tmp_path, monkeypatch, capsys):
     """Faster in the search, slower in the final measurement: INT8 is not shipped, the file is kept as
     model.int8.rejected.onnx for inspection, and the report says why."""

@@ -265,6 +265,23 @@ def test_pruning_removes_heads_and_ffn_channels_then_reloads_exports_and_passes_
     assert fusions["options"]["num_heads"] == 1 and fusions["fused_operators"].get("Attention") == 2
 
 
+def test_iterative_pruning_removes_heads_in_even_shares_and_keeps_the_macs_its_search_measured(text_run, tmp_path):
+    """Three steps reach the MACs of one: Torch-Pruning's own schedule took the cumulative ratio of the
+    heads left at each step (MiniLM: 3 of 12 heads kept at ratio 0.5; this 2-head model: none)."""
+    from ftdeploy.config import PruneConfig
+    from ftdeploy.prune import prune
+    from ftdeploy.rundir import load_run
+
+    out = prune(text_run, tmp_path / "steps", PruneConfig(target_macs=0.5, iterative_steps=3, finetune_epochs=0,
+                                                          latency_seconds=0.05, round_to=None))
+    record = json.loads((out / "prune_report.json").read_text())
+    chosen = next(t for t in record["search"] if t["ratio"] == record["ratio"])
+    assert record["ratios"]["macs"] == pytest.approx(chosen["macs_fraction"]) and record["ratios"]["macs"] <= 0.5
+    model = load_run(out).load_model()
+    assert [m.num_attention_heads for m in model.modules() if hasattr(m, "num_attention_heads") and hasattr(m, "query")
+            ] == [1, 1]
+
+
 def test_a_dynamic_int8_file_answers_each_text_as_if_it_ran_alone(text_export, tmp_path):
     """Dynamic INT8 takes its activation scales from the whole batch (padding included): a file
     quantize ships that way is marked batch-dependent, and every runner answers example by example."""

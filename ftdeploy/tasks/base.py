@@ -59,6 +59,7 @@ class Task:
     name: str = ""
     input_names: tuple[str, ...] = ()
     codec: str = ""  # the server's request codec for this task's inputs (serve.CODECS)
+    unit: str = "examples"  # what reports count: images, texts
     exporter_order: tuple[str, ...] = ("dynamo", "torchscript")  # what export.exporter=auto tries, in order
     description: str = ""
 

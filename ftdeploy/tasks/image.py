@@ -25,6 +25,7 @@ class ImageClassification(Task):
     name = "image_classification"
     input_names = ("input",)
     codec = "image"
+    unit = "images"
     description = "Image classification"
     default_corruptions = IMAGE_CORRUPTIONS
 

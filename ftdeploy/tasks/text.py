@@ -300,6 +300,7 @@ class TextClassification(Task):
     name = "text_classification"
     input_names = TEXT_INPUTS
     codec = "text"
+    unit = "texts"
     description = "Text classification"
     # onnxruntime's transformer fusions (Attention, EmbedLayerNormalization) recognize the TorchScript
     # exporter's BERT graphs, not the dynamo exporter's (checked with transformers 5 and onnxruntime 1.32)
