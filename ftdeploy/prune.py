@@ -102,14 +102,15 @@ def prune_channels(model: nn.Module, head: nn.Module, example: tuple[torch.Tenso
     cumulative ratio times the heads *left* (MiniLM's 12 heads at ratio 0.5 in 3 steps: 3 heads
     kept, not 6; a 2-head model: none, and a division by zero)."""
     tp = _tp()
+    importance = cfg.importance or task.pruning_importance
     for step_ratio in step_ratios(ratio, steps):
         model.eval()
-        if cfg.importance == "taylor":  # Taylor importance reads the gradients of a few real batches
+        if importance == "taylor":  # Taylor importance reads the gradients of a few real batches
             model.zero_grad()
             for x, y in batches or []:
                 nn.functional.cross_entropy(model(*x), y).backward()
         extra, whole = task.pruning_options(model, step_ratio)
-        tp.pruner.MetaPruner(model, example, importance=importances.get(cfg.importance)(), pruning_ratio=step_ratio,
+        tp.pruner.MetaPruner(model, example, importance=importances.get(importance)(), pruning_ratio=step_ratio,
                              global_pruning=cfg.global_pruning, ignored_layers=[head, *whole], round_to=cfg.round_to,
                              **extra).step()
         task.after_pruning(model)
@@ -225,8 +226,9 @@ def prune(run_dir: str | Path, output_dir: str | Path, cfg: PruneConfig | None =
     """Prune ``run_dir``'s model, recover it by fine-tuning, write the new run directory and its report."""
     from accelerate import PartialState
 
-    cfg = cfg or PruneConfig()
     run = load_run(run_dir)
+    cfg = cfg or PruneConfig()
+    cfg = cfg.model_copy(update={"importance": cfg.importance or run.task.pruning_importance})
     out = Path(output_dir)
     if out.resolve() == run.path.resolve():
         raise ConfigError("prune --output-dir must differ from the run it prunes", "e.g. runs/digits-pruned")

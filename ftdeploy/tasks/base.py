@@ -60,6 +60,7 @@ class Task:
     input_names: tuple[str, ...] = ()
     codec: str = ""  # the server's request codec for this task's inputs (serve.CODECS)
     unit: str = "examples"  # what reports count: images, texts
+    pruning_importance: str = "l2"  # prune.importance unless the config names one
     exporter_order: tuple[str, ...] = ("dynamo", "torchscript")  # what export.exporter=auto tries, in order
     description: str = ""
 

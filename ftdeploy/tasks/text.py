@@ -302,6 +302,8 @@ class TextClassification(Task):
     codec = "text"
     unit = "texts"
     description = "Text classification"
+    # Magnitude ranks heads poorly: MiniLM at 0.47x MACs, the same recovery, 81.55 % (l2) against 83.85 %
+    pruning_importance = "taylor"
     # onnxruntime's transformer fusions (Attention, EmbedLayerNormalization) recognize the TorchScript
     # exporter's BERT graphs, not the dynamo exporter's (checked with transformers 5 and onnxruntime 1.32)
     exporter_order = ("torchscript", "dynamo")
