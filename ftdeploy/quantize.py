@@ -32,13 +32,13 @@ from onnxruntime.quantization import CalibrationDataReader
 
 from .config import QuantizeConfig
 from .errors import FtdeployError, NotShipped
-from .evaluation import EvalData, accuracy, batched, logits_at_batch_sizes, onnx_predictor, parity
+from .evaluation import EvalData, accuracy, batched, onnx_predictor, parity
 from .files import relative, resolve
 from .tasks import feeds
 from .latency import FASTER, Comparison, Speedup, compare, ort_runner, profile, provider_latency, tile_batch
 from .machine import cpu_flags, physical_cores
-from .onnx_model import (TWO_GB, copy_onnx, fuse_transformer, model_metadata, move_onnx, onnx_size, open_session, save_onnx,
-                         update_metadata, write_metadata)
+from .onnx_model import (TWO_GB, batch_dependent, copy_onnx, fuse_transformer, model_metadata, move_onnx, onnx_size,
+                         open_session, save_onnx, update_metadata, write_metadata)
 from .report import write_report
 from .rundir import ExportDir, load_export, manifest, write_manifest
 
@@ -251,9 +251,11 @@ class Evaluator:
         self.inputs, self.labels, self.threads, self.seconds = inputs, labels, threads, seconds
         self.bench = inputs if bench is None else bench  # the inputs latency is timed on
         self.latest: Comparison | None = None  # the last measurement: the quick path's final figures
+        self.logits: dict[str, np.ndarray] = {}  # name -> logits behind its accuracy, for confirm to reuse
 
     def accuracy(self, name: str, path: Path) -> float:
-        return accuracy(batched(onnx_predictor(open_session(path, self.threads)), self.inputs, 32), self.labels)
+        self.logits[name] = batched(onnx_predictor(open_session(path, self.threads)), self.inputs, 32)
+        return accuracy(self.logits[name], self.labels)
 
     def speedups(self, candidates: dict[str, Path], reference: Path, longer: float = 1.0
                  ) -> tuple[dict[str, tuple[Speedup, float]], float]:
@@ -455,7 +457,8 @@ def quantize(export_dir: str | Path, output_dir: str | Path | None = None, cfg: 
         # batch-1 figure: timing the same two files again would only repeat it.
         preset = evaluator.latest.renamed({"reference": "fp32", "reference A/A": "fp32 A/A", record["chosen"]: "int8"}
                                           ) if record["search"] == "quick" else None
-        reason = confirm(report, fp32, candidate, data, threads, cfg, record, preset)
+        reason = confirm(report, fp32, candidate, data, threads, cfg, record, preset,
+                         {"fp32": evaluator.logits.get("fp32"), "int8": evaluator.logits.get(record["chosen"])})
     record["shipped"], record["not_shipped_reason"] = reason is None, reason
     if candidate.is_file():
         final = out / (INT8 if reason is None else INT8_REJECTED)
@@ -554,16 +557,21 @@ def search_path(cfg: QuantizeConfig, tried: list[Attempt]) -> dict[str, str]:
 
 
 def confirm(report: dict[str, Any], fp32: Path, int8: Path, data: EvalData, threads: int, cfg: QuantizeConfig,
-            record: dict[str, Any], batch1: Comparison | None = None) -> str | None:
+            record: dict[str, Any], batch1: Comparison | None = None,
+            logits: dict[str, np.ndarray | None] | None = None) -> str | None:
     """Measure the file to ship again beside FP32 at the report's batch sizes (the final figures the
     report shows) and record its parity; say why not when this measurement does not confirm it is
     faster (the caller then keeps it under the rejected name). ``batch1``: a batch-1 measurement of
-    these files (variants fp32, int8, fp32 A/A) just taken, used instead of timing batch 1 again."""
+    these files (variants fp32, int8, fp32 A/A) just taken, used instead of timing batch 1 again.
+    ``logits``: the search's own (batch 32) on ``data.inputs``, reused where a file answers
+    independently of the batch; a batch-dependent file (dynamic INT8) is run one example at a time."""
     fp32_session, int8_session = open_session(fp32, threads), open_session(int8, threads)
     again = open_session(fp32, threads)
     batch_sizes = [int(b) for b in report["variants"]["fp32"]["latency_ms"]]
-    fp32_logits = logits_at_batch_sizes(onnx_predictor(fp32_session), data.inputs, [1])[0]
-    int8_logits = logits_at_batch_sizes(onnx_predictor(int8_session), data.inputs, [1])[0]
+    reused = {name for name, session in (("fp32", fp32_session), ("int8", int8_session))
+              if (logits or {}).get(name) is not None and not batch_dependent(session)}
+    fp32_logits, int8_logits = (logits[name] if name in reused else batched(onnx_predictor(session), data.inputs, 1)
+                                for name, session in (("fp32", fp32_session), ("int8", int8_session)))
     bs = 1 if 1 in batch_sizes else batch_sizes[0]  # where the speedup is judged, with an A/A session
     figures, comparisons = profile({"fp32": lambda b: ort_runner(fp32_session, b), "int8": lambda b: ort_runner(int8_session, b),
                                     "fp32 A/A": lambda b: ort_runner(again, b)},
@@ -586,7 +594,8 @@ def confirm(report: dict[str, Any], fp32: Path, int8: Path, data: EvalData, thre
                                       accuracy=accuracy(fp32_logits, data.labels))
     report["variants"]["int8"] = {"path": int8.name, "size_bytes": onnx_size(int8), "accuracy_samples": samples,
                                   "accuracy": accuracy(int8_logits, data.labels),
-                                  "parity": {**parity(fp32_logits, int8_logits), "reference": "fp32", "batch_sizes": [1]},
+                                  "parity": {**parity(fp32_logits, int8_logits), "reference": "fp32",
+                                             "batch_sizes": [32 if "int8" in reused else 1]},
                                   **figures["int8"], "latency_measured_by": "quantize",
                                   "providers_p50_ms": provider_latency(int8, data.bench, threads, cfg.latency_seconds)}
     # The search applied min_speedup to its own (longer, side-by-side) measurement; this one guards

@@ -67,6 +67,7 @@ class SetFigures:
                  final: dict[str, tuple[float, float, float]] | None = None):
         self.figures, self.noise, self.final, self.rounds = figures, noise or {}, final or {}, []
         self.latest = None  # the last measurement, as the real evaluator keeps it: FP32 at 2 ms
+        self.logits = {}  # set accuracies have no logits: confirm runs the files
 
     def noise_floor(self, reference):
         return 0.02
@@ -344,6 +345,30 @@ def test_int8_is_judged_on_eval_samples_not_on_the_exports_few_parity_examples(q
     assert report["dataset"]["num_samples"] == 4 and given == [val] and val > 4
     assert [report["variants"][v]["accuracy_samples"] for v in ("fp32", "int8")] == [val, val]
     assert f"Accuracy of fp32, int8 on {val} validation images" in (export_dir / "report.md").read_text()
+
+
+def test_confirm_reuses_the_searchs_logits_of_files_that_answer_alike_at_any_batch(quantizable, tmp_path, monkeypatch):
+    """Static INT8 and FP32 answer an image the same beside others: the accuracy and parity the report
+    gives come from the logits the search computed, and no file is run again one image at a time."""
+    import ftdeploy.quantize as stage
+
+    class SetSpeed(stage.Evaluator):  # this machine's accuracy, set speedups
+        def speedups(self, candidates, reference, longer=1.0):
+            fake = SetFigures({name: (0.0, 1.6, 1.5, 1.7) for name in candidates})
+            measured = fake.speedups(candidates, reference, longer)
+            self.latest = fake.latest
+            return measured
+
+    batch_sizes, real = [], stage.batched
+    monkeypatch.setattr(stage, "batched", lambda predict, x, bs: batch_sizes.append(bs) or real(predict, x, bs))
+    monkeypatch.setattr(stage, "Evaluator", SetSpeed)
+    monkeypatch.setattr(stage, "profile", measured_as(1.0))
+    _, export_dir, _ = quantizable
+    report = json.loads((stage.quantize(export_dir, tmp_path / "q", QuantizeConfig(search="off", mode="static"))
+                         / "report.json").read_text())
+    int8, tried = report["variants"]["int8"], report["quantization"]["tried"]
+    assert batch_sizes == [32, 32] and int8["parity"]["batch_sizes"] == [32]  # fp32 and int8, once each
+    assert int8["accuracy"] == tried[0]["accuracy"]
 
 
 def test_a_file_the_final_measurement_refuses_keeps_no_shipping_name(quantizable, tmp_path, monkeypatch, capsys):
