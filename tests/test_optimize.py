@@ -94,3 +94,33 @@ def test_the_choice_rule_on_set_figures():
     assert pick(target_speedup=10.0) is None
     assert {(p["level"], p["variant"]) for p in pareto_front(points)} == {
         (1.0, "fp32"), (1.0, "int8"), (0.5, "int8"), (0.35, "int8")}  # 0.5 fp32: slower and less accurate than 1.0 int8
+
+
+def test_points_that_tie_on_measurements_taken_apart_are_timed_again_together(monkeypatch, tmp_path):
+    """MiniLM: 0.50 INT8 measured 3.28x while the machine was busy (A/A ±0.29) and tied with 0.40
+    INT8's 3.96x (±0.03), so the least compressed won. Timed again together, the faster one wins."""
+    import ftdeploy.optimize as stage
+    from ftdeploy.config import OptimizeConfig
+
+    def point(level, variant, speedup, noise, drop=0.0):
+        return {"level": level, "variant": variant, "provider": "cpu", "path": f"levels/{level}/{variant}.onnx",
+                "accuracy_drop_points": drop, "accuracy": 0.8, "p50_ms": 18 / speedup, "p90_ms": 20 / speedup,
+                "reference_p50_ms": 18.0, "speedup": {"median": speedup}, "noise_floor": noise}
+
+    points = [point(1.0, "fp32", 1.0, 0.06), point(0.5, "int8", 3.28, 0.29), point(0.4, "int8", 3.96, 0.03),
+              point(0.35, "int8", 5.0, 0.03, drop=2.0)]  # outside the budget: never timed again
+    cfg = OptimizeConfig(max_accuracy_drop=1.0)
+    assert (stage.choose(points, cfg)["level"], stage.choose(points, cfg)["variant"]) == (0.5, "int8")
+    timed = []
+
+    def together(files, reference, bench, threads, seconds):
+        timed.append((sorted(files), seconds))
+        return {name: {"p50_ms": 18 / s, "p90_ms": 20 / s, "reference_p50_ms": 18.0, "speedup": {"median": s},
+                       "noise_floor": 0.02} for name, s in zip(sorted(files), (3.9, 3.3))}
+
+    monkeypatch.setattr(stage, "measure_together", together)
+    assert stage.final_round(points, cfg, tmp_path, tmp_path / "ref.onnx", None, 2) == ["0.50 int8 cpu", "0.40 int8 cpu"]
+    assert timed == [(["0.40 int8 cpu", "0.50 int8 cpu"], 2 * cfg.latency_seconds)]
+    chosen = stage.choose(points, cfg)
+    assert (chosen["level"], chosen["speedup"]["median"], chosen["first"]["speedup"]["median"]) == (0.4, 3.9, 3.96)
+    assert stage.final_round([p for p in points if p["level"] != 0.5], cfg, tmp_path, tmp_path, None, 2) == []
