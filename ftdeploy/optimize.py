@@ -97,12 +97,18 @@ def point_name(point: dict[str, Any]) -> str:
     return f"{level_name(point['level'])} {point['variant']} {point['provider']}"
 
 
+NOISY = 0.10  # an A/A spread above this: the machine was busy during the measurement
+FINAL_TRIES = 3
+
+
 def final_round(points: list[dict[str, Any]], cfg: OptimizeConfig, out: Path, reference: Path, bench, threads: int
                 ) -> list[str]:
     """Time the points within the budget that tie with the fastest again, together in the same
     rounds and twice as long, and keep that measurement (the first as ``first``): each was timed
     apart, and a point measured while the machine was busy (MiniLM: A/A ±0.29) tied 3.28x with
-    3.96x, and the least compressed won on that. Returns the names timed again."""
+    3.96x, and the least compressed won on that. A round whose own A/A spread says the machine was
+    busy (above NOISY) is taken again, up to FINAL_TRIES times, and the quietest kept: a ±0.23
+    round makes a 10 % gap a tie. Returns the names timed again."""
     within = [p for p in points if p["accuracy_drop_points"] <= cfg.max_accuracy_drop]
     if cfg.target_speedup is not None or cfg.target_latency_ms is not None or len(within) < 2:
         return []
@@ -111,8 +117,15 @@ def final_round(points: list[dict[str, Any]], cfg: OptimizeConfig, out: Path, re
             * (1 - max(p["noise_floor"], best["noise_floor"]))]
     if len(ties) < 2:
         return []
-    again = measure_together({point_name(p): (out / p["path"], p["provider"]) for p in ties}, reference, bench, threads,
-                             2 * cfg.latency_seconds)
+    files = {point_name(p): (out / p["path"], p["provider"]) for p in ties}
+    again: dict[str, dict[str, Any]] = {}
+    for _ in range(FINAL_TRIES):
+        figures = measure_together(files, reference, bench, threads, 2 * cfg.latency_seconds)
+        noise = figures[point_name(ties[0])]["noise_floor"]
+        if not again or noise < again[point_name(ties[0])]["noise_floor"]:
+            again = figures
+        if noise <= NOISY:
+            break
     for p in ties:
         p["first"] = {k: p[k] for k in ("p50_ms", "p90_ms", "reference_p50_ms", "speedup", "noise_floor")}
         p.update(again[point_name(p)])
