@@ -46,7 +46,7 @@ def test_export_keeps_parity_with_pytorch(tmp_path, model, exporter):
 def test_resnet_export_report_manifest_and_latency(resnet_run, resnet_export):
     report = check_report(resnet_export, resnet_run)
     assert set(report["machine"]) >= {"cpu", "cores", "threads", "isa", "onnxruntime", "torch"}
-    assert report["dataset"] == {"name": "synthetic", "split": "val", "num_samples": 20}
+    assert report["dataset"] == {"name": "synthetic", "split": "val", "num_samples": 20, "unit": "images"}
     assert report["source_run"] == os.path.relpath(resnet_run, resnet_export)  # relative to the export directory
     assert report["source"]["classes"] == ["class_0", "class_1", "class_2"]
     for variant in ("torch", "fp32"):
