@@ -292,7 +292,7 @@ def report(export_dir: str | Path, cfg: ReportConfig | None = None) -> Path:
     data = {"source": relative(source.path, out.parent), "source_run": relative(source.source_run, out.parent),
             "torch_variant_missing": no_torch,
             "dataset": {"name": source.data.name, "split": "val", "num_samples": len(images.labels),
-                        "unit": images.unit, "corrupted": images.corrupted},
+                        "unit": source.task.unit, "corrupted": images.corrupted},
             "machine": machine_info(threads), "latency_session": session_policy(threads),
             "settings": cfg.model_dump(mode="json"), "classes": images.classes, "variants": results,
             "saliency_inputs": explained}

@@ -162,7 +162,6 @@ class Images:
     classes: list[str]
     spec: Preprocessing
     corruptions = corruptions
-    unit = "images"
     corrupted = "to the image before normalization"
 
     def inputs(self, corruption: str = "identity", severity: int = 1) -> np.ndarray:

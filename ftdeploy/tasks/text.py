@@ -206,7 +206,6 @@ class Texts:
     classes: list[str]
     spec: TextPreprocessing
     corruptions = text_corruptions
-    unit = "texts"
     corrupted = "to the text before tokenization"
 
     def inputs(self, corruption: str = "identity", severity: int = 1) -> Tokens:
