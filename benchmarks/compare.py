@@ -60,7 +60,7 @@ import numpy as np
 from ftdeploy.config import ExportConfig, OptimizeConfig, PruneConfig, QuantizeConfig, load_config
 from ftdeploy.evaluation import EvalData, accuracy, batched, onnx_predictor, torch_predictor
 from ftdeploy.export import export
-from ftdeploy.latency import PROVIDERS, compare, format_table, ort_runner, session_policy, tile_batch
+from ftdeploy.latency import PROVIDERS, compare, format_table, ort_runner, rounds_at, session_policy, tile_batch
 from ftdeploy.machine import cpu_flags, machine_info, physical_cores
 from ftdeploy.onnx_model import fuse_transformer, open_session, save_onnx
 from ftdeploy.optimize import optimize
@@ -306,7 +306,7 @@ def grid(file: Path, work: Path, data: EvalData, fp32_accuracy: float, threads: 
 ORT_OPENVINO_SCRIPT = """
 import json, sys
 import numpy as np
-from ftdeploy.latency import compare, ort_session
+from ftdeploy.latency import compare, ort_session, rounds_at
 files, arrays, threads, seconds = json.loads(sys.argv[1]), np.load(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
 
 def feed(prefix):
@@ -331,7 +331,7 @@ for bs in (1, 32):
         break
     batch = feed(f"bench/{bs}")
     runners = {n: (lambda s=s: s.run(None, batch)) for n, s in sessions.items()}
-    result = compare(runners, bs, rounds=5 if bs == 1 else 3, seconds=seconds)
+    result = compare(runners, bs, rounds=rounds_at(bs), seconds=seconds)
     for n, st in result.stats.items():
         out[n]["p50_ms_bs%d" % bs], out[n]["p90_ms_bs%d" % bs] = st.p50, st.p90
         if bs == 32:
@@ -520,9 +520,9 @@ def measure(name: str, contenders: dict[str, Contender], data: EvalData, seconds
             row["accuracy_drop_points"] = 100 * (accuracy(reference, data.labels) - row["accuracy"])
             row["top1_agreement"] = float((logits.argmax(-1) == reference.argmax(-1)).mean())
     print(f"== {name}: timing {len(predictors)} contenders side by side", flush=True)
-    for bs, rounds in ((1, 5), (32, 3)):
+    for bs in (1, 32):
         batch = tile_batch(data.bench, bs)
-        result = compare({k: (lambda p=p, b=batch: p(b)) for k, p in predictors.items()}, bs, rounds=rounds, seconds=seconds)
+        result = compare({k: (lambda p=p, b=batch: p(b)) for k, p in predictors.items()}, bs, rounds=rounds_at(bs), seconds=seconds)
         for key, st in result.stats.items():
             if bs == 1:
                 # the median of per-round ratios: robust to the machine drifting between rounds, where

@@ -8,6 +8,7 @@ a failed gate (FP32 parity), or INT8 refused under ``--strict``; 130 interrupted
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -32,9 +33,12 @@ TRAIN_EXTRA = {"torch", "torchvision", "accelerate", "safetensors", "sklearn", "
 
 def stage(module: str) -> Any:
     """Import a stage module, or say in one line which extra provides what it lacks. Every stage
-    reads a run's data or model through torch, even one whose module imports without it."""
+    reads a run's data through the training extra (scikit-learn's splits, torchvision's datasets),
+    even one whose module imports without it: torch is looked for, not imported (quantize never
+    needs it, and importing it costs seconds)."""
     try:
-        importlib.import_module("torch")
+        if importlib.util.find_spec("torch") is None:
+            raise ModuleNotFoundError("No module named 'torch'", name="torch")
         return importlib.import_module(f"ftdeploy.{module}")
     except ModuleNotFoundError as e:
         if (e.name or "").split(".")[0] in TRAIN_EXTRA:

@@ -144,7 +144,8 @@ class QuantizeConfig(Section):
         "auto", description="auto: measure the preset (the preflight's scheme, every op) first and ship it when it is "
         "within the budget and faster outside the noise floor, else the full search; full: always the whole "
         "measured search (exclusions, schemes, sensitive nodes in FP32, a final round); off: the preset alone")
-    latency_seconds: float = Field(2.0, gt=0, description="timed seconds per candidate's batch-1 latency")
+    latency_seconds: float = Field(2.0, gt=0, description="timed seconds per candidate's batch-1 latency (half of "
+                                   "it at the report's larger batch sizes, where nothing is decided)")
     eval_samples: int = Field(2000, ge=1, description="validation examples every candidate's accuracy is judged on "
                               "(at most): one example of 2,000 is 0.05 points, one of the 256 a text export "
                               "compares is 0.4, enough to flip a 1-point budget")

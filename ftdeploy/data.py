@@ -2,10 +2,12 @@
 built-in datasets as ``torchvision:<Class>`` and ``synthetic`` for tests. Text: the embedded
 ``rotten_tomatoes`` and the user's ``csv`` / ``jsonl``.
 
-Every builder returns :class:`DatasetSplits` whose items are ``(input, label)``: a float tensor
+Every builder returns :class:`DatasetSplits` whose items are ``(input, label)``: a float32 array
 C×H×W preprocessed by :func:`ftdeploy.preprocessing.preprocess` (the same function the server uses),
 or a text's token ids and token type ids from the run's tokenizer. The run's task stacks and
-collates them (:mod:`ftdeploy.tasks`).
+collates them (:mod:`ftdeploy.tasks`). Torch-free (numpy and Pillow; torchvision only for its
+datasets and for augmentation), so that quantize, which reads data but no PyTorch model, does not
+import torch (2-9 s of its quick path on images). A DataLoader takes these datasets as they are.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 from PIL import Image
 
 from .config import DataConfig
@@ -35,7 +36,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".
 datasets: Registry[Callable[[DataConfig, Preprocessing], "DatasetSplits"]] = Registry("dataset", DataError)
 
 
-class ImageDataset(torch.utils.data.Dataset):
+class ImageDataset:
     """Images produced by ``load(i)`` and preprocessed on access (each once, when ``cache`` is set:
     on first access, so that a stage reading 256 calibration images of a split does not prepare
     all of it, 5 s of quantize's 40 on digits at 128 px)."""
@@ -44,7 +45,7 @@ class ImageDataset(torch.utils.data.Dataset):
                  augment: bool = False, cache: bool = False):
         self.load, self.labels, self.spec = load, list(labels), spec
         self.augment = _augmentation(spec) if augment else None
-        self.cached: dict[int, torch.Tensor] | None = {} if cache and not augment else None
+        self.cached: dict[int, np.ndarray] | None = {} if cache and not augment else None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -55,11 +56,11 @@ class ImageDataset(torch.utils.data.Dataset):
             img = self.augment(to_mode(img, self.spec.channels))
         return preprocess(img, self.spec)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
         if self.cached is None:
-            return torch.from_numpy(self._array(i)), self.labels[i]
+            return self._array(i), self.labels[i]
         if i not in self.cached:
-            self.cached[i] = torch.from_numpy(self._array(i))
+            self.cached[i] = self._array(i)
         return self.cached[i], self.labels[i]
 
     def subset(self, indices: list[int]) -> "ImageDataset":
@@ -118,7 +119,7 @@ def _augmentation(spec: Preprocessing):
                        v2.RandomHorizontalFlip()])
 
 
-class TextDataset(torch.utils.data.Dataset):
+class TextDataset:
     """Texts tokenized once, up front (the ``tokenizers`` library does thousands a second)."""
 
     def __init__(self, texts: list[str], labels: list[int], spec):
@@ -141,12 +142,12 @@ class TextDataset(torch.utils.data.Dataset):
 
 @dataclass
 class DatasetSplits:
-    train: torch.utils.data.Dataset
-    val: torch.utils.data.Dataset
+    train: ImageDataset | TextDataset
+    val: ImageDataset | TextDataset
     classes: list[str]
     name: str
     skipped: list[str] = field(default_factory=list)  # unreadable files left out (on_corrupt=skip)
-    test: torch.utils.data.Dataset | None = None  # held out of val by data.test_fraction
+    test: ImageDataset | TextDataset | None = None  # held out of val by data.test_fraction
 
 
 def build_datasets(cfg: DataConfig, spec: Preprocessing) -> DatasetSplits:
@@ -156,7 +157,7 @@ def build_datasets(cfg: DataConfig, spec: Preprocessing) -> DatasetSplits:
     >>> spec = Preprocessing(16, 16, 3, (0.5,) * 3, (0.5,) * 3)
     >>> splits = build_datasets(DataConfig(name="synthetic", num_samples=20), spec)
     >>> len(splits.train) + len(splits.val), splits.train[0][0].shape
-    (20, torch.Size([3, 16, 16]))
+    (20, (3, 16, 16))
     """
     builder = datasets.get("torchvision" if cfg.name.startswith("torchvision:") else cfg.name)
     splits = builder(cfg, spec)
@@ -167,7 +168,7 @@ def build_datasets(cfg: DataConfig, spec: Preprocessing) -> DatasetSplits:
         splits.val = splits.val.subset(sorted(order[n:].tolist()))
     if cfg.max_train_samples is not None and cfg.max_train_samples < len(splits.train):
         keep = np.random.default_rng(cfg.split_seed).permutation(len(splits.train))[:cfg.max_train_samples]
-        splits.train = torch.utils.data.Subset(splits.train, sorted(keep.tolist()))
+        splits.train = splits.train.subset(sorted(keep.tolist()))
     return splits
 
 

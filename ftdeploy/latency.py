@@ -5,7 +5,8 @@
 - Variants are timed in alternating *blocks*, never call by call (alternating two sessions call by
   call inflates both and pulls their ratio towards 1). Each block starts after an idle gap that lets
   spinning worker threads (onnxruntime's, PyTorch's OpenMP) go to sleep, then warm-up calls, so no
-  variant runs against another's leftovers. The order rotates every round.
+  variant runs against another's leftovers. The order rotates every round: five rounds at batch 1,
+  where speedups are judged, three at larger batches, whose calls are long (:func:`rounds_at`).
 - A speedup is the median of per-round ratios, with their interquartile range as the spread: "faster
   by at least ``min_speedup``" needs the low end (the 25th percentile) to clear it
   (:meth:`Speedup.verdict`). The extremes are kept too; one round disturbed by another tenant of a
@@ -37,6 +38,9 @@ from .tasks.base import feeds, tile
 # Spinning worker threads answer the next run sooner; serving builds its sessions the same way.
 ALLOW_SPINNING = True
 SETTLE_SECONDS = 0.02  # idle gap before each block: longer than a spin-wait, short against a block
+# Warm-up calls stop after this long (at least one): one call of a 200 ms batch warms what three of a
+# 2 ms batch do, and three of them cost more than the timed calls of a 2-second measurement.
+WARMUP_SECONDS = 0.05
 
 
 @dataclass
@@ -141,8 +145,7 @@ def compare(fns: dict[str, Callable[[], object]], batch_size: int, rounds: int =
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:  # rotate: no variant always goes first
             time.sleep(settle)
-            for _ in range(warmup):
-                fns[name]()
+            _timed(fns[name], [], 1, warmup, WARMUP_SECONDS)
             block: list[float] = []
             _timed(fns[name], block, min_iterations, 100_000, seconds / rounds)
             times[name] += block
@@ -150,21 +153,32 @@ def compare(fns: dict[str, Callable[[], object]], batch_size: int, rounds: int =
     return Comparison({name: _stats(t, batch_size) for name, t in times.items()}, blocks)
 
 
+def rounds_at(batch_size: int) -> int:
+    """Rounds of :func:`compare` at a batch size: five at batch 1, three at larger batches, whose
+    calls are long (a block holds a few of them, and more rounds would add warm-ups, not figures)."""
+    return 5 if batch_size == 1 else 3
+
+
 def profile(runners: dict[str, Callable[[np.ndarray], Callable[[], object]]], samples: np.ndarray,
             batch_sizes: list[int], seconds: float, measured: dict[int, Comparison] | None = None,
-            only_at: dict[str, int] | None = None) -> tuple[dict[str, dict], dict[int, Comparison]]:
+            only_at: dict[str, int] | None = None, report_seconds: float | None = None
+            ) -> tuple[dict[str, dict], dict[int, Comparison]]:
     """Every variant (name -> batch -> callable) timed side by side at each batch size; returns the
     report figures per variant (p50/p90/p99, throughput, iterations per batch size) and the
     comparison behind each batch size, for speedups. ``measured`` holds comparisons of the same
     variants already taken under the protocol (batch size -> comparison): those are not timed again.
-    ``only_at`` times a variant at one batch size alone (an A/A session, where a speedup is judged)."""
+    ``only_at`` times a variant at one batch size alone (an A/A session, where a speedup is judged);
+    the batch sizes without one are timed ``report_seconds`` per variant when given: their figures
+    are reported, no decision rests on them."""
     figures: dict[str, dict] = {name: {"latency_ms": {}, "throughput": {}, "iterations": {}} for name in runners}
     comparisons = dict(measured or {})
+    judged = set((only_at or {}).values())
     for bs in batch_sizes:
         if bs not in comparisons:
             batch = tile_batch(samples, bs)
+            timed = seconds if bs in judged or report_seconds is None else report_seconds
             comparisons[bs] = compare({name: make(batch) for name, make in runners.items()
-                                       if (only_at or {}).get(name, bs) == bs}, bs, seconds=seconds)
+                                       if (only_at or {}).get(name, bs) == bs}, bs, rounds_at(bs), timed)
         for name, st in comparisons[bs].stats.items():
             figures[name]["latency_ms"][str(bs)] = {"p50": st.p50, "p90": st.p90, "p99": st.p99}
             figures[name]["throughput"][str(bs)] = st.throughput

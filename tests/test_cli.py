@@ -60,11 +60,18 @@ def test_python_m_ftdeploy_train_is_the_train_command(tmp_path):
 
 
 def torch_blocker(tmp_path):
-    """A PYTHONPATH on which `import torch` fails as it does after pip install 'ftdeploy[serve]'."""
-    blocker = tmp_path / "blocked" / "torch"
-    blocker.mkdir(parents=True)
-    (blocker / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n")
-    return {"PYTHONPATH": str(blocker.parent)}
+    """A PYTHONPATH on which torch is missing as it is after pip install 'ftdeploy[serve]': importing
+    it and looking for it (importlib.util.find_spec) both fail."""
+    blocker = tmp_path / "blocked"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class Hide:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'torch':\n"
+        "            raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n"
+        "sys.meta_path.insert(0, Hide())\n")
+    return {"PYTHONPATH": str(blocker)}
 
 
 @pytest.mark.parametrize("args", [["train"], ["export", "runs/x"], ["prune", "runs/x", "-o", "runs/y"],

@@ -22,7 +22,7 @@ def test_digits_is_the_real_bundled_set_with_a_stratified_seeded_split():
     assert min(counts.values()) >= 35 and max(counts.values()) <= 37  # stratified: ~36 per class
     again = build_datasets(DataConfig(name="digits"), SPEC)
     assert again.val.labels == splits.val.labels
-    assert np.array_equal(again.val[0][0].numpy(), splits.val[0][0].numpy())
+    assert np.array_equal(again.val[0][0], splits.val[0][0])
     other = build_datasets(DataConfig(name="digits", split_seed=1), SPEC)
     assert other.val.labels != splits.val.labels
     x, y = splits.train[0]
@@ -138,4 +138,4 @@ def test_every_dataset_pickles_for_spawned_dataloader_workers(tmp_path):
             again = pickle.loads(pickle.dumps(ds))
             assert again.labels == ds.labels
             if not cfg.augment:
-                assert np.array_equal(again[0][0].numpy(), ds[0][0].numpy())
+                assert np.array_equal(again[0][0], ds[0][0])
