@@ -466,7 +466,7 @@ def quantize(export_dir: str | Path, output_dir: str | Path | None = None, cfg: 
     fusions = report["variants"]["fp32"].get("fusions", {})
     record, reason = ship(source, fp32, candidate, cfg, data.calibration, evaluator,
                           {**_metadata(fp32), "variant": "int8"}, fusions.get("options") if fusions.get("fused_operators") else None)
-    record["seconds"] = time.perf_counter() - started  # the whole search: what a user waits for
+    record["seconds"] = time.perf_counter() - started  # the search and its timing, not the data nor confirm
     print(f"int8 search: {record['search']} ({record['search_why']})")
     report["quantization"] = record
     report["variants"].pop("int8", None)
