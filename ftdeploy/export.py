@@ -37,7 +37,7 @@ from .evaluation import (EvalData, accuracy, fp32_parity, logits_at_batch_sizes,
                          torch_predictor)
 from .files import relative
 from .gates import Gates
-from .latency import FASTER, compare, ort_runner, profile, provider_latency, session_policy, tile_batch
+from .latency import FASTER, beside_reference, ort_runner, profile, provider_latency, session_policy, tile_batch
 from .machine import machine_info, physical_cores
 from .onnx_model import external_data, fuse_transformer, move_onnx, onnx_size, open_session, read_metadata, save_onnx, write_metadata
 from .report import write_report
@@ -116,11 +116,9 @@ def transformer_fusions(raw: Path, candidate: Path, metadata: dict[str, Any], op
             return {"kept": False, "fused_operators": found, "options": options,
                     "reason": f"the fused graph's logits differ by {difference:.3g} from the unfused graph's"}
         batch = tile_batch(bench, 1)
-        result = compare({"onnxruntime": ort_runner(plain, batch),
-                          "onnxruntime A/A": ort_runner(open_session(candidate, threads), batch),
-                          "fused": ort_runner(fused_session, batch)}, 1, seconds=2 * seconds)
+        result, noise = beside_reference(ort_runner(plain, batch), ort_runner(open_session(candidate, threads), batch),
+                                         {"fused": ort_runner(fused_session, batch)}, 1, 2 * seconds, "onnxruntime")
         speedup = result.speedup("onnxruntime", "fused")
-        noise = result.speedup("onnxruntime", "onnxruntime A/A").noise
         verdict = speedup.verdict(noise)
         kept = verdict in FASTER
         if kept:

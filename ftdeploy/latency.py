@@ -153,6 +153,16 @@ def compare(fns: dict[str, Callable[[], object]], batch_size: int, rounds: int =
     return Comparison({name: _stats(t, batch_size) for name, t in times.items()}, blocks)
 
 
+def beside_reference(reference: Callable[[], object], twin: Callable[[], object],
+                     candidates: dict[str, Callable[[], object]], batch_size: int, seconds: float,
+                     name: str = "reference") -> tuple[Comparison, float]:
+    """``candidates`` timed in the same rounds as the reference and its A/A ``twin`` (the same file in
+    a second session), named ``name`` and ``name A/A``; returns the comparison and the A/A spread,
+    the noise of this very measurement."""
+    result = compare({name: reference, f"{name} A/A": twin, **candidates}, batch_size, seconds=seconds)
+    return result, result.speedup(name, f"{name} A/A").noise
+
+
 def rounds_at(batch_size: int) -> int:
     """Rounds of :func:`compare` at a batch size: five at batch 1, three at larger batches, whose
     calls are long (a block holds a few of them, and more rounds would add warm-ups, not figures)."""

@@ -33,7 +33,7 @@ from .errors import ConfigError
 from .evaluation import EvalData, accuracy, batched, held_out_test, onnx_predictor
 from .export import export
 from .files import relative, write_json, write_text
-from .latency import PROVIDERS, compare, installed_providers, ort_runner, ort_session, tile_batch
+from .latency import PROVIDERS, beside_reference, installed_providers, ort_runner, ort_session, tile_batch
 from .machine import machine_info, physical_cores
 from .prune import prune
 from .quantize import quantize
@@ -78,12 +78,10 @@ def measure_together(files: dict[str, tuple[Path, str]], reference: Path, bench,
     """Batch-1 latency of every file (name -> (path, provider)) beside the unpruned FP32 file (CPU
     provider) and an A/A session of it, all in the same alternating rounds."""
     batch = tile_batch(bench, 1)
-    fns = {"reference": ort_runner(ort_session(reference, threads), batch),
-           "reference A/A": ort_runner(ort_session(reference, threads), batch),
-           **{name: ort_runner(ort_session(path, threads, [PROVIDERS[provider]]), batch)
-              for name, (path, provider) in files.items()}}
-    result = compare(fns, 1, seconds=seconds)
-    noise = result.speedup("reference", "reference A/A").noise
+    result, noise = beside_reference(ort_runner(ort_session(reference, threads), batch),
+                                     ort_runner(ort_session(reference, threads), batch),
+                                     {name: ort_runner(ort_session(path, threads, [PROVIDERS[provider]]), batch)
+                                      for name, (path, provider) in files.items()}, 1, seconds)
     return {name: {"p50_ms": result.stats[name].p50, "p90_ms": result.stats[name].p90,
                    "reference_p50_ms": result.stats["reference"].p50,
                    "speedup": result.speedup("reference", name).as_dict(), "noise_floor": noise} for name in files}

@@ -37,7 +37,7 @@ from .errors import FtdeployError, NotShipped
 from .evaluation import EvalData, accuracy, batched, onnx_predictor, parity
 from .files import relative, resolve
 from .tasks import feeds
-from .latency import FASTER, Comparison, Speedup, compare, ort_runner, profile, provider_latency, tile_batch
+from .latency import FASTER, Comparison, Speedup, beside_reference, ort_runner, profile, provider_latency, tile_batch
 from .machine import cpu_flags, physical_cores
 from .onnx_model import (TWO_GB, batch_dependent, copy_onnx, fuse_transformer, model_metadata, move_onnx, onnx_size,
                          open_session, save_onnx, update_metadata, write_metadata)
@@ -281,12 +281,14 @@ class Evaluator:
         the same alternating rounds. A second session on ``reference`` runs in those rounds too: its
         A/A spread is the noise during this very measurement, not only at the start of the search."""
         batch = tile_batch(self.bench, 1)
-        sessions = {"reference": reference, "reference A/A": reference, **candidates}
-        result = compare({name: ort_runner(open_session(path, self.threads), batch) for name, path in sessions.items()},
-                         1, seconds=longer * self.seconds)
+
+        def runner(path: Path):
+            return ort_runner(open_session(path, self.threads), batch)
+
+        result, noise = beside_reference(runner(reference), runner(reference),
+                                         {name: runner(path) for name, path in candidates.items()}, 1, longer * self.seconds)
         self.latest = result
-        return ({name: (result.speedup("reference", name), result.stats[name].p50) for name in candidates},
-                result.speedup("reference", "reference A/A").noise)
+        return {name: (result.speedup("reference", name), result.stats[name].p50) for name in candidates}, noise
 
     def noise_floor(self, reference: Path) -> float:
         """The A/A check before the search: the reference file against itself (two sessions)."""
