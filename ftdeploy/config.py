@@ -90,7 +90,9 @@ class TrainConfig(Section):
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
     warmup_epochs: float = Field(0.5, ge=0, description="linear warm-up before the cosine decay")
     label_smoothing: float = Field(0.1, ge=0, lt=1)
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = Field(
+        None, description="unset: the launcher's choice (accelerate launch --mixed_precision, which sets "
+        "ACCELERATE_MIXED_PRECISION), else no; a value here wins over the launcher's (one log line says so)")
     grad_accum_steps: int = Field(1, ge=1)
     cache_features: bool = Field(True, description="head mode: compute backbone features once, train the head on them")
     seed: int = 0

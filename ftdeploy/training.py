@@ -13,7 +13,9 @@ import copy
 import csv
 import io
 import json
+import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +32,8 @@ from .models import BuiltModel, build_model, split_parameters
 from .files import atomic_path, write_json, write_text
 from .tasks import get_task
 from .rundir import WEIGHTS, is_run_dir, load_run, write_run_files
+
+log = logging.getLogger(__name__)
 
 
 class Callback(Protocol):
@@ -92,6 +96,7 @@ def make_accelerator(cfg: PipelineConfig, out: Path):
             import tensorboard  # noqa: F401
         except ImportError:
             raise DependencyError("train.log_with=[tensorboard] needs TensorBoard", "pip install tensorboard") from None
+    mixed_precision = resolve_mixed_precision(cfg.train.mixed_precision)
     try:
         return Accelerator(
             mixed_precision=cfg.train.mixed_precision,
@@ -101,9 +106,30 @@ def make_accelerator(cfg: PipelineConfig, out: Path):
             # A seeded sampler reshuffles as seed + epoch, so a resumed run sees the same batches.
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.train.seed),
         )
-    except (ValueError, RuntimeError) as e:  # e.g. fp16 requested on a machine without a GPU
-        raise ConfigError(f"cannot set up training with mixed_precision={cfg.train.mixed_precision}: {e}",
+    except (ValueError, RuntimeError) as e:  # e.g. a precision this device has no autocast for
+        raise ConfigError(f"cannot set up training with mixed_precision={mixed_precision}: {e}",
                           "use train.mixed_precision=no (or bf16 on CPUs/GPUs that support it)") from None
+
+
+LAUNCHER_PRECISION = "ACCELERATE_MIXED_PRECISION"  # what accelerate launch --mixed_precision sets
+
+
+def resolve_mixed_precision(configured: str | None) -> str:
+    """The precision this training runs in: the config's when it names one (one log line when that
+    overrides the launcher's), else the launcher's (Accelerate's own rule: ``no`` when nothing was
+    launched). Accelerate keeps one precision per process; a state left by an earlier call with
+    another precision (library users train several configs in one process) is reset, or it would
+    silently win."""
+    from accelerate.state import AcceleratorState
+
+    launcher = os.environ.get(LAUNCHER_PRECISION, "").lower() or None
+    wanted = configured or launcher or "no"
+    if configured and launcher and configured != launcher:
+        log.warning("train.mixed_precision=%s overrides the launcher's %s (unset it to follow the launcher)",
+                    configured, launcher)
+    if AcceleratorState._shared_state and AcceleratorState._shared_state.get("_mixed_precision") != wanted:
+        AcceleratorState._reset_state()
+    return wanted
 
 
 def lr_lambda(total_steps: int, warmup_steps: int):
@@ -260,6 +286,8 @@ def fine_tune(job: Job, accelerator, resume: bool = False, callbacks: Iterable[C
     if resume and not ckpt.is_dir():
         raise ConfigError(f"--resume: no checkpoint at {ckpt}", "run without --resume to start from scratch"
                           + ("" if cfg.train.checkpoint else " (train.checkpoint=false saves none)"))
+    if accelerator.device.type == "cuda":  # metrics.json's peak is this training's, not the process's
+        torch.cuda.reset_peak_memory_stats(accelerator.device)
     trained, train_set, val_set, collate, sampler = prepare_data(cfg, job.built, job.splits)
     optimizer = make_optimizer(cfg, job.built)
     bs, workers = cfg.data.batch_size, cfg.data.num_workers
@@ -294,7 +322,10 @@ def fine_tune(job: Job, accelerator, resume: bool = False, callbacks: Iterable[C
     metrics = {"val_accuracy": state.best_accuracy, "best_epoch": state.best_epoch, "epochs": len(state.history),
                "final_val_accuracy": state.history[-1]["val_accuracy"] if state.history else None,
                "train_images_per_second": _median([h["train_images_per_second"] for h in state.history]),
-               "num_processes": accelerator.num_processes, "mixed_precision": cfg.train.mixed_precision,
+               "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
+               "mixed_precision_configured": cfg.train.mixed_precision, "device": accelerator.device.type,
+               "peak_device_memory_mb": (torch.cuda.max_memory_allocated(accelerator.device) / 2**20
+                                         if accelerator.device.type == "cuda" else None),
                "mode": cfg.train.mode, "bn_reestimate": bn}
     if accelerator.is_main_process:
         write_json(out / "metrics.json", metrics)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY, cli, tiny_config
+from conftest import REPO, TINY, cli, tiny_config
 from ftdeploy.rundir import load_run
 from ftdeploy.train import train
 
@@ -181,3 +181,48 @@ def test_briefly_trained_mobilenet_v3_evaluates_with_its_re_estimated_statistics
     assert bn(auto).momentum == 0.01  # the architecture's own momentum is back for further training
     stats_differ = not np.allclose(bn(auto).running_mean.numpy(), bn(never).running_mean.numpy())
     assert stats_differ == auto_metrics["bn_reestimate"]["applied"]  # kept statistics are new ones
+
+
+class AutocastSeen:
+    """What autocast was inside the model's forward during training: a hook on the head, placed at
+    the first batch (the loop's own forward, wherever Accelerate wraps the model)."""
+
+    def __init__(self):
+        self.dtypes: set = set()
+        self.hook = None
+
+    def record(self, *_):
+        self.dtypes.add(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32)
+
+    def on_train_batch(self, state, batch):
+        if self.hook is None:
+            self.hook = state.model.fc.register_forward_hook(self.record)
+
+
+def launched(tmp_path, monkeypatch, launcher: str, *overrides: str) -> tuple[dict, set]:
+    """Train the shipped digits config (on the tiny model and data) as ``accelerate launch
+    --mixed_precision <launcher>`` leaves the process: ACCELERATE_MIXED_PRECISION set."""
+    from ftdeploy.config import load_config
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launcher)
+    cfg = load_config(REPO / "configs/digits.yaml", TINY + ["preprocessing.resize_size=16", "train.epochs=1",
+                                                            f"output_dir={tmp_path / 'run'}", *overrides])
+    seen = AutocastSeen()
+    out = train(cfg, callbacks=[seen])
+    return json.loads((out / "metrics.json").read_text()), seen.dtypes
+
+
+def test_the_launchers_precision_is_the_one_that_trains(tmp_path, monkeypatch):
+    """The shipped configs leave train.mixed_precision unset, so the launcher's bf16 is what runs
+    (the configs' old "no" silently overrode it: fp32 in the loop, "no" in metrics.json)."""
+    metrics, dtypes = launched(tmp_path, monkeypatch, "bf16")
+    assert dtypes == {torch.bfloat16}
+    assert metrics["mixed_precision"] == "bf16" and metrics["mixed_precision_configured"] is None
+
+
+def test_a_precision_set_in_the_config_wins_and_says_so(tmp_path, monkeypatch, caplog):
+    metrics, dtypes = launched(tmp_path, monkeypatch, "bf16", "train.mixed_precision=no")
+    assert dtypes == {torch.float32}
+    assert metrics["mixed_precision"] == "no" and metrics["mixed_precision_configured"] == "no"
+    assert [r.getMessage() for r in caplog.records if "overrides the launcher" in r.getMessage()] == [
+        "train.mixed_precision=no overrides the launcher's bf16 (unset it to follow the launcher)"]
