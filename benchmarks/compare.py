@@ -16,7 +16,7 @@ the same 256 calibration inputs and the same validation inputs. Image models:
                                            on the same levels: its choice, timed there on the provider it chose
   ftdeploy_int8                            ftdeploy quantize
   grid_best                                the best point of {u8s8, s8s8, u8u8} x per-channel x reduce_range
-                                           (QDQ) within the accuracy budget: the ceiling for ftdeploy's search
+                                           (QDQ) within the metric budget: the ceiling for ftdeploy's search
   ftdeploy_pruned_fp32/_int8               ResNet-18 and MiniLM: ftdeploy prune to 0.5x MACs, then export/quantize
   ftdeploy_optimize                        ResNet-18 and MiniLM: the file ftdeploy optimize chose within the budget
                                            (its test-split figure beside it; these runs hold out data.test_fraction=0.2)
@@ -58,14 +58,17 @@ from typing import Any, Callable
 import numpy as np
 
 from ftdeploy.config import ExportConfig, OptimizeConfig, PruneConfig, QuantizeConfig, load_config
-from ftdeploy.evaluation import EvalData, accuracy, batched, onnx_predictor, torch_predictor
+from ftdeploy.evaluation import EvalData, onnx_predictor, torch_predictor
 from ftdeploy.export import export
+from ftdeploy.figures import pyplot
 from ftdeploy.latency import PROVIDERS, compare, format_table, ort_runner, rounds_at, session_policy, tile_batch
+from ftdeploy.logs import showing_logs
 from ftdeploy.machine import cpu_flags, machine_info, physical_cores
 from ftdeploy.onnx_model import fuse_transformer, open_session, save_onnx
 from ftdeploy.optimize import optimize
 from ftdeploy.prune import prune
 from ftdeploy.quantize import CalibrationReader, Evaluator, quantize
+from ftdeploy.records import ParetoRecord, load_record
 from ftdeploy.rundir import load_export, load_run, read_json
 from ftdeploy.tasks import feeds
 from ftdeploy.train import train
@@ -100,15 +103,15 @@ NNCF_MODEL_TYPE = {"minilm": "TRANSFORMER"}  # nncf.ModelType, as NNCF's guide f
 BUDGET_POINTS = 0.5
 BUDGETS = {"minilm": 1.0}  # a model's own budget where its config sets another (configs/text.yaml)
 SKIPPED = "skipped (--skip)"
-FIELDS = ("accuracy", "accuracy_drop_points", "top1_agreement", "size_bytes", "p50_ms_bs1", "p90_ms_bs1",
-          "throughput_bs32")  # every contender has them, null when it failed
+FIELDS = ("metric", "metric_drop_points", "agreement", "size_bytes", "p50_ms_bs1", "p90_ms_bs1",
+          "throughput_bs32")  # every contender has them, null when it failed; metric: the task's primary
 
 
 @dataclass
 class Contender:
     engine: str
     int8: bool
-    predictor: Callable[[int], Callable[[np.ndarray], np.ndarray]] | None = None  # threads -> batch -> logits
+    predictor: Callable[[int], Callable[[Any], list]] | None = None  # threads -> batch -> raw outputs
     path: Path | None = None
     quantize_seconds: float | None = None
     error: str | None = None
@@ -244,10 +247,15 @@ def openvino_fp32(file: Path, work: Path, data: EvalData) -> Contender:
                      extra={"inference_precision": str(core.get_property("CPU", "INFERENCE_PRECISION_HINT"))})
 
 
-def openvino_predictor(compiled) -> Callable[[Any], np.ndarray]:
-    """A compiled OpenVINO model as a predictor of any task's inputs, fed by input name."""
+def openvino_predictor(compiled) -> Callable[[Any], list]:
+    """A compiled OpenVINO model as a predictor of any task's inputs, fed by input name: every output."""
     names = [i.get_any_name() for i in compiled.inputs]
-    return lambda x: compiled(feeds(x, names))[0]
+
+    def run(x) -> list:
+        result = compiled(feeds(x, names))
+        return [result[o] for o in compiled.outputs]
+
+    return run
 
 
 def openvino_nncf_int8(file: Path, work: Path, data: EvalData, model_type: str | None = None) -> Contender:
@@ -268,7 +276,7 @@ def openvino_nncf_int8(file: Path, work: Path, data: EvalData, model_type: str |
     return Contender("openvino", True, make, out, seconds, extra={"model_type": model_type or "default"})
 
 
-def grid(file: Path, work: Path, data: EvalData, fp32_accuracy: float, threads: int, seconds: float,
+def grid(file: Path, work: Path, data: EvalData, fp32_metric: float, threads: int, seconds: float,
          types=(("QUInt8", "QInt8"), ("QInt8", "QInt8"), ("QUInt8", "QUInt8"))) -> Contender:
     """Every point of the grid, each timed beside ORT FP32; the fastest within the budget."""
     from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, quantize_static
@@ -285,17 +293,17 @@ def grid(file: Path, work: Path, data: EvalData, fp32_accuracy: float, threads: 
                 _, q_seconds = timed(lambda: quantize_static(
                     str(pre), str(out), reader(data, file), quant_format=QuantFormat.QDQ, activation_type=QuantType[act],
                     weight_type=QuantType[weight], per_channel=per_channel, reduce_range=reduce_range))
-                acc = accuracy(batched(onnx_predictor(open_session(out, threads)), data.inputs, 32), data.labels)
+                value = data.score(data.outputs(onnx_predictor(open_session(out, threads)), 32)).value
                 speed = compare({"fp32": fp32, "int8": ort_runner(open_session(out, threads), batch)}, 1,
                                 seconds=seconds).speedup("fp32", "int8")
                 points.append({"activation_type": act, "weight_type": weight, "per_channel": per_channel,
-                               "reduce_range": reduce_range, "accuracy": acc, "speedup": speed.median,
+                               "reduce_range": reduce_range, "metric": value, "speedup": speed.median,
                                "speedup_low": speed.low, "path": str(out), "quantize_seconds": q_seconds})
                 print(f"  grid {act}/{weight} per_channel={per_channel} reduce_range={reduce_range}: "
-                      f"{100 * acc:.2f}% {speed.median:.2f}x", flush=True)
-    within = [p for p in points if 100 * (fp32_accuracy - p["accuracy"]) <= BUDGET_POINTS]
+                      f"{100 * value:.2f}% {speed.median:.2f}x", flush=True)
+    within = [p for p in points if 100 * (fp32_metric - p["metric"]) <= BUDGET_POINTS]
     if not within:
-        return Contender("onnxruntime", True, error="no grid point within the accuracy budget", extra={"grid": points})
+        return Contender("onnxruntime", True, error="no grid point within the metric budget", extra={"grid": points})
     best = max(within, key=lambda p: p["speedup"])
     return onnx_contender(Path(best["path"]), True, best["quantize_seconds"], grid=points,
                           point={k: best[k] for k in ("activation_type", "weight_type", "per_channel", "reduce_range")})
@@ -320,8 +328,8 @@ for name, (path, provider) in files.items():
         sessions[name] = ort_session(path, threads, providers=[provider])
         if provider not in sessions[name].get_providers():
             raise RuntimeError(f"{provider} did not load")
-        logits = np.concatenate([sessions[name].run(None, feed(f"acc/{i}"))[0] for i in batches])
-        np.save(sys.argv[2] + f".{name}.npy", logits)
+        chunks = [sessions[name].run(None, feed(f"acc/{i}")) for i in batches]
+        np.savez(sys.argv[2] + f".{name}.npz", **{f"{c}/{k}": o for c, outs in enumerate(chunks) for k, o in enumerate(outs)})
         out[name] = {"error": None}
     except Exception as e:
         out[name] = {"error": f"{type(e).__name__}: {e}"[:500]}
@@ -360,7 +368,8 @@ def openvino_ep_venv(venv: Path) -> Path:
 def ort_openvino_ep(python: Path, files: dict[str, Path], data: EvalData, threads: int, seconds: float,
                     cpu: tuple[str, ...] = ()) -> dict[str, dict]:
     """Files on onnxruntime-openvino's execution provider (those named in ``cpu``: on its CPU
-    provider), in its venv (``openvino_ep_venv``)."""
+    provider), in its venv (``openvino_ep_venv``); each file's raw outputs on the validation examples
+    come back as ``outputs``, joined by the task."""
     names = input_names(next(iter(files.values())))
     arrays = {f"acc/{i}/{n}": a for i in range(0, len(data.inputs), 32) for n, a in feeds(data.inputs[i:i + 32], names).items()}
     arrays.update({f"bench/{bs}/{n}": a for bs in (1, 32) for n, a in feeds(tile_batch(data.bench, bs), names).items()})
@@ -375,8 +384,16 @@ def ort_openvino_ep(python: Path, files: dict[str, Path], data: EvalData, thread
             raise RuntimeError(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed")
         out = json.loads(result.stdout.strip().splitlines()[-1])
         for name in files:
-            logits = Path(tmp) / f"inputs.npz.{name}.npy"
-            out[name]["logits"] = np.load(logits) if logits.exists() else None
+            saved = Path(tmp) / f"inputs.npz.{name}.npz"
+            if saved.exists():
+                arrays = np.load(saved)
+                chunks: dict[int, dict[int, np.ndarray]] = {}
+                for key in arrays.files:
+                    c, k = map(int, key.split("/"))
+                    chunks.setdefault(c, {})[k] = arrays[key]
+                out[name]["outputs"] = data.task.join([[c[k] for k in sorted(c)] for _, c in sorted(chunks.items())])
+            else:
+                out[name]["outputs"] = None
     return out
 
 
@@ -416,7 +433,7 @@ def contenders_for(name: str, run_dir: Path, cfg, work: Path, data: EvalData, ar
         return torch_predictor(model, run.input_names)
 
     out: dict[str, Contender] = {"torch_eager": Contender("torch", False, torch_eager), "ort_fp32": onnx_contender(file, False)}
-    fp32_accuracy = accuracy(batched(onnx_predictor(open_session(file, threads)), data.inputs, 32), data.labels)
+    fp32_metric = data.score(data.outputs(onnx_predictor(open_session(file, threads)), 32)).value
     builders: dict[str, Callable[[], Contender]] = {
         "ort_fp32_fused": lambda: ort_fp32_fused(file, work, load_export(export_dir).report),
         "ort_dynamic_default": lambda: ort_dynamic_default(file, work, data),
@@ -426,18 +443,17 @@ def contenders_for(name: str, run_dir: Path, cfg, work: Path, data: EvalData, ar
         "olive_static_default": lambda: olive_static_default(file, work, data),
         "openvino_fp32": lambda: openvino_fp32(file, work, data),
         "openvino_nncf_int8": lambda: openvino_nncf_int8(file, work, data, NNCF_MODEL_TYPE.get(name)),
-        "grid_best": lambda: grid(file, work, data, fp32_accuracy, threads, 0.1 if args.quick else 1.0,
+        "grid_best": lambda: grid(file, work, data, fp32_metric, threads, 0.1 if args.quick else 1.0,
                                   *([(("QUInt8", "QInt8"),)] if args.quick else []))}
     for key in PEERS.get(name, IMAGE_PEERS):
         print(f"== {name}: {key}", flush=True)
         engine = "openvino" if key.startswith("openvino") else "onnxruntime"
         int8 = key not in ("openvino_fp32", "ort_fp32_fused")
         out[key] = (Contender(engine, int8, error=SKIPPED) if key in args.skip else attempt(builders[key], engine, int8))
-    report = load_export(export_dir).report
-    q = report["quantization"]
+    q = load_export(export_dir).report.quantization
     int8 = export_dir / "model.int8.onnx"
-    out["ftdeploy_int8"] = (onnx_contender(int8, True, q.get("seconds"), chosen=q["chosen"])
-                            if int8.is_file() else Contender("onnxruntime", True, error=q["not_shipped_reason"]))
+    out["ftdeploy_int8"] = (onnx_contender(int8, True, q.seconds, chosen=q.chosen)
+                            if int8.is_file() else Contender("onnxruntime", True, error=q.not_shipped_reason))
     if name in PRUNED:
         pruned = run_dir.with_name(f"{name}-pruned50")
         if not (pruned / "manifest.json").is_file():
@@ -446,7 +462,7 @@ def contenders_for(name: str, run_dir: Path, cfg, work: Path, data: EvalData, ar
         out["ftdeploy_pruned_fp32"] = onnx_contender(pruned_export / "model.onnx", False)
         pruned_int8 = pruned_export / "model.int8.onnx"
         out["ftdeploy_pruned_int8"] = (onnx_contender(pruned_int8, True) if pruned_int8.is_file() else Contender(
-            "onnxruntime", True, error=load_export(pruned_export).report["quantization"]["not_shipped_reason"]))
+            "onnxruntime", True, error=load_export(pruned_export).report.quantization.not_shipped_reason))
         out["ftdeploy_optimize"] = attempt(lambda: ftdeploy_optimize(name, run_dir, qcfg), "onnxruntime", True)
     return out
 
@@ -455,7 +471,7 @@ def ftdeploy_optimize(name: str, run_dir: Path, qcfg: QuantizeConfig) -> Contend
     """``ftdeploy optimize`` on the run within the model's budget (resumed where its directory holds
     finished points): the file it chose, and its figure on the test split the search never saw."""
     out = run_dir.with_name(f"{name}-optimize")
-    optimize(run_dir, out, OptimizeConfig(max_accuracy_drop=OPTIMIZE_BUDGET, quantize=qcfg, **OPTIMIZE[name]))
+    optimize(run_dir, out, OptimizeConfig(max_metric_drop=OPTIMIZE_BUDGET, quantize=qcfg, **OPTIMIZE[name]))
     path, choice = optimize_choice(out)
     return onnx_contender(path, choice.pop("int8"), choice.pop("optimize_seconds"), **choice)
 
@@ -463,14 +479,14 @@ def ftdeploy_optimize(name: str, run_dir: Path, qcfg: QuantizeConfig) -> Contend
 def optimize_choice(out: Path) -> tuple[Path, dict[str, Any]]:
     """The file optimize chose in ``out`` and its figures for the contender's row; raises when no
     point met the budget (the row then records why)."""
-    record = read_json(out / "pareto.json")
-    c = record["chosen"]
+    record = load_record(ParetoRecord, out / "pareto.json")
+    c = record.chosen
     if c is None:
         raise RuntimeError(f"no point within {OPTIMIZE_BUDGET} points")
-    return out / c["path"], {"chosen": f"{c['variant']} at {c['level']:.2f}x MACs on {c['provider']}",
-                             "provider": c["provider"], "budget_points": OPTIMIZE_BUDGET, "int8": c["variant"] == "int8",
-                             "optimize_speedup": c["speedup"]["median"], "optimize_seconds": record["seconds"],
-                             "test_split": record["test"]}
+    return out / c.path, {"chosen": f"{c.variant} at {c.level:.2f}x MACs on {c.provider}",
+                          "provider": c.provider, "budget_points": OPTIMIZE_BUDGET, "int8": c.variant == "int8",
+                          "optimize_speedup": c.speedup["median"], "optimize_seconds": record.seconds,
+                          "test_split": record.test.model_dump(mode="json")}
 
 
 def optimize_on_openvino(python: Path, name: str, run_dir: Path) -> tuple[Path, dict[str, Any]]:
@@ -482,7 +498,7 @@ def optimize_on_openvino(python: Path, name: str, run_dir: Path) -> tuple[Path, 
         shutil.copytree(run_dir.with_name(f"{name}-optimize") / "levels", out / "levels")
     settings = OPTIMIZE[name]
     subprocess.run([str(python), "-m", "ftdeploy", "optimize", str(run_dir), "-o", str(out), "--providers", "cpu,openvino",
-                    "--max-accuracy-drop", str(OPTIMIZE_BUDGET), "--levels", ",".join(map(str, settings["levels"])),
+                    "--max-metric-drop", str(OPTIMIZE_BUDGET), "--levels", ",".join(map(str, settings["levels"])),
                     "--set", f"optimize.finetune_epochs={settings['finetune_epochs']}"], check=True)
     return optimize_choice(out)
 
@@ -496,7 +512,7 @@ def attempt(build: Callable[[], Contender], engine: str, int8: bool) -> Contende
 
 
 def measure(name: str, contenders: dict[str, Contender], data: EvalData, seconds: float) -> dict[str, dict]:
-    """Accuracy, agreement with ORT FP32, size, and latency timed side by side under the protocol."""
+    """The task's metric, agreement with ORT FP32, size, and latency timed side by side under the protocol."""
     threads = physical_cores()
     rows: dict[str, dict] = {}
     predictors = {}
@@ -506,19 +522,17 @@ def measure(name: str, contenders: dict[str, Contender], data: EvalData, seconds
         if c.error is None:
             try:
                 predictors[key] = c.predictor(threads)
-                row["logits"] = batched(predictors[key], data.inputs, 32)
+                row["outputs"] = data.outputs(predictors[key], 32)
                 row["size_bytes"] = file_size(c.path) if c.path else None
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
                 predictors.pop(key, None)
         rows[key] = row
-    reference = rows["ort_fp32"]["logits"]
+    reference = rows["ort_fp32"]["outputs"]
     for row in rows.values():
-        logits = row.pop("logits", None)
-        if logits is not None:
-            row["accuracy"] = accuracy(logits, data.labels)
-            row["accuracy_drop_points"] = 100 * (accuracy(reference, data.labels) - row["accuracy"])
-            row["top1_agreement"] = float((logits.argmax(-1) == reference.argmax(-1)).mean())
+        outputs = row.pop("outputs", None)
+        if outputs is not None:
+            judge(row, outputs, reference, data)
     print(f"== {name}: timing {len(predictors)} contenders side by side", flush=True)
     for bs in (1, 32):
         batch = tile_batch(data.bench, bs)
@@ -534,6 +548,13 @@ def measure(name: str, contenders: dict[str, Contender], data: EvalData, seconds
     return rows
 
 
+def judge(row: dict[str, Any], outputs: list, reference: list, data: EvalData) -> None:
+    """A contender's metric, its drop against ORT FP32 and how its decisions agree with FP32's (the task's)."""
+    row["metric"] = data.score(outputs).value
+    row["metric_drop_points"] = 100 * (data.score(reference).value - row["metric"])
+    row["agreement"] = data.task.agreement(reference, outputs, data.inputs)["decision_agreement"]
+
+
 def file_size(path: Path) -> int:
     files = [path, path.with_name(path.name + ".data")] + ([path.with_suffix(".bin")] if path.suffix == ".xml" else [])
     return sum(f.stat().st_size for f in files if f.is_file())
@@ -543,7 +564,7 @@ def search_decisions(export_dir: Path, qcfg: QuantizeConfig, work: Path) -> dict
     """The search of the export directory and one more run of it on the same files: the same decision?"""
     decisions = []
     for report in (export_dir / "report.json", quantize(export_dir, work / "search_again", qcfg) / "report.json"):
-        q = read_json(report)["quantization"]
+        q = read_json(report)["quantization"]  # the record's fields, as written
         decisions.append({"chosen": q["chosen"], "shipped": q["shipped"], "search_speedup": q.get("search_speedup"),
                           "final_speedup": q.get("final_speedup"), "search_final_agree": q.get("search_final_agree"),
                           "noise_floor": q["noise_floor"]})
@@ -568,7 +589,7 @@ def main() -> None:
     args.output.mkdir(parents=True, exist_ok=True)
     workdir = args.workdir or args.output / "runs"
     # --quick checks the script's plumbing: one INT8 configuration per search, short timing
-    qcfg = QuantizeConfig(max_accuracy_drop=BUDGET_POINTS, **({"latency_seconds": 0.2, "search": False} if args.quick
+    qcfg = QuantizeConfig(max_metric_drop=BUDGET_POINTS, **({"latency_seconds": 0.2, "search": False} if args.quick
                                                               else {"latency_seconds": 2.0}))
     results: dict[str, Any] = {"command": "python " + " ".join(sys.argv), "machine": machine_info(),
                                "session": session_policy(physical_cores()),
@@ -586,7 +607,7 @@ def main() -> None:
 def compare_model(name: str, workdir: Path, args, qcfg: QuantizeConfig, seconds: float) -> dict[str, Any]:
     """One model: its fine-tune, FP32 file, every contender on it, the search run twice."""
     run_dir, cfg = fine_tuned(name, workdir, args.quick)
-    qcfg = qcfg.model_copy(update={"max_accuracy_drop": BUDGETS.get(name, BUDGET_POINTS)})
+    qcfg = qcfg.model_copy(update={"max_metric_drop": BUDGETS.get(name, BUDGET_POINTS)})
     work = args.output / "work" / name
     work.mkdir(parents=True, exist_ok=True)
     data = EvalData.from_run(load_run(run_dir), 2000, 256)
@@ -597,7 +618,7 @@ def compare_model(name: str, workdir: Path, args, qcfg: QuantizeConfig, seconds:
     if (export_dir / "model.int8.onnx").is_file():
         ep_files["ort_openvino_ep_int8"] = export_dir / "model.int8.onnx"
     ep_keys = ["ort_openvino_ep_fp32", "ort_openvino_ep_int8"] + (["ftdeploy_optimize_openvino"] if name in PRUNED else [])
-    ep = {k: {"error": SKIPPED, "logits": None} for k in ep_keys if k in args.skip}
+    ep = {k: {"error": SKIPPED, "outputs": None} for k in ep_keys if k in args.skip}
     try:
         if len(ep) < len(ep_keys):
             python = openvino_ep_venv(args.output / "venv-ort-openvino")
@@ -608,36 +629,32 @@ def compare_model(name: str, workdir: Path, args, qcfg: QuantizeConfig, seconds:
                     on_cpu = ("ftdeploy_optimize_openvino",) if chosen["provider"] == "cpu" else ()
                 except Exception as e:  # the other files still run on the provider
                     traceback.print_exc(limit=3)
-                    ep["ftdeploy_optimize_openvino"] = {"error": f"{type(e).__name__}: {e}"[:300], "logits": None}
+                    ep["ftdeploy_optimize_openvino"] = {"error": f"{type(e).__name__}: {e}"[:300], "outputs": None}
             ep.update(ort_openvino_ep(python, {k: v for k, v in ep_files.items() if k not in ep}, data, physical_cores(),
                                       seconds, on_cpu))
             if "ftdeploy_optimize_openvino" in ep_files:
                 ep["ftdeploy_optimize_openvino"].update(chosen)
     except Exception as e:
         traceback.print_exc(limit=3)
-        ep.update({k: {"error": f"{type(e).__name__}: {e}"[:300], "logits": None} for k in ep_keys if k not in ep})
-    ref_logits = batched(contenders["ort_fp32"].predictor(physical_cores()), data.inputs, 32)
+        ep.update({k: {"error": f"{type(e).__name__}: {e}"[:300], "outputs": None} for k in ep_keys if k not in ep})
+    reference = data.outputs(contenders["ort_fp32"].predictor(physical_cores()), 32)
     for key in ep_keys:
-        r = ep.get(key, {"error": "INT8 not shipped by ftdeploy for this model", "logits": None})
-        logits = r.pop("logits", None)
+        r = ep.get(key, {"error": "INT8 not shipped by ftdeploy for this model", "outputs": None})
+        outputs = r.pop("outputs", None)
         row = {"engine": "onnxruntime-openvino", "int8": key.endswith("int8"), **dict.fromkeys(FIELDS),
                "quantize_seconds": None, **r}
-        if logits is not None:
-            row.update(accuracy=accuracy(logits, data.labels), top1_agreement=float((logits.argmax(-1) == ref_logits.argmax(-1)).mean()),
-                       accuracy_drop_points=100 * (accuracy(ref_logits, data.labels) - accuracy(logits, data.labels)),
-                       size_bytes=file_size(ep_files[key]))
+        if outputs is not None:
+            judge(row, outputs, reference, data)
+            row["size_bytes"] = file_size(ep_files[key])
         rows[key] = row
-    report = load_export(export_dir).report
-    q = report["quantization"]
+    q = load_export(export_dir).report.quantization
     return {
-        "file": str(export_dir / "model.unoptimized.onnx"), "fp32_accuracy": rows["ort_fp32"].get("accuracy"),
-        "budget_points": qcfg.max_accuracy_drop,
-        "noise_floor": Evaluator(data.inputs, data.labels, physical_cores(), seconds, data.bench).noise_floor(
-            export_dir / "model.unoptimized.onnx"),
-        "ftdeploy_search": {"chosen": q["chosen"], "search_speedup": q.get("search_speedup"),
-                            "final_speedup": q.get("final_speedup"), "search_final_agree": q.get("search_final_agree"),
-                            "noise_floor": q["noise_floor"], "seconds": q.get("seconds"),
-                            "decisions": search_decisions(export_dir, qcfg, work)},
+        "file": str(export_dir / "model.unoptimized.onnx"), "metric": data.task.metric,
+        "fp32_metric": rows["ort_fp32"].get("metric"), "budget_points": qcfg.max_metric_drop,
+        "noise_floor": Evaluator(data, None, physical_cores(), seconds).noise_floor(export_dir / "model.unoptimized.onnx"),
+        "ftdeploy_search": {"chosen": q.chosen, "search_speedup": q.search_speedup, "final_speedup": q.final_speedup,
+                            "search_final_agree": q.search_final_agree, "noise_floor": q.noise_floor,
+                            "seconds": q.seconds, "decisions": search_decisions(export_dir, qcfg, work)},
         "contenders": rows}
 
 
@@ -653,11 +670,23 @@ def versions() -> dict[str, str]:
     return out
 
 
+SCHEMA0 = {"accuracy": "metric", "accuracy_drop_points": "metric_drop_points", "top1_agreement": "agreement",
+           "fp32_accuracy": "fp32_metric", "unpruned_fp32_accuracy": "unpruned_fp32_metric"}
+
+
+def upgraded(value: Any) -> Any:
+    """compare.json written before the metric was the task's (a classifier's accuracy fields), renamed."""
+    if isinstance(value, dict):
+        return {SCHEMA0.get(k, k): upgraded(v) for k, v in value.items()}
+    return [upgraded(v) for v in value] if isinstance(value, list) else value
+
+
 def write_outputs(results: dict[str, Any], out: Path) -> None:
+    results = upgraded(results)
     (out / "compare.json").write_text(json.dumps(results, indent=2, default=str))
     lines = ["# ftdeploy beside the alternatives", "",
              f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, ISA "
-             f"{', '.join(results['machine']['isa'])}. Accuracy budget {results['budget_points']} points unless a model "
+             f"{', '.join(results['machine']['isa'])}. Budget {results['budget_points']} points of each task's metric unless a model "
              "says otherwise.", "",
              f"Command: `{results.get('command')}`", ""]
     for name, m in results["models"].items():
@@ -669,13 +698,14 @@ def write_outputs(results: dict[str, Any], out: Path) -> None:
             r["speedup"] = speedup(r, m["contenders"]["ort_fp32"])
             r["error_short"] = (r["error"] or "")[:80]
         s = m["ftdeploy_search"]
-        lines += [f"## {name}", "", f"FP32 accuracy {100 * m['fp32_accuracy']:.2f} %; accuracy budget "
+        metric = m.get("metric", "accuracy")
+        lines += [f"## {name}", "", f"FP32 {metric} {100 * m['fp32_metric']:.2f} %; {metric} budget "
                   f"{budget(results, name)} points; noise floor ±{m['noise_floor']:.3f}; "
                   f"ftdeploy chose `{s['chosen']}`; two runs of its search chose "
                   f"{[d['chosen'] for d in s['decisions']['runs']]} (same decision: {s['decisions']['same_decision']}).", "",
                   format_table(rows, [("contender", "contender", ""), ("engine", "engine", ""), ("int8", "int8", ""),
-                                      ("accuracy", "accuracy", ".4f"), ("accuracy_drop_points", "drop (pts)", "+.2f"),
-                                      ("top1_agreement", "agreement", ".4f"), ("size_bytes", "bytes", ",d"),
+                                      ("metric", metric, ".4f"), ("metric_drop_points", "drop (pts)", "+.2f"),
+                                      ("agreement", "agreement", ".4f"), ("size_bytes", "bytes", ",d"),
                                       ("p50_ms_bs1", "p50 ms @1", ".2f"), ("p90_ms_bs1", "p90 ms @1", ".2f"),
                                       ("speedup", "vs ort_fp32 @1", ".2f"), ("throughput_bs32", "items/s @32", ".0f"),
                                       ("quantize_seconds", "quantize s", ".1f"), ("error_short", "error", "")]), ""]
@@ -695,8 +725,8 @@ def optimize_lines(rows: dict[str, dict]) -> list[str]:
             continue
         t = r["test_split"]
         lines.append(f"- `{key}` (budget {r.get('budget_points', OPTIMIZE_BUDGET)} points) chose {r['chosen']} "
-                     f"({r['optimize_speedup']:.2f}x the unpruned FP32 file in its own search); on the test split no stage saw ({t['samples']} examples) {100 * t['accuracy']:.2f}% "
-                     f"against the unpruned FP32's {100 * t['unpruned_fp32_accuracy']:.2f}%"
+                     f"({r['optimize_speedup']:.2f}x the unpruned FP32 file in its own search); on the test split no stage saw ({t['samples']} examples) {100 * t.get('metric_value', t.get('metric')):.2f}% "
+                     f"against the unpruned FP32's {100 * t['unpruned_fp32_metric']:.2f}%"
                      + (f"; openvino_nncf_int8's p50 / its p50 = {nncf / r['p50_ms_bs1']:.2f}"
                         if nncf and r.get("p50_ms_bs1") else "") + ".")
     return lines + ([""] if lines else [])
@@ -711,14 +741,12 @@ def speedup(row: dict[str, Any], fp32: dict[str, Any]) -> float | None:
 
 
 def budget(results: dict[str, Any], name: str) -> float:
-    """A model's accuracy budget in points (files written before budgets were per model hold one for all)."""
+    """A model's budget in points (files written before budgets were per model hold one for all)."""
     return results["models"][name].get("budget_points", results["budget_points"])
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
     from matplotlib.patches import Patch
-
-    from ftdeploy.report import pyplot
 
     plt = pyplot()
     if plt is None:
@@ -732,17 +760,17 @@ def plot(results: dict[str, Any], path: Path) -> None:
         rows = {k: v for k, v in contenders.items() if v.get("p50_ms_bs1")}
         names = sorted(rows, key=lambda k: speedup(rows[k], contenders["ort_fp32"]))
         speed = [speedup(rows[k], contenders["ort_fp32"]) for k in names]
-        colors = ["tab:red" if (rows[k].get("accuracy_drop_points") or 0) > rows[k].get("budget_points", budget(results, name))
+        colors = ["tab:red" if (rows[k].get("metric_drop_points") or 0) > rows[k].get("budget_points", budget(results, name))
                   else "tab:green" if k.startswith("ftdeploy") else "tab:blue" for k in names]
         ax.barh(names, speed, color=colors)
         for y, k in enumerate(names):
-            ax.text(speed[y], y, f" {speed[y]:.2f}x, {100 * rows[k].get('accuracy', 0):.1f}%", va="center", fontsize=8)
+            ax.text(speed[y], y, f" {speed[y]:.2f}x, {100 * (rows[k].get('metric') or 0):.1f}%", va="center", fontsize=8)
         ax.axvline(1, color="k", lw=0.8)
         missing = [k for k, v in contenders.items() if v.get("error")]
         ax.set(title=f"{name}: batch-1 speedup over onnxruntime FP32 (median of per-round ratios)", xlim=(0, max(speed) * 1.18),
                xlabel="speedup (x)" + (f"\nno figures: {', '.join(missing)}" if missing else ""))
     fig.legend(handles=[Patch(color="tab:green", label="ftdeploy"), Patch(color="tab:blue", label="other contenders"),
-                        Patch(color="tab:red", label="loses more than its accuracy budget")],
+                        Patch(color="tab:red", label="loses more than its metric budget")],
                loc="lower center", ncol=3, frameon=False)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=90)
@@ -750,4 +778,5 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with showing_logs():  # ftdeploy's stages log their progress
+        main()

@@ -95,8 +95,8 @@ def train_default(out: Path, precision: str, tiny: bool) -> dict:
     if result.returncode != 0:
         return {"launched": precision, "failed": result.stderr[-2000:], "seconds": seconds}
     metrics = json.loads((run / "metrics.json").read_text())
-    return {"launched": precision, "recorded": metrics["mixed_precision"], "val_accuracy": metrics["val_accuracy"],
-            "images_per_second": metrics["train_images_per_second"], "peak_memory_mb": metrics["peak_device_memory_mb"],
+    return {"launched": precision, "recorded": metrics["mixed_precision"], "val_accuracy": metrics["val_metric"],
+            "images_per_second": metrics["train_items_per_second"], "peak_memory_mb": metrics["peak_device_memory_mb"],
             "device": metrics["device"], "seconds": seconds, "run": str(run)}
 
 

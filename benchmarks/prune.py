@@ -49,19 +49,19 @@ def main() -> None:
                                                distill_alpha=0.5))
         small = exported(pruned_dir, cfg)
         prune_report = json.loads((pruned_dir / "prune_report.json").read_text())
-        fp32 = base["variants"]["fp32"]
+        fp32, metric = base["variants"]["fp32"], base["metric"]
         files = {"base": fp32["path"], "pruned_fp32": small["variants"]["fp32"]["path"]}
         if "int8" in small["variants"]:
             files["pruned_int8"] = small["variants"]["int8"]["path"]
         timing = side_by_side(files, EvalData.from_run(load_run(run_dir), 64, 1).inputs, args.seconds)
         row = {"macs_ratio": prune_report["ratios"]["macs"], "params_ratio": prune_report["ratios"]["params"],
-               "unpruned_fp32_accuracy": fp32["accuracy"], "unpruned_fp32_p50_ms": timing["base"]["p50_ms"],
+               "unpruned_fp32_metric": fp32["scores"][metric], "unpruned_fp32_p50_ms": timing["base"]["p50_ms"],
                "unpruned_fp32_bytes": fp32["size_bytes"], "pruned_int8_not_shipped": small["quantization"]["not_shipped_reason"]}
         for variant in ("fp32", "int8"):
             v = small["variants"].get(variant)
             if v:
                 t = timing[f"pruned_{variant}"]
-                row[f"pruned_{variant}_accuracy_drop_points"] = 100 * (fp32["accuracy"] - v["accuracy"])
+                row[f"pruned_{variant}_metric_drop_points"] = 100 * (fp32["scores"][metric] - v["scores"][metric])
                 row.update({f"pruned_{variant}_speedup": t["median"], f"pruned_{variant}_speedup_low": t["low"],
                             f"pruned_{variant}_speedup_high": t["high"]})
                 row[f"pruned_{variant}_size_reduction"] = fp32["size_bytes"] / v["size_bytes"]
@@ -71,9 +71,9 @@ def main() -> None:
     print()
     print(format_table(rows, [("model", "model", ""), ("macs_ratio", "MACs", ".2f"),
                               ("pruned_fp32_speedup", "pruned FP32 speedup", ".2f"), ("pruned_fp32_speedup_low", "low", ".2f"),
-                              ("pruned_fp32_accuracy_drop_points", "pruned FP32 drop (pts)", "+.2f"),
+                              ("pruned_fp32_metric_drop_points", "pruned FP32 drop (pts)", "+.2f"),
                               ("pruned_int8_speedup", "pruned INT8 speedup", ".2f"), ("pruned_int8_speedup_low", "low", ".2f"),
-                              ("pruned_int8_accuracy_drop_points", "pruned INT8 drop (pts)", "+.2f"),
+                              ("pruned_int8_metric_drop_points", "pruned INT8 drop (pts)", "+.2f"),
                               ("pruned_int8_size_reduction", "INT8 file smaller by", ".1f")]))
     print("\nspeedups and drops are against the unpruned FP32 ONNX model, batch 1, timed side by side in this run")
     write_results(args.json, results, target_macs=args.target_macs)

@@ -3,7 +3,7 @@
 Each model is fine-tuned (ftdeploy train), exported (ftdeploy export) and quantized (ftdeploy
 quantize: the preflight, the calibrated static QDQ model and the measured exclusion search), and
 the report's FP32 and INT8 figures are tabulated: the batch-1 speedup in the search and in the
-final side-by-side measurement (median and interquartile range of per-round ratios), the noise floor, accuracy
+final side-by-side measurement (median and interquartile range of per-round ratios), the noise floor, metric
 drop, top-1 agreement and size.
 
     python benchmarks/quantize.py --json benchmarks/results/quantize.json
@@ -51,18 +51,18 @@ MODELS = {
 
 
 def summarize(report: dict) -> dict:
-    fp32, int8 = report["variants"]["fp32"], report["variants"].get("int8")
+    fp32, int8, metric = report["variants"]["fp32"], report["variants"].get("int8"), report["metric"]
     q = report["quantization"]
-    row = {"fp32_accuracy": fp32["accuracy"], "fp32_p50_ms": fp32["latency_ms"]["1"]["p50"], "shipped": q["shipped"],
-           "not_shipped_reason": q["not_shipped_reason"], "chosen": q["chosen"], "excluded_nodes": q["excluded_nodes"],
-           "tried": len(q["tried"]), "noise_floor": q["noise_floor"]}
+    row = {"metric": metric, "fp32_metric": fp32["scores"][metric], "fp32_p50_ms": fp32["latency_ms"]["1"]["p50"],
+           "shipped": q["shipped"], "not_shipped_reason": q["not_shipped_reason"], "chosen": q["chosen"],
+           "excluded_nodes": q["excluded_nodes"], "tried": len(q["tried"]), "noise_floor": q["noise_floor"]}
     if int8:
-        row.update(int8_accuracy=int8["accuracy"], int8_p50_ms=int8["latency_ms"]["1"]["p50"],
+        row.update(int8_metric=int8["scores"][metric], int8_p50_ms=int8["latency_ms"]["1"]["p50"],
                    speedup=q["final_speedup"]["median"], speedup_low=q["final_speedup"]["low"],
                    speedup_high=q["final_speedup"]["high"], search_speedup=q["search_speedup"]["median"],
                    search_final_agree=q["search_final_agree"],
-                   accuracy_drop_points=100 * (fp32["accuracy"] - int8["accuracy"]),
-                   top1_agreement=int8["parity"]["top1_agreement"], size_ratio=int8["size_bytes"] / fp32["size_bytes"])
+                   metric_drop_points=100 * (fp32["scores"][metric] - int8["scores"][metric]),
+                   agreement=int8["agreement"]["decision_agreement"], size_ratio=int8["size_bytes"] / fp32["size_bytes"])
     return row
 
 
@@ -166,7 +166,7 @@ def main() -> None:
                               ("int8_p50_ms", "INT8 p50 ms @1", ".2f"), ("speedup", "INT8 speedup (final)", ".2f"),
                               ("speedup_low", "low", ".2f"), ("speedup_high", "high", ".2f"),
                               ("search_speedup", "speedup in search", ".2f"), ("noise_floor", "noise floor", ".3f"),
-                              ("accuracy_drop_points", "acc drop (pts)", "+.2f"), ("top1_agreement", "agreement", ".4f"),
+                              ("metric_drop_points", "metric drop (pts)", "+.2f"), ("agreement", "agreement", ".4f"),
                               ("size_ratio", "size ratio", ".3f"), ("shipped", "shipped", "")]))
     print()
     write_results(args.json, results)

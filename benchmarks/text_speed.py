@@ -16,12 +16,11 @@ from pathlib import Path
 
 import torch
 
-from ftdeploy.evaluation import EvalData, accuracy, onnx_predictor, torch_predictor
+from ftdeploy.evaluation import EvalData, onnx_predictor, torch_predictor
 from ftdeploy.latency import compare, format_table, ort_runner
 from ftdeploy.machine import machine_info, physical_cores
 from ftdeploy.onnx_model import open_session
 from ftdeploy.rundir import load_export
-from ftdeploy.tasks.base import batched
 
 
 class Cycle:
@@ -60,8 +59,7 @@ def main() -> None:
     sessions["ort fp32 A/A"] = open_session(files["ort fp32"], threads)
     predictors.update({name: onnx_predictor(s) for name, s in sessions.items()})
 
-    accuracies = {name: accuracy(batched(p, data.inputs, 32), data.labels)
-                  for name, p in predictors.items() if "A/A" not in name}
+    accuracies = {name: data.score(data.outputs(p, 32)).value for name, p in predictors.items() if "A/A" not in name}
     shapes = {"128 tokens": data.inputs.at_length(128), "32 tokens": data.inputs.at_length(32), "unpadded": data.inputs}
     results: dict = {"accuracy": accuracies, "shapes": {}}
     for shape, inputs in shapes.items():
@@ -88,7 +86,7 @@ def main() -> None:
                             ("x_fp32", "x ORT FP32", ".2f"), ("lo", "low", ".2f"), ("hi", "high", ".2f"),
                             ("x_torch", "x torch eager", ".2f")]))
     info = machine_info(threads)
-    print(f"\nmachine: {info['cpu']}, {threads} threads, isa {info['isa']}; {len(data.labels)} validation sentences")
+    print(f"\nmachine: {info['cpu']}, {threads} threads, isa {info['isa']}; {len(data)} validation sentences")
     if args.json:
         args.json.write_text(json.dumps({"machine": info, "command": "python benchmarks/text_speed.py "
                                          + " ".join(str(a) for a in [args.export] + (["--pruned", args.pruned] if args.pruned else [])),

@@ -78,7 +78,7 @@ def main() -> None:
         workdir = Path(tmp)
         for r in range(args.rounds):
             plain.append(plain_epoch(cfg, built, splits.train))
-            ours.append(ftdeploy_run(cfg, workdir / f"loop{r}", 1)[0][0]["train_images_per_second"])
+            ours.append(ftdeploy_run(cfg, workdir / f"loop{r}", 1)[0][0]["train_items_per_second"])
             print(f"round {r + 1}: plain {plain[-1]:.1f} img/s, ftdeploy {ours[-1]:.1f} img/s", flush=True)
         head = cfg.model_copy(deep=True)
         head.train.mode = "head"

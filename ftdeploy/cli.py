@@ -116,15 +116,16 @@ ThreadsOpt = typer.Option(None, "--threads", help="intra-op threads for latency 
 AtolOpt = typer.Option(None, "--atol", help="FP32 parity gate: absolute floor added to the allowed error [default: 1e-5]")
 BatchOpt = typer.Option(None, "--batch-sizes", help="latency batch sizes, comma-separated [default: 1,32]")
 ModeOpt = typer.Option(None, "--mode", help="auto | static | dynamic [default: auto]")
-DropOpt = typer.Option(None, "--max-accuracy-drop", help="INT8 budget in points [default: 0.5]")
+DropOpt = typer.Option(None, "--max-metric-drop", "--max-accuracy-drop", help="INT8 budget in points of the task's "
+                       "metric (accuracy, mAP, F1) [default: 0.5]")
 CalibrationOpt = typer.Option(None, "--calibration", help="minmax | entropy | percentile")
 SamplesOpt = typer.Option(None, "--calibration-samples", help="[default: 256]")
 
 
-def _quantize_config(overrides, mode, max_accuracy_drop, calibration, calibration_samples, strict, command, also=()):
+def _quantize_config(overrides, mode, max_metric_drop, calibration, calibration_samples, strict, command, also=()):
     from .config import QuantizeConfig
 
-    return _section(QuantizeConfig, "quantize", {"mode": mode, "max_accuracy_drop": max_accuracy_drop,
+    return _section(QuantizeConfig, "quantize", {"mode": mode, "max_metric_drop": max_metric_drop,
                                                  "calibration": calibration, "calibration_samples": calibration_samples,
                                                  "required": True if strict else None}, overrides, command, also)
 
@@ -138,7 +139,7 @@ def export(run_dir: Path = typer.Argument(..., help="a run directory written by 
            parity_batch_sizes: Optional[str] = typer.Option(None, "--parity-batch-sizes", help="[default: 1,7]"),
            quantize: Optional[str] = typer.Option(None, "--quantize", help="then quantize (ftdeploy quantize): "
                                                   "auto (also when no value is given) | static | dynamic"),
-           max_accuracy_drop: Optional[float] = DropOpt, calibration: Optional[str] = CalibrationOpt,
+           max_metric_drop: Optional[float] = DropOpt, calibration: Optional[str] = CalibrationOpt,
            calibration_samples: Optional[int] = SamplesOpt, strict: bool = StrictOpt,
            overrides: Optional[list[str]] = SetOpt) -> None:
     """Export RUN_DIR to ONNX, check parity with PyTorch on its validation data, measure latency;
@@ -151,7 +152,7 @@ def export(run_dir: Path = typer.Argument(..., help="a run directory written by 
         "parity_batch_sizes": _csv_ints(parity_batch_sizes, "--parity-batch-sizes")}, overrides, "export", ("quantize",))
     qcfg = None
     if quantize is not None or any(o.startswith("quantize.") for o in overrides or []):
-        qcfg = _quantize_config(overrides, quantize, max_accuracy_drop, calibration, calibration_samples, strict,
+        qcfg = _quantize_config(overrides, quantize, max_metric_drop, calibration, calibration_samples, strict,
                                 "export --quantize", ("export",))
     out = cfg.output_dir or Path(run_dir) / "export"
     try:
@@ -165,12 +166,12 @@ def export(run_dir: Path = typer.Argument(..., help="a run directory written by 
 @app.command()
 def quantize(export_dir: Path = typer.Argument(..., help="an export directory written by ftdeploy export"),
              output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="[default: EXPORT_DIR]"),
-             mode: Optional[str] = ModeOpt, max_accuracy_drop: Optional[float] = DropOpt,
+             mode: Optional[str] = ModeOpt, max_metric_drop: Optional[float] = DropOpt,
              calibration: Optional[str] = CalibrationOpt, calibration_samples: Optional[int] = SamplesOpt,
              strict: bool = StrictOpt, overrides: Optional[list[str]] = SetOpt) -> None:
     """INT8 from an export directory's FP32 file, shipped only when measured faster and within the
-    accuracy budget; otherwise FP32 ships alone and the report says why."""
-    qcfg = _quantize_config(overrides, mode, max_accuracy_drop, calibration, calibration_samples, strict, "quantize")
+    metric budget; otherwise FP32 ships alone and the report says why."""
+    qcfg = _quantize_config(overrides, mode, max_metric_drop, calibration, calibration_samples, strict, "quantize")
     out = stage("quantize").quantize(export_dir, output_dir, qcfg)
     _show_export(out)
 
@@ -234,7 +235,8 @@ def _duration(value: Optional[str]) -> Optional[float]:
 @app.command()
 def optimize(run_dir: Path = typer.Argument(..., help="a run directory written by train (with data.test_fraction)"),
              output_dir: Path = typer.Option(..., "--output-dir", "-o", help="where levels/, pareto.* and best/ go"),
-             max_accuracy_drop: Optional[float] = typer.Option(None, "--max-accuracy-drop", help="points [default: 1.0]"),
+             max_metric_drop: Optional[float] = typer.Option(None, "--max-metric-drop", "--max-accuracy-drop",
+                                                             help="points of the task's metric [default: 1.0]"),
              target_speedup: Optional[float] = typer.Option(None, "--target-speedup", help="least compression reaching "
                                                             "this speedup over the unpruned FP32 file"),
              target_latency_ms: Optional[float] = typer.Option(None, "--target-latency-ms", help="least compression "
@@ -243,12 +245,12 @@ def optimize(run_dir: Path = typer.Argument(..., help="a run directory written b
              levels: Optional[str] = typer.Option(None, "--levels", help="MACs fractions [default: 0.7,0.5,0.35]"),
              time_budget: Optional[str] = typer.Option(None, "--time-budget", help="e.g. 30m: no new level after it"),
              overrides: Optional[list[str]] = SetOpt) -> None:
-    """The fastest file within an accuracy budget: pruning level x INT8 x execution provider, every point
+    """The fastest file within a metric budget: pruning level x INT8 x execution provider, every point
     made by the stages and measured on this machine; resumable (run it again to continue)."""
     from .config import OptimizeConfig
 
     cfg = _section(OptimizeConfig, "optimize", {
-        "max_accuracy_drop": max_accuracy_drop, "target_speedup": target_speedup,
+        "max_metric_drop": max_metric_drop, "target_speedup": target_speedup,
         "target_latency_ms": target_latency_ms, "providers": providers.split(",") if providers else None,
         "levels": [float(x) for x in levels.split(",")] if levels else None, "time_budget_s": _duration(time_budget)},
         overrides, "optimize")
@@ -322,7 +324,7 @@ def serve(model: Path = typer.Argument(..., help="an ONNX file written by ftdepl
           request_timeout: float = typer.Option(30.0, "--request-timeout", min=0.001,
                                                 help="seconds a request may wait for its answer (then 504)"),
           warmup_runs: int = typer.Option(3, "--warmup-runs", min=1, help="inferences before /readyz turns ready")) -> None:
-    """Serve an ONNX classifier over HTTP (FastAPI + uvicorn); needs only the file."""
+    """Serve an ONNX file written by ftdeploy over HTTP (FastAPI + uvicorn); needs only the file."""
     from .machine import physical_cores
     from .serve import Limits, ServeOptions, serve as run_server
 
@@ -356,10 +358,13 @@ def _quantize_default(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from .logs import showing_logs
+
     command = typer.main.get_command(app)
     args = _quantize_default(argv if argv is not None else sys.argv[1:])
     try:
-        command.main(args=args, prog_name="ftdeploy", standalone_mode=False)
+        with showing_logs():  # the library logs; the command line shows it
+            command.main(args=args, prog_name="ftdeploy", standalone_mode=False)
     except FtdeployError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)

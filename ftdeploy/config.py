@@ -15,9 +15,10 @@ from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
+from .tasks import tasks
 
 
 class Section(BaseModel):
@@ -124,7 +125,10 @@ class ExportConfig(Section):
     atol: float = Field(1e-5, gt=0, description="FP32 gate: an absolute floor added to the allowed error (a model "
                         "whose float32 logits are exact leaves no room otherwise)")
     parity_batch_sizes: list[int] = Field([1, 7], min_length=1, description="batch sizes the parity runs at")
-    parity_samples: int = Field(2000, ge=1, description="validation images compared (at most)")
+    parity_samples: int = Field(2000, ge=1, description="validation examples the parity gate compares (at most)")
+    eval_samples: int = Field(2000, ge=1, description="validation examples the PyTorch model and the file are scored "
+                              "on (at most); quantize.eval_samples's default, so that every variant in report.json "
+                              "is judged on the same examples")
     batch_sizes: list[int] = Field([1, 32], min_length=1, description="latency batch sizes")
     threads: int | None = Field(None, ge=1, description="intra-op threads (default: physical cores)")
     latency_seconds: float = Field(1.5, gt=0, description="timed seconds per measurement (after warm-up)")
@@ -139,7 +143,11 @@ class QuantizeConfig(Section):
     calibration: Literal["minmax", "entropy", "percentile"] = "minmax"
     calibration_samples: int = Field(256, ge=1, description="training images the static ranges are measured on")
     per_channel: bool = True
-    max_accuracy_drop: float = Field(0.5, ge=0, description="percentage points of validation accuracy INT8 may lose")
+    max_metric_drop: float = Field(0.5, ge=0, validation_alias=AliasChoices("max_metric_drop", "max_accuracy_drop"),
+                                   description="points of the task's metric (100 x the rate: accuracy, mAP, F1) INT8 may lose on validation; "
+                                   "max_accuracy_drop is an alias")
+    metric: str | None = Field(None, description="the figure budgets judge (default: the task's primary metric, "
+                               "e.g. accuracy; any figure the task reports, e.g. macro_f1)")
     min_speedup: float = Field(1.1, ge=1.0, description="INT8 must beat FP32 by this factor at batch 1: a margin over "
                                "timing noise, so that a model no faster than FP32 is never shipped")
     search: Literal["auto", "full", "off"] = Field(
@@ -225,9 +233,14 @@ class ReportConfig(Section):
     peak_memory: bool = Field(True, description="scalability: measure the memory each variant's process peaks at "
                               "(a fresh process per variant, a few seconds each)")
     strict: bool = Field(False, description="exit 2 when a budget fails (after writing both files)")
-    min_accuracy: float | None = Field(None, ge=0, le=1, description="budget: clean accuracy of every variant")
-    max_accuracy_drop: float | None = Field(None, ge=0, description="budget: points below fp32")
-    min_mean_corruption_accuracy: float | None = Field(None, ge=0, le=1, description="budget: mean over corruptions")
+    metric: str | None = Field(None, description="the figure the metric budgets judge (default: the task's primary)")
+    min_metric: float | None = Field(None, ge=0, le=1, validation_alias=AliasChoices("min_metric", "min_accuracy"),
+                                     description="budget: the clean metric of every variant (0..1; alias min_accuracy)")
+    max_metric_drop: float | None = Field(None, ge=0, validation_alias=AliasChoices("max_metric_drop", "max_accuracy_drop"),
+                                          description="budget: points below fp32 (alias max_accuracy_drop)")
+    min_mean_corruption_metric: float | None = Field(
+        None, ge=0, le=1, validation_alias=AliasChoices("min_mean_corruption_metric", "min_mean_corruption_accuracy"),
+        description="budget: the metric's mean over corruptions (alias min_mean_corruption_accuracy)")
     max_robustness_drop: float | None = Field(None, description="budget: points of mean corruption accuracy below fp32")
     max_ece: float | None = Field(None, ge=0, le=1, description="budget: expected calibration error (15 bins)")
     min_saliency_agreement: float | None = Field(None, ge=-1, le=1, description="budget: Spearman agreement with fp32's maps")
@@ -244,8 +257,11 @@ class ReportConfig(Section):
 class OptimizeConfig(Section):
     """``ftdeploy optimize``: pruning level x INT8 configuration x execution provider, measured here."""
 
-    max_accuracy_drop: float = Field(1.0, ge=0, description="points of validation accuracy a point may lose "
-                                     "against the unpruned FP32 file")
+    max_metric_drop: float = Field(1.0, ge=0, validation_alias=AliasChoices("max_metric_drop", "max_accuracy_drop"),
+                                   description="points of the task's metric (100 x the rate: accuracy, mAP, F1) a point may lose on validation against the unpruned FP32 file; "
+                                   "max_accuracy_drop is an alias")
+    metric: str | None = Field(None, description="the figure budgets judge (default: the task's primary metric, "
+                               "e.g. accuracy; any figure the task reports, e.g. macro_f1)")
     target_speedup: float | None = Field(None, gt=0, description="choose the least compressed point this much "
                                          "faster than the unpruned FP32 file (instead of the fastest)")
     target_latency_ms: float | None = Field(None, gt=0, description="choose the least compressed point at most "
@@ -264,7 +280,7 @@ class OptimizeConfig(Section):
     threads: int | None = Field(None, ge=1)
     export: ExportConfig | None = Field(None, description="the export stage's settings for every level")
     quantize: QuantizeConfig | None = Field(None, description="the quantize stage's settings for every level "
-                                            "(its max_accuracy_drop is this section's)")
+                                            "(its max_metric_drop is this section's)")
 
     @model_validator(mode="after")
     def _levels(self) -> "OptimizeConfig":
@@ -276,9 +292,9 @@ class OptimizeConfig(Section):
 
 class PipelineConfig(Section):
     name: str = "run"
-    task: Literal["image_classification", "text_classification"] = Field(
-        "image_classification", description="what the model does (ftdeploy/tasks/): its inputs, preprocessing, "
-        "parity inputs and serving codec")
+    task: str = Field("image_classification", description="what the model does: a registered task "
+                      f"({', '.join(tasks.names())}, or one a user registers; ftdeploy/tasks/): its inputs, outputs, "
+                      "metric, parity comparison and serving codec")
     output_dir: Path = Path("runs/run")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -288,6 +304,13 @@ class PipelineConfig(Section):
     quantize: QuantizeConfig | None = None
     prune: PruneConfig | None = None
     report: ReportConfig | None = None
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: str) -> str:
+        if value not in tasks:
+            raise ValueError(f"unknown task {value!r} (known: {', '.join(tasks.names())})")
+        return value
 
     @model_validator(mode="after")
     def _check_data(self) -> "PipelineConfig":

@@ -1,4 +1,5 @@
-"""PyTorch -> ONNX: export with dynamic axes (the task's), check, optimize offline, store metadata.
+"""PyTorch -> ONNX: export with the task's input and output names and dynamic axes, check, optimize
+offline, store metadata.
 
 Shared by the export stage (the shipped file) and pruning (temporary files it times): the
 conversion is one code path, whoever asks for it.
@@ -27,20 +28,24 @@ from .files import relative
 from .onnx_model import TWO_GB, save_onnx, write_metadata
 from .rundir import Run
 
-OUTPUT = "logits"
+OUTPUTS = ("logits",)  # a model exported without a task (pruning's timing files): one output
 
 
 def export_onnx(model: torch.nn.Module, args: list[torch.Tensor], path: Path, opset: int = 18,
                 exporter: str = "auto", input_names: list[str] | None = None,
                 dynamic_axes: dict[str, dict[int, str]] | None = None,
-                auto_order: tuple[str, ...] = ("dynamo", "torchscript")) -> tuple[str, str | None]:
+                auto_order: tuple[str, ...] = ("dynamo", "torchscript"), output_names: tuple[str, ...] = OUTPUTS,
+                output_axes: dict[str, dict[int, str]] | None = None) -> tuple[str, str | None]:
     """Export ``model`` called on ``args`` (its positional inputs, named ``input_names``) with
-    ``dynamic_axes`` (default: the batch axis of one input); ``exporter`` ``auto`` tries
+    ``dynamic_axes`` (default: the batch axis of one input) and its outputs named ``output_names``
+    (``output_axes``: their dynamic axes, default the batch axis); ``exporter`` ``auto`` tries
     ``auto_order`` (the task's) until one succeeds. Returns (exporter used, why the first choice was
     not used)."""
     model = model.eval()
     names = list(input_names or ["input"])
     axes = dynamic_axes or {names[0]: {0: "batch"}}
+    outputs = list(output_names)
+    out_axes = output_axes or {n: {0: "batch"} for n in outputs}
     dims: dict[str, torch.export.Dim] = {}
 
     def dim(label: str) -> torch.export.Dim:  # one Dim per axis name: inputs that share an axis share it
@@ -49,10 +54,10 @@ def export_onnx(model: torch.nn.Module, args: list[torch.Tensor], path: Path, op
     shapes = tuple({axis: dim(label) for axis, label in axes.get(n, {}).items()} for n in names)
     runs = {"dynamo": lambda: torch.onnx.export(
                 model, tuple(args), str(path), dynamo=True, opset_version=opset, input_names=names,
-                output_names=[OUTPUT], dynamic_shapes=shapes, external_data=_too_big(model)),
+                output_names=outputs, dynamic_shapes=shapes, external_data=_too_big(model)),
             "torchscript": lambda: torch.onnx.export(
                 model, tuple(args), str(path), dynamo=False, opset_version=opset, input_names=names,
-                output_names=[OUTPUT], dynamic_axes={**axes, OUTPUT: {0: "batch"}})}
+                output_names=outputs, dynamic_axes={**axes, **out_axes})}
     errors: list[BaseException] = []
     for kind in auto_order if exporter == "auto" else (exporter,):
         try:
@@ -122,18 +127,21 @@ def finalize(raw: Path, out: Path, metadata: dict[str, Any], optimization: str =
 
 
 def onnx_metadata(run: Run, variant: str, out: Path) -> dict[str, Any]:
-    """What the file says about itself; ``source_run`` is relative to ``out``, the file's directory."""
-    return {"task": run.config.task, "classes": run.classes, "preprocessing": run.preprocessing.to_dict(), "variant": variant,
+    """What the file says about itself (what its task's postprocess reads included); ``source_run`` is
+    relative to ``out``, the file's directory."""
+    return {**run.info, "task": run.config.task, "preprocessing": run.preprocessing.to_dict(), "variant": variant,
             "source_run": relative(run.path, out), "model": run.architecture["name"], "version": __version__,
-            "val_accuracy": run.metrics.get("val_accuracy")}
+            "metric": run.metrics.metric, "val_metric": run.metrics.val_metric}
 
 
 @contextlib.contextmanager
 def temporary_onnx(model: torch.nn.Module, args: list[torch.Tensor], input_names: list[str] | None = None,
-                   dynamic_axes: dict[str, dict[int, str]] | None = None) -> Iterator[Path]:
+                   dynamic_axes: dict[str, dict[int, str]] | None = None, output_names: tuple[str, ...] = OUTPUTS,
+                   output_axes: dict[str, dict[int, str]] | None = None) -> Iterator[Path]:
     """The model as a temporary, optimized ONNX file (TorchScript exporter: fast, and only measured)."""
     with tempfile.TemporaryDirectory() as tmp:
         raw, shipped = Path(tmp) / "raw.onnx", Path(tmp) / "model.onnx"
-        export_onnx(model.eval(), args, raw, exporter="torchscript", input_names=input_names, dynamic_axes=dynamic_axes)
+        export_onnx(model.eval(), args, raw, exporter="torchscript", input_names=input_names, dynamic_axes=dynamic_axes,
+                    output_names=output_names, output_axes=output_axes)
         finalize(raw, shipped, {})
         yield shipped

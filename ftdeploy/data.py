@@ -2,7 +2,8 @@
 built-in datasets as ``torchvision:<Class>`` and ``synthetic`` for tests. Text: the embedded
 ``rotten_tomatoes`` and the user's ``csv`` / ``jsonl``.
 
-Every builder returns :class:`DatasetSplits` whose items are ``(input, label)``: a float32 array
+Every builder returns :class:`DatasetSplits` whose items are ``(input, target)`` (a class index for
+classifiers; whatever the task's ``stack_targets`` and ``score`` take): a float32 array
 C×H×W preprocessed by :func:`ftdeploy.preprocessing.preprocess` (the same function the server uses),
 or a text's token ids and token type ids from the run's tokenizer. The run's task stacks and
 collates them (:mod:`ftdeploy.tasks`). Torch-free (numpy and Pillow; torchvision only for its
@@ -21,15 +22,17 @@ import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 from PIL import Image
 
-from .config import DataConfig
 from .errors import DataError
 from .preprocessing import Preprocessing, preprocess, to_mode
 from .registry import Registry
+
+if TYPE_CHECKING:  # the config's type only: tasks register datasets here, and the config reads the tasks
+    from .config import DataConfig
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -49,6 +52,10 @@ class ImageDataset:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def raw(self, i: int) -> Image.Image:
+        """Item ``i`` as a user has it (the image, before preprocessing): what a client would send."""
+        return self.load(i)
 
     def _array(self, i: int) -> np.ndarray:
         img = self.load(i)
@@ -132,6 +139,10 @@ class TextDataset:
 
     def __getitem__(self, i: int):
         return (self.ids[i], self.type_ids[i]), self.labels[i]
+
+    def raw(self, i: int) -> str:
+        """Item ``i`` as a user has it: the text."""
+        return self.texts[i]
 
     def subset(self, indices: list[int]) -> "TextDataset":
         out = copy.copy(self)

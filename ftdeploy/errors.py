@@ -56,3 +56,16 @@ class ServiceError(FtdeployError):
 
 class NotShipped(FtdeployError):
     """A compressed variant was refused and the stage was asked to fail for it (``--strict``)."""
+
+
+class RequestError(FtdeployError):
+    """An answer other than 200 to a serving request: a status, a code and a message (HTTP-free, so
+    that a task's codec raises it without knowing the server)."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.code, self.headers = status, code, headers
+
+
+class BadInput(RequestError):
+    """Something wrong with the request itself (4xx): a corrupt image, an empty text, bad JSON."""

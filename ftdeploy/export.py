@@ -33,15 +33,17 @@ import torch
 
 from .config import ExportConfig
 from .conversion import export_onnx, finalize, onnx_metadata
-from .evaluation import (EvalData, accuracy, fp32_parity, logits_at_batch_sizes, onnx_predictor, reference_logits,
-                         torch_predictor)
+from .evaluation import EvalData, ParitySet, fp32_parity, onnx_predictor, reference_outputs, torch_predictor
 from .files import relative
 from .gates import Gates
 from .latency import FASTER, beside_reference, ort_runner, profile, provider_latency, session_policy, tile_batch
 from .machine import machine_info, physical_cores
 from .onnx_model import external_data, fuse_transformer, move_onnx, onnx_size, open_session, read_metadata, save_onnx, write_metadata
+from .records import (DatasetRecord, ExportReport, GatesRecord, ParityRecord, SourceRecord, VariantRecord,
+                      latency_fields)
 from .report import write_report
 from .rundir import Run, load_run, manifest, write_manifest
+from .tasks.base import output_errors
 
 log = logging.getLogger(__name__)
 SHIPPED, REJECTED, UNOPTIMIZED = "model.onnx", "model.rejected.onnx", "model.unoptimized.onnx"
@@ -66,12 +68,11 @@ def export(run_dir: str | Path, output_dir: str | Path | None = None, cfg: Expor
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "model.onnx"
         exporter, reason = export_onnx(model, args, raw, cfg.opset, cfg.exporter, names, task.dynamic_axes(names),
-                                       task.exporter_order)
-        # one load for both (building an image folder decodes every file): the samples stored in
-        # the file and the parity images
-        data = EvalData.from_run(run, max(cfg.parity_samples, SAMPLES), calibration_samples=1)
+                                       task.exporter_order, task.output_names, task.output_axes())
+        # one load for all (building an image folder decodes every file): the samples stored in the
+        # file, the parity examples and the examples every variant is scored on
+        data = EvalData.from_run(run, max(cfg.eval_samples, cfg.parity_samples, SAMPLES), calibration_samples=1)
         samples = task.encode_samples(data.inputs[:SAMPLES], run.preprocessing)
-        data = replace(data, inputs=data.inputs[:cfg.parity_samples], labels=data.labels[:cfg.parity_samples])
         metadata = {**onnx_metadata(run, "fp32", out), "samples": samples}
         finalize(raw, candidate, metadata, cfg.optimization)
         options = task.fusion_options(run.architecture) if cfg.fusions else None
@@ -84,10 +85,10 @@ def export(run_dir: str | Path, output_dir: str | Path | None = None, cfg: Expor
     final = out / (SHIPPED if gates.passed else REJECTED)
     (out / (REJECTED if gates.passed else SHIPPED)).unlink(missing_ok=True)  # an older export's verdict
     move_onnx(candidate, final)
-    report["variants"]["fp32"].update(path=final.name, exporter=exporter, exporter_fallback_reason=reason,
-                                      opset=cfg.opset, optimization=cfg.optimization,
-                                      unoptimized_path=UNOPTIMIZED if cfg.optimization != "none" else None,
-                                      **({"fusions": fusions} if fusions else {}))
+    fp32 = report.variants["fp32"]
+    fp32.path, fp32.exporter, fp32.exporter_fallback_reason, fp32.opset = final.name, exporter, reason, cfg.opset
+    fp32.optimization, fp32.fusions = cfg.optimization, fusions
+    fp32.unoptimized_path = UNOPTIMIZED if cfg.optimization != "none" else None
     write_report(report, out)
     write_manifest(out, manifest("export", run.path, config=cfg))
     gates.raise_if_failed(str(out / "report.json"))
@@ -111,10 +112,11 @@ def transformer_fusions(raw: Path, candidate: Path, metadata: dict[str, Any], op
         plain, fused_session = open_session(candidate, threads), open_session(fused, threads)
         sample = bench[:16]
         expected, got = onnx_predictor(plain)(sample), onnx_predictor(fused_session)(sample)
-        difference = float(np.abs(expected - got).max())
-        if difference > FUSION_RTOL * float(np.abs(expected).max()) + 1e-4:  # a fusion that changes the answer
+        difference = output_errors(expected, got)[0]
+        scale = max(float(np.abs(e).max()) for e in expected)
+        if difference > FUSION_RTOL * scale + 1e-4:  # a fusion that changes the answer
             return {"kept": False, "fused_operators": found, "options": options,
-                    "reason": f"the fused graph's logits differ by {difference:.3g} from the unfused graph's"}
+                    "reason": f"the fused graph's outputs differ by {difference:.3g} from the unfused graph's"}
         batch = tile_batch(bench, 1)
         result, noise = beside_reference(ort_runner(plain, batch), ort_runner(open_session(candidate, threads), batch),
                                          {"fused": ort_runner(fused_session, batch)}, 1, 2 * seconds, "onnxruntime")
@@ -133,90 +135,89 @@ def transformer_fusions(raw: Path, candidate: Path, metadata: dict[str, Any], op
 FUSION_RTOL = 1e-3  # fused kernels sum in another order: they may differ by float32 rounding, not more
 
 
-def source_record(run: Run) -> dict[str, Any]:
+def source_record(run: Run) -> SourceRecord:
     """What later stages need of the run, kept in the export directory's report so that they work on
-    the directory wherever it is: the data it was trained on, its classes and preprocessing."""
-    return {"task": run.config.task, "input_names": run.input_names, "data": run.config.data.model_dump(mode="json"),
-            "classes": run.classes, "preprocessing": run.preprocessing.to_dict(), "model": run.architecture["name"],
-            "val_accuracy": run.metrics.get("val_accuracy")}
+    the directory wherever it is: the data it was trained on, its classes and preprocessing, and what
+    the task's postprocess needs."""
+    return SourceRecord(task=run.config.task, input_names=run.input_names, data=run.config.data.model_dump(mode="json"),
+                        classes=run.classes, preprocessing=run.preprocessing.to_dict(), model=run.architecture["name"],
+                        metric=run.metrics.metric, val_metric=run.metrics.val_metric,
+                        info={k: v for k, v in run.info.items() if k != "classes"})
 
 
-def parity_check(model, session, sets: dict[str, Any], cfg: ExportConfig, input_names: list[str]
-                 ) -> tuple[dict[str, Any], list[np.ndarray], list[np.ndarray]]:
+def parity_check(model, session, sets: dict[str, Any], cfg: ExportConfig, run: Run) -> ParityRecord:
     """The FP32 parity record of an onnxruntime ``session`` against the PyTorch ``model`` on every
     input set of ``sets`` (the task's: the validation inputs, and for text the same sentences at
     several lengths) at ``cfg.parity_batch_sizes``, grounded in a float64 run of the model (see
-    :func:`~ftdeploy.evaluation.fp32_parity`); returns (record, torch logits, ONNX logits) per batch
-    size on the first set."""
-    torch_predict, onnx_predict = torch_predictor(model, input_names), onnx_predictor(session)
-    per_set = [(logits_at_batch_sizes(torch_predict, inputs, cfg.parity_batch_sizes),
-                logits_at_batch_sizes(onnx_predict, inputs, cfg.parity_batch_sizes)) for inputs in sets.values()]
-    # rows: every set at the first batch size, then at the next...: the reference repeats per batch size
-    torch32 = np.concatenate([t[i] for i in range(len(cfg.parity_batch_sizes)) for t, _ in per_set])
-    onnx32 = np.concatenate([o[i] for i in range(len(cfg.parity_batch_sizes)) for _, o in per_set])
-    rows = sum(len(inputs) for inputs in sets.values())
+    :func:`~ftdeploy.evaluation.fp32_parity`)."""
+    task, names = run.task, run.input_names
+    torch_predict, onnx_predict = torch_predictor(model, names), onnx_predictor(session)
+    runs = [(inputs, [task.outputs(torch_predict, inputs, bs) for bs in cfg.parity_batch_sizes],
+             [task.outputs(onnx_predict, inputs, bs) for bs in cfg.parity_batch_sizes]) for inputs in sets.values()]
+    note, atol = None, cfg.atol
     try:
-        reference = np.concatenate([reference_logits(model, inputs, input_names) for inputs in sets.values()])
-        note = None
+        references = [reference_outputs(model, inputs, task, names) for inputs in sets.values()]
     except Exception as e:  # an op without a float64 kernel: PyTorch float32 is the only reference left
         log.warning("no float64 reference (%s): parity is judged against PyTorch float32", e)
-        reference, note = torch32[:rows].astype(np.float64), f"float64 failed ({type(e).__name__}: {e})"[:300]
-    ratio, atol = cfg.parity_error_ratio, cfg.atol
-    if note:  # PyTorch's own error is unknown: allow float32 rounding of the largest logit instead
-        atol += FLOAT32_ONLY_RTOL * float(np.abs(reference).max())
-    record = fp32_parity(reference, torch32, onnx32, ratio, atol)
-    record.update(batch_sizes=cfg.parity_batch_sizes, parity_error_ratio=ratio, atol=cfg.atol,
-                  input_sets={name: len(inputs) for name, inputs in sets.items()},
-                  **({"error_reference": "torch float32", "error_reference_note": note} if note else {}))
-    return record, per_set[0][0], per_set[0][1]
+        references = [[o.astype(np.float64) for o in t[0]] for _, t, _ in runs]
+        note = f"float64 failed ({type(e).__name__}: {e})"[:300]
+        # PyTorch's own error is unknown: allow float32 rounding of the largest output instead
+        atol += FLOAT32_ONLY_RTOL * max(float(np.abs(o).max()) for ref in references for o in ref)
+    record = fp32_parity(task, [ParitySet(inputs, ref, t, o) for (inputs, t, o), ref in zip(runs, references)],
+                         cfg.parity_error_ratio, atol)
+    record.batch_sizes, record.parity_error_ratio, record.atol = cfg.parity_batch_sizes, cfg.parity_error_ratio, cfg.atol
+    record.input_sets = {name: len(inputs) for name, inputs in sets.items()}
+    if note:
+        record.error_reference, record.error_reference_note = "torch float32", note
+    return record
 
 
-FLOAT32_ONLY_RTOL = 1e-4  # the gate without a float64 reference: |diff| <= atol + this x max |logit|
+FLOAT32_ONLY_RTOL = 1e-4  # the gate without a float64 reference: |diff| <= atol + this x max |output|
 
 
 def validate(onnx_path: Path, run: Run, cfg: ExportConfig, out: Path, model=None, data: EvalData | None = None
-             ) -> tuple[dict[str, Any], Gates]:
-    """Parity of ``onnx_path`` against the run's PyTorch model on its validation images (``data``,
-    when the caller has loaded them already), its metadata against the run's, and both models'
-    latency; returns (report, gates). Paths in the report are relative to ``out``, where it goes."""
+             ) -> tuple[ExportReport, Gates]:
+    """Parity of ``onnx_path`` against the run's PyTorch model on its validation examples (``data``,
+    when the caller has loaded them already), its metadata against the run's, every variant's scores
+    on the same examples, and both models' latency; returns (report, gates). Paths in the report are
+    relative to ``out``, where it goes."""
     threads = cfg.threads or physical_cores()
     torch.set_num_threads(threads)
-    data = data or EvalData.from_run(run, cfg.parity_samples, calibration_samples=1)
+    data = data or EvalData.from_run(run, max(cfg.eval_samples, cfg.parity_samples), calibration_samples=1)
     model = model if model is not None else run.load_model()
     session = open_session(onnx_path, threads)
-    sets = run.task.parity_sets(data.inputs, run.preprocessing)
-    record, torch_logits, onnx_logits = parity_check(model, session, sets, cfg, run.input_names)
-    report: dict[str, Any] = {
-        "source_run": relative(run.path, out),
-        "source": source_record(run),
-        "dataset": {"name": run.config.data.name, "split": "val", "num_samples": int(len(data.labels)),
-                    "unit": run.task.unit},
-        "machine": machine_info(threads),
-        "latency_session": session_policy(threads),
-        "variants": {
-            "torch": {"accuracy": accuracy(torch_logits[0], data.labels)},
-            "fp32": {"path": relative(onnx_path, out), "size_bytes": onnx_size(onnx_path),
-                     "accuracy": accuracy(onnx_logits[0], data.labels), "parity": record},
-        },
-    }
+    task = run.task
+    record = parity_check(model, session, task.parity_sets(data.inputs[:cfg.parity_samples], run.preprocessing), cfg, run)
+    scored = data.head(cfg.eval_samples)
+    scores = {name: scored.score(scored.outputs(predict, 64 if name == "torch" else 32)).values
+              for name, predict in (("torch", torch_predictor(model, run.input_names)), ("fp32", onnx_predictor(session)))}
+    report = ExportReport(
+        source_run=relative(run.path, out), source=source_record(run), metric=task.metric,
+        dataset=DatasetRecord(name=run.config.data.name, split="val", num_samples=len(scored), unit=task.unit),
+        machine=machine_info(threads), latency_session=session_policy(threads),
+        variants={"torch": VariantRecord(scores=scores["torch"]),
+                  "fp32": VariantRecord(path=relative(onnx_path, out), size_bytes=onnx_size(onnx_path),
+                                        scores=scores["fp32"], parity=record)},
+        gates=GatesRecord(passed=True))
     predict = torch_predictor(model, run.input_names)
     runners = {"torch": lambda batch: (lambda: predict(batch)), "fp32": lambda batch: ort_runner(session, batch)}
     figures_by_variant, _ = profile(runners, data.bench[: max(cfg.batch_sizes)], cfg.batch_sizes, cfg.latency_seconds)
     for name, figures in figures_by_variant.items():
-        report["variants"][name].update(figures, latency_measured_by="export")
-    report["variants"]["fp32"]["providers_p50_ms"] = provider_latency(onnx_path, data.bench, threads, cfg.latency_seconds)
+        report.variants[name] = report.variants[name].model_copy(update={**latency_fields(figures),
+                                                                         "latency_measured_by": "export"})
+    report.variants["fp32"].providers_p50_ms = provider_latency(onnx_path, data.bench, threads, cfg.latency_seconds)
     gates = Gates()
-    gates.check(record["worst_tolerance_fraction"] <= 1.0,
-                f"fp32 parity: the file is {record['onnx_error']:.3g} from the {record['error_reference']} answer, more "
-                f"than {cfg.parity_error_ratio:g}x PyTorch float32's own {record['torch_fp32_error']:.3g} + atol "
-                f"{cfg.atol:g} ({record['worst_tolerance_fraction']:.1f}x the allowed error)")
-    gates.check(record["top1_disagreements_counted"] == 0,
-                f"fp32 parity: top-1 differs from PyTorch on {record['top1_disagreements_counted']} input(s) whose "
-                f"reference top-2 margin exceeds both models' errors (agreement {record['top1_agreement']:.2%}, "
-                f"{record['near_ties']} near-tie(s) excused)")
+    gates.check(record.worst_tolerance_fraction <= 1.0,
+                f"fp32 parity: the file is {record.onnx_error:.3g} from the {record.error_reference} answer, more "
+                f"than {cfg.parity_error_ratio:g}x PyTorch float32's own {record.torch_fp32_error:.3g} + atol "
+                f"{cfg.atol:g} ({record.worst_tolerance_fraction:.1f}x the allowed error)")
+    gates.check(record.disagreements_counted == 0,
+                f"fp32 parity: {record.decision} differs from PyTorch on {record.disagreements_counted} input(s) where "
+                f"the float64 answer is clear by more than both models' errors (agreement "
+                f"{record.decision_agreement:.2%}, {record.near_ties} near-tie(s) excused)")
     for problem in metadata_mismatches(read_metadata(session), run):
         gates.check(False, f"fp32 metadata: {problem}")
-    report["gates"] = gates.as_dict()
+    report.gates = GatesRecord(**gates.as_dict())
     return report, gates
 
 
@@ -234,7 +235,7 @@ def metadata_mismatches(metadata: dict[str, Any], run: Run) -> list[str]:
 
 
 def revalidate(onnx_path: str | Path, run_dir: str | Path, output_dir: str | Path,
-               cfg: ExportConfig | None = None) -> dict[str, Any]:
+               cfg: ExportConfig | None = None) -> ExportReport:
     """Validate an existing ONNX file (e.g. one edited or copied since) against its run; writes the
     report to ``output_dir`` and raises GateError when a gate fails."""
     cfg = cfg or ExportConfig()

@@ -32,14 +32,17 @@ SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "num_features", "in_feat
 @dataclass
 class BuiltModel:
     model: nn.Module
-    head_name: str  # dotted path of the classifier layer that was replaced
+    head_name: str  # dotted path of the layer (or module) whose outputs are sized by the label count
     defaults: dict  # preprocessing that matches the weights: mean, std, input_size, resize_size, interpolation
     checkpoint_head: dict | None = None  # head tensors of a local checkpoint, kept for set_classes
     architecture: dict = field(default_factory=dict)  # extra model.json entries, e.g. {"pruned": channel counts}
+    # how the family sizes its outputs for a label count: a classifier's last Linear/Conv by default
+    fit_labels: Callable[[nn.Module, str, int], None] = field(default=None, repr=False)
 
     def set_classes(self, num_classes: int) -> None:
-        """Give the model a ``num_classes``-way head: the checkpoint's when it fits, else a fresh one."""
-        replace_head(self.model, self.head_name, num_classes)
+        """Size the model's outputs for ``num_classes`` labels (the family's way): the checkpoint's
+        head when it fits, else a fresh one."""
+        (self.fit_labels or replace_head)(self.model, self.head_name, num_classes)
         if self.checkpoint_head:
             head = self.model.get_submodule(self.head_name)
             own = head.state_dict()
@@ -156,6 +159,16 @@ def rebuild(architecture: dict[str, Any], num_classes: int) -> nn.Module:
     if architecture.get("pruned"):
         restore_pruned(model, architecture["pruned"])
     return model
+
+
+def fixed_labels(count: int) -> Callable[[nn.Module, str, int], None]:
+    """How a model rebuilt from a run (to prune it, or train it further) fits its labels: it keeps the
+    run's outputs, whatever its family; data with another number of labels is an error."""
+    def fit(_model: nn.Module, _head_name: str, num_classes: int) -> None:
+        if num_classes != count:
+            raise ModelError(f"the run's model answers {count} labels; this data has {num_classes}",
+                             "train from the pretrained model (model.weights) for data with other labels")
+    return fit
 
 
 def replace_head(model: nn.Module, head_name: str, num_classes: int) -> None:

@@ -1,11 +1,12 @@
-"""The exported ONNX file as a self-contained classifier: weights, class names and preprocessing.
+"""The exported ONNX file as a self-contained model: weights, its task, label names, preprocessing
+and what the task's postprocessing needs, all in the file.
 
 Torch-free: serving and the metadata round-trip need nothing but this file.
 
 Example::
 
-    clf = OnnxClassifier("out/model.onnx")
-    clf.classes[:3], clf.predict([Image.open("cat.png")])
+    model = OnnxModel("out/model.onnx")
+    model.classes[:3], model.predict([Image.open("cat.png")])   # a classifier: probabilities
 """
 
 from __future__ import annotations
@@ -155,21 +156,23 @@ def open_session(path: str | Path, threads: int | None = None, providers: list[s
                             "pass an ONNX file written by ftdeploy export") from None
 
 
-def session_logits(session, names: list[str], batch, one_by_one: bool = False) -> np.ndarray:
-    """The first output of ``session`` on ``batch``; ``one_by_one`` runs each example alone: a file
-    quantized dynamically computes its activation scales from the whole batch (padding included),
-    so its answer for one example would depend on the examples run beside it."""
+def session_outputs(session, names: list[str], batch, one_by_one: bool = False) -> list[np.ndarray]:
+    """Every output of ``session`` on ``batch`` (raw outputs, in the file's output order);
+    ``one_by_one`` runs each example alone: a file quantized dynamically computes its activation
+    scales from the whole batch (padding included), so its answer for one example would depend on
+    the examples run beside it."""
     if one_by_one and len(batch) > 1:
-        return np.concatenate([session.run(None, feeds(batch[i:i + 1], names))[0] for i in range(len(batch))])
-    return session.run(None, feeds(batch, names))[0]
+        runs = [session.run(None, feeds(batch[i:i + 1], names)) for i in range(len(batch))]
+        return [np.concatenate([r[k] for r in runs]) for k in range(len(runs[0]))]
+    return session.run(None, feeds(batch, names))
 
 
 def batch_dependent(session) -> bool:
     return bool(read_metadata(session).get("batch_dependent"))
 
 
-class OnnxClassifier:
-    """An onnxruntime session plus what the file says about its task, inputs and classes."""
+class OnnxModel:
+    """An onnxruntime session plus what the file says about its task, inputs, labels and outputs."""
 
     def __init__(self, path: str | Path, threads: int | None = None, providers: list[str] | None = None):
         self.session = open_session(path, threads, providers)
@@ -178,19 +181,24 @@ class OnnxClassifier:
         missing = [k for k in ("classes", "preprocessing") if k not in self.metadata]
         if missing:
             raise FtdeployError(f"{path} lacks ftdeploy metadata ({', '.join(missing)})",
-                                "export it with ftdeploy export, which stores class names and preprocessing in the file")
+                                "export it with ftdeploy export, which stores label names and preprocessing in the file")
         self.task = get_task(self.metadata.get("task"))
         self.classes: list[str] = list(self.metadata["classes"])
         self.preprocessing = self.task.preprocessor_from_dict(self.metadata["preprocessing"])
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.batch_dependent = bool(self.metadata.get("batch_dependent"))
 
+    @property
+    def info(self) -> dict[str, object]:
+        """What the task's postprocess reads of the file: its labels, temperature, decoding parameters."""
+        return self.metadata
+
     def preprocess(self, raw: list):
         """Raw inputs (PIL images, or strings for a text model) -> a batch, exactly as in training."""
         return self.task.preprocess(raw, self.preprocessing)
 
-    def logits(self, batch) -> np.ndarray:
-        return session_logits(self.session, self.input_names, batch, self.batch_dependent)
+    def outputs(self, batch) -> list[np.ndarray]:
+        return session_outputs(self.session, self.input_names, batch, self.batch_dependent)
 
     def samples(self):
         """The sample inputs the file carries (validation inputs stored at export), preprocessed."""
@@ -199,6 +207,8 @@ class OnnxClassifier:
             return None
         return self.task.decode_samples(encoded, self.preprocessing)
 
-    def predict(self, raw: list) -> np.ndarray:
-        """Class indices for raw inputs, preprocessed exactly as in training."""
-        return self.logits(self.preprocess(raw)).argmax(-1)
+    def predict(self, raw: list):
+        """The task's predictions for raw inputs, preprocessed exactly as in training (a classifier:
+        probabilities)."""
+        batch = self.preprocess(raw)
+        return self.task.postprocess(self.outputs(batch), batch, self.info)

@@ -1,4 +1,4 @@
-"""``ftdeploy optimize``: from an accuracy budget to the fastest file this machine runs.
+"""``ftdeploy optimize``: from a metric budget to the fastest file this machine runs.
 
 A loop over the stages, not a copy of them: for each pruning level (a fraction of the MACs; 1.0 is
 the run itself) ``prune`` (recovery fine-tuning with distillation) writes a run directory, ``export``
@@ -6,7 +6,7 @@ an export directory and ``quantize`` (its own measured search) the INT8 file, al
 ``OUT/levels/<level>/`` with their manifests and lineage. Every file shipped there, on every
 requested execution provider that is installed, is a *point*: timed at batch 1 beside the unpruned
 FP32 file under the latency protocol (the same rounds, with an A/A session for the noise), and
-evaluated on the validation split (up to 2,000 examples, on the point's own provider). The choice is the fastest point within the budget (ties inside
+judged by the task's metric on the validation split (up to 2,000 examples, on the point's own provider). The choice is the fastest point within the budget (ties inside
 the noise of the two measurements go to the least compressed), or, with a target, the least
 compressed point that meets it;
 it is then evaluated on the test split (``data.test_fraction``) that no stage saw, so that choosing
@@ -18,11 +18,12 @@ directory). ``time_budget_s`` stops starting new levels; the front found so far 
 
 Example::
 
-    optimize("runs/digits", "runs/digits-opt", OptimizeConfig(max_accuracy_drop=1.0))
+    optimize("runs/digits", "runs/digits-opt", OptimizeConfig(max_metric_drop=1.0))
 """
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -30,14 +31,19 @@ from typing import Any
 
 from .config import ExportConfig, OptimizeConfig, PruneConfig, QuantizeConfig
 from .errors import ConfigError
-from .evaluation import EvalData, accuracy, batched, held_out_test, onnx_predictor
+from .evaluation import EvalData, held_out_test, onnx_predictor
 from .export import export
-from .files import relative, write_json, write_text
+from .figures import pyplot
+from .files import relative, write_text
 from .latency import PROVIDERS, beside_reference, installed_providers, ort_runner, ort_session, tile_batch
 from .machine import machine_info, physical_cores
 from .prune import prune
 from .quantize import quantize
-from .rundir import load_export, load_run, manifest, read_json, write_manifest
+from .records import ExportReport, ParetoRecord, Point, PointsRecord, TestRecord, load_record, write_record
+from .rundir import load_export, load_run, manifest, write_manifest
+from .tasks import Task
+
+log = logging.getLogger(__name__)
 
 POINTS = "points.json"
 VAL_SAMPLES = 2000  # validation examples every point is evaluated on (at most)
@@ -52,7 +58,7 @@ def build_level(run_dir: Path, out: Path, level: float, cfg: OptimizeConfig) -> 
     earlier, interrupted search: a level counts once its quantize stage wrote its record)."""
     base = out / "levels" / level_name(level)
     export_dir = base / "export"
-    if (export_dir / "report.json").is_file() and "quantization" in read_json(export_dir / "report.json"):
+    if (export_dir / "report.json").is_file() and load_record(ExportReport, export_dir / "report.json").quantization:
         return export_dir
     shutil.rmtree(base, ignore_errors=True)  # half-made by a killed search: made again, whole
     source = run_dir
@@ -62,15 +68,16 @@ def build_level(run_dir: Path, out: Path, level: float, cfg: OptimizeConfig) -> 
                                                            latency_seconds=cfg.latency_seconds))
     export(source, export_dir, cfg.export or ExportConfig())
     quantize(export_dir, None, (cfg.quantize or QuantizeConfig()).model_copy(
-        update={"max_accuracy_drop": cfg.max_accuracy_drop}))
+        update={"max_metric_drop": cfg.max_metric_drop, "metric": cfg.metric}))
     return export_dir
 
 
-def file_accuracy(path: Path, provider: str, inputs, labels, threads: int) -> float:
-    """Accuracy of a file run on ``provider``: every point on the validation split (up to
-    VAL_SAMPLES; the export's figure covers its parity samples only, 256 sentences for text), the
-    choice on the test split."""
-    return accuracy(batched(onnx_predictor(ort_session(path, threads, [PROVIDERS[provider]])), inputs, 32), labels)
+def file_metric(path: Path, provider: str, task: Task, inputs, targets, info: dict[str, Any], threads: int,
+                metric: str | None) -> float:
+    """The metric of a file run on ``provider``: every point on the validation split (up to
+    VAL_SAMPLES), the choice on the test split."""
+    outputs = task.outputs(onnx_predictor(ort_session(path, threads, [PROVIDERS[provider]])), inputs, 32)
+    return task.evaluate(outputs, inputs, targets, info).get(metric)
 
 
 def measure_together(files: dict[str, tuple[Path, str]], reference: Path, bench, threads: int, seconds: float
@@ -91,15 +98,15 @@ def measure_point(path: Path, reference: Path, provider: str, bench, threads: in
     return measure_together({"point": (path, provider)}, reference, bench, threads, seconds)["point"]
 
 
-def point_name(point: dict[str, Any]) -> str:
-    return f"{level_name(point['level'])} {point['variant']} {point['provider']}"
+def point_name(point: Point) -> str:
+    return f"{level_name(point.level)} {point.variant} {point.provider}"
 
 
 NOISY = 0.10  # an A/A spread above this: the machine was busy during the measurement
 FINAL_TRIES = 3
 
 
-def final_round(points: list[dict[str, Any]], cfg: OptimizeConfig, out: Path, reference: Path, bench, threads: int
+def final_round(points: list[Point], cfg: OptimizeConfig, out: Path, reference: Path, bench, threads: int
                 ) -> list[str]:
     """Time the points within the budget that tie with the fastest again, together in the same
     rounds and twice as long, and keep that measurement (the first as ``first``): each was timed
@@ -107,15 +114,14 @@ def final_round(points: list[dict[str, Any]], cfg: OptimizeConfig, out: Path, re
     3.96x, and the least compressed won on that. A round whose own A/A spread says the machine was
     busy (above NOISY) is taken again, up to FINAL_TRIES times, and the quietest kept: a ±0.23
     round makes a 10 % gap a tie. Returns the names timed again."""
-    within = [p for p in points if p["accuracy_drop_points"] <= cfg.max_accuracy_drop]
+    within = [p for p in points if p.metric_drop_points <= cfg.max_metric_drop]
     if cfg.target_speedup is not None or cfg.target_latency_ms is not None or len(within) < 2:
         return []
-    best = max(within, key=lambda p: p["speedup"]["median"])
-    ties = [p for p in within if p["speedup"]["median"] >= best["speedup"]["median"]
-            * (1 - max(p["noise_floor"], best["noise_floor"]))]
+    best = max(within, key=lambda p: p.speedup["median"])
+    ties = [p for p in within if p.speedup["median"] >= best.speedup["median"] * (1 - max(p.noise_floor, best.noise_floor))]
     if len(ties) < 2:
         return []
-    files = {point_name(p): (out / p["path"], p["provider"]) for p in ties}
+    files = {point_name(p): (out / p.path, p.provider) for p in ties}
     again: dict[str, dict[str, Any]] = {}
     for _ in range(FINAL_TRIES):
         figures = measure_together(files, reference, bench, threads, 2 * cfg.latency_seconds)
@@ -125,54 +131,51 @@ def final_round(points: list[dict[str, Any]], cfg: OptimizeConfig, out: Path, re
         if noise <= NOISY:
             break
     for p in ties:
-        p["first"] = {k: p[k] for k in ("p50_ms", "p90_ms", "reference_p50_ms", "speedup", "noise_floor")}
-        p.update(again[point_name(p)])
+        p.first = {k: getattr(p, k) for k in ("p50_ms", "p90_ms", "reference_p50_ms", "speedup", "noise_floor")}
+        for k, v in again[point_name(p)].items():
+            setattr(p, k, v)
     return [point_name(p) for p in ties]
 
 
-def choose(points: list[dict[str, Any]], cfg: OptimizeConfig) -> dict[str, Any] | None:
-    """The point to ship: within the accuracy budget, the least compressed one meeting the target
+def choose(points: list[Point], cfg: OptimizeConfig) -> Point | None:
+    """The point to ship: within the metric budget, the least compressed one meeting the target
     when there is a target, else the fastest (a speedup within the noise floor of its own or the
     fastest point's measurement is a tie, won by the least compressed).
 
-    >>> pts = [{"level": 1.0, "variant": "fp32", "accuracy_drop_points": 0.0, "speedup": {"median": 1.0},
-    ...         "p50_ms": 10.0, "noise_floor": 0.05},
-    ...        {"level": 1.0, "variant": "int8", "accuracy_drop_points": 0.4, "speedup": {"median": 2.0},
-    ...         "p50_ms": 5.0, "noise_floor": 0.05},
-    ...        {"level": 0.5, "variant": "int8", "accuracy_drop_points": 0.8, "speedup": {"median": 2.05},
-    ...         "p50_ms": 4.9, "noise_floor": 0.05},
-    ...        {"level": 0.35, "variant": "int8", "accuracy_drop_points": 0.9, "speedup": {"median": 2.6},
-    ...         "p50_ms": 3.8, "noise_floor": 0.01}]
-    >>> c = choose(pts[:3], OptimizeConfig(max_accuracy_drop=1.0)); (c["level"], c["variant"])
+    >>> def pt(level, variant, drop, speedup, noise):
+    ...     return Point(level=level, variant=variant, provider="cpu", path="x", metric_value=0.9 - drop / 100,
+    ...                  metric_drop_points=drop, p50_ms=10 / speedup, speedup={"median": speedup}, noise_floor=noise)
+    >>> pts = [pt(1.0, "fp32", 0.0, 1.0, 0.05), pt(1.0, "int8", 0.4, 2.0, 0.05), pt(0.5, "int8", 0.8, 2.05, 0.05),
+    ...        pt(0.35, "int8", 0.9, 2.6, 0.01)]
+    >>> c = choose(pts[:3], OptimizeConfig(max_metric_drop=1.0)); (c.level, c.variant)
     (1.0, 'int8')
-    >>> pts[0]["noise_floor"] = 0.4  # a noisy measurement of another point ties nothing else
-    >>> c = choose(pts, OptimizeConfig(max_accuracy_drop=1.0)); (c["level"], c["variant"])
+    >>> pts[0].noise_floor = 0.4  # a noisy measurement of another point ties nothing else
+    >>> c = choose(pts, OptimizeConfig(max_metric_drop=1.0)); (c.level, c.variant)
     (0.35, 'int8')
-    >>> c = choose(pts, OptimizeConfig(max_accuracy_drop=1.0, target_latency_ms=4.95)); (c["level"], c["variant"])
+    >>> c = choose(pts, OptimizeConfig(max_metric_drop=1.0, target_latency_ms=4.95)); (c.level, c.variant)
     (0.5, 'int8')
     """
-    within = [p for p in points if p["accuracy_drop_points"] <= cfg.max_accuracy_drop]
+    within = [p for p in points if p.metric_drop_points <= cfg.max_metric_drop]
     order = sorted(within, key=compression_order)  # least compressed first
     if cfg.target_speedup is not None or cfg.target_latency_ms is not None:
-        return next((p for p in order if (cfg.target_speedup is None or p["speedup"]["median"] >= cfg.target_speedup)
-                     and (cfg.target_latency_ms is None or p["p50_ms"] <= cfg.target_latency_ms)), None)
+        return next((p for p in order if (cfg.target_speedup is None or p.speedup["median"] >= cfg.target_speedup)
+                     and (cfg.target_latency_ms is None or p.p50_ms <= cfg.target_latency_ms)), None)
     if not order:
         return None
-    best = max(order, key=lambda p: p["speedup"]["median"])
+    best = max(order, key=lambda p: p.speedup["median"])
     # A tie is judged on the noise of the two measurements compared, not the largest A/A spread of
     # any point: one noisy point (35 %, timed while the machine was busy) once made 8.1x tie with 10.8x.
-    return next(p for p in order if p["speedup"]["median"] >= best["speedup"]["median"]
-                * (1 - max(p["noise_floor"], best["noise_floor"])))
+    return next(p for p in order if p.speedup["median"] >= best.speedup["median"] * (1 - max(p.noise_floor, best.noise_floor)))
 
 
-def compression_order(point: dict[str, Any]) -> tuple:
-    return (-point["level"], point["variant"] != "fp32", point.get("provider") != "cpu")
+def compression_order(point: Point) -> tuple:
+    return (-point.level, point.variant != "fp32", point.provider != "cpu")
 
 
-def pareto_front(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Points no other point beats on both latency and accuracy."""
-    return [p for p in points if not any(q["p50_ms"] <= p["p50_ms"] and q["accuracy"] >= p["accuracy"]
-                                         and (q["p50_ms"], q["accuracy"]) != (p["p50_ms"], p["accuracy"]) for q in points)]
+def pareto_front(points: list[Point]) -> list[Point]:
+    """Points no other point beats on both latency and the metric."""
+    return [p for p in points if not any(q.p50_ms <= p.p50_ms and q.metric_value >= p.metric_value
+                                         and (q.p50_ms, q.metric_value) != (p.p50_ms, p.metric_value) for q in points)]
 
 
 def optimize(run_dir: str | Path, output_dir: str | Path, cfg: OptimizeConfig | None = None) -> Path:
@@ -181,7 +184,7 @@ def optimize(run_dir: str | Path, output_dir: str | Path, cfg: OptimizeConfig | 
     cfg = cfg or OptimizeConfig()
     started = time.monotonic()
     run = load_run(run_dir)
-    if run.config.data.test_fraction <= 0:
+    if held_out_test(run.config.data, run.preprocessing, run.task) is None:
         raise ConfigError(f"{run.path} has no test split: optimize judges its choice on data the search never saw",
                           "train the run with --set data.test_fraction=0.2 (held out of the validation split)")
     out = Path(output_dir)
@@ -189,11 +192,12 @@ def optimize(run_dir: str | Path, output_dir: str | Path, cfg: OptimizeConfig | 
     wanted = list(cfg.providers)
     providers = [p for p in wanted if p in installed_providers()]
     skipped_providers = sorted(set(wanted) - set(providers))
-    earlier = read_json(out / POINTS) if (out / POINTS).is_file() else {"points": [], "seconds": 0.0}
-    done = {(p["level"], p["variant"], p["provider"]): p for p in earlier["points"]}
+    earlier = load_record(PointsRecord, out / POINTS) if (out / POINTS).is_file() else PointsRecord()
+    done = {(p.level, p.variant, p.provider): p for p in earlier.points}
     threads = cfg.threads or physical_cores()
     reference = bench = None
     stopped = None
+    metric = cfg.metric or run.task.metric
     for level in [1.0, *sorted(cfg.levels, reverse=True)]:
         if cfg.time_budget_s is not None and time.monotonic() - started > cfg.time_budget_s:
             stopped = f"time budget of {cfg.time_budget_s:.0f} s spent before level {level_name(level)}"
@@ -204,129 +208,128 @@ def optimize(run_dir: str | Path, output_dir: str | Path, cfg: OptimizeConfig | 
             reference = src.variant_path("fp32")
             val = EvalData.from_export(src, VAL_SAMPLES, calibration_samples=1)
             bench = val.bench
-            fp32_accuracy = done.get((1.0, "fp32", "cpu"), {}).get("accuracy") or file_accuracy(reference, "cpu", val.inputs,
-                                                                                          val.labels, threads)
+            unpruned = done.get((1.0, "fp32", "cpu"))
+            fp32_figure = unpruned.metric_value if unpruned else file_metric(
+                reference, "cpu", val.task, val.inputs, val.targets, val.info, threads, metric)
         for variant in ("fp32", "int8"):
             path = src.variant_path(variant)
             for provider in providers if path is not None else []:
                 key = (level, variant, provider)
                 if key not in done:
-                    acc = file_accuracy(path, provider, val.inputs, val.labels, threads)
-                    done[key] = {"level": level, "variant": variant, "provider": provider,
-                                 "path": relative(path, out), "accuracy": acc,
-                                 "accuracy_drop_points": 100 * (fp32_accuracy - acc),
-                                 **measure_point(path, reference, provider, bench, threads, cfg.latency_seconds)}
-                    write_json(out / POINTS, {"points": list(done.values()),
-                                              "seconds": earlier.get("seconds", 0.0) + time.monotonic() - started})
-                    print(f"  level {level_name(level)} {variant} on {provider}: {done[key]['p50_ms']:.2f} ms = "
-                          f"{done[key]['speedup']['median']:.2f}x unpruned fp32, accuracy {100 * acc:.2f}% "
-                          f"({done[key]['accuracy_drop_points']:+.2f} pts)")
-        if level < 1.0 and all(p["accuracy_drop_points"] > cfg.max_accuracy_drop + cfg.give_up_drop
-                               for p in done.values() if p["level"] == level):
+                    value = file_metric(path, provider, val.task, val.inputs, val.targets, val.info, threads, metric)
+                    done[key] = Point(level=level, variant=variant, provider=provider, path=relative(path, out),
+                                      metric_value=value, metric_drop_points=100 * (fp32_figure - value),
+                                      **measure_point(path, reference, provider, bench, threads, cfg.latency_seconds))
+                    write_record(out / POINTS, PointsRecord(points=list(done.values()),
+                                                            seconds=earlier.seconds + time.monotonic() - started))
+                    log.info("  level %s %s on %s: %.2f ms = %.2fx unpruned fp32, %s %.2f%% (%+.2f pts)",
+                             level_name(level), variant, provider, done[key].p50_ms, done[key].speedup["median"],
+                             metric, 100 * value, done[key].metric_drop_points)
+        if level < 1.0 and all(p.metric_drop_points > cfg.max_metric_drop + cfg.give_up_drop
+                               for p in done.values() if p.level == level):
             stopped = f"level {level_name(level)} lost more than {cfg.give_up_drop} points beyond the budget: deeper levels skipped"
             break
-    points = [dict(p) for p in done.values()]  # points.json keeps each point's first measurement
+    points = [p.model_copy(deep=True) for p in done.values()]  # points.json keeps each point's first measurement
     timed_again = final_round(points, cfg, out, reference, bench, threads) if reference is not None else []
-    points.sort(key=lambda p: p["p50_ms"])
+    points.sort(key=lambda p: p.p50_ms)
     chosen = choose(points, cfg)
-    test = chosen_on_test(run, out, chosen, reference) if chosen else None
-    record = {"run": relative(run.path, out), "machine": machine_info(threads), "settings": cfg.model_dump(mode="json"),
-              "points": points, "front": pareto_front(points), "final_round": timed_again, "chosen": chosen, "test": test,
-              "stopped": stopped, "providers_not_installed": skipped_providers,
-              # the whole search, interrupted runs included: what a user waited for in all
-              "seconds": earlier.get("seconds", 0.0) + time.monotonic() - started,
-              "seconds_this_run": time.monotonic() - started}
-    write_json(out / "pareto.json", record)
+    test = chosen_on_test(run, out, chosen, reference, metric) if chosen else None
+    record = ParetoRecord(run=relative(run.path, out), machine=machine_info(threads), settings=cfg.model_dump(mode="json"),
+                          metric=metric, points=points, front=pareto_front(points), final_round=timed_again,
+                          chosen=chosen, test=test, stopped=stopped, providers_not_installed=skipped_providers,
+                          # the whole search, interrupted runs included: what a user waited for in all
+                          seconds=earlier.seconds + time.monotonic() - started,
+                          seconds_this_run=time.monotonic() - started)
+    write_record(out / "pareto.json", record)
     plot_pareto(record, cfg, out / "pareto.png")
     write_text(out / "summary.md", summary(record, cfg))
     if chosen is not None:
         best = out / "best"
         shutil.rmtree(best, ignore_errors=True)
-        shutil.copytree(out / "levels" / level_name(chosen["level"]) / "export", best)
-        write_manifest(best, manifest("optimize", out / "levels" / level_name(chosen["level"]) / "export",
-                                      config=cfg, chosen=chosen, test=test))
-    print(summary(record, cfg))
+        shutil.copytree(out / "levels" / level_name(chosen.level) / "export", best)
+        write_manifest(best, manifest("optimize", out / "levels" / level_name(chosen.level) / "export",
+                                      config=cfg, chosen=chosen.model_dump(mode="json"),
+                                      test=test.model_dump(mode="json") if test else None))
+    log.info("%s", summary(record, cfg))
     return out
 
 
-def chosen_on_test(run, out: Path, chosen: dict[str, Any], reference: Path) -> dict[str, Any]:
+def chosen_on_test(run, out: Path, chosen: Point, reference: Path, metric: str) -> TestRecord:
     """The chosen file and the unpruned FP32 file on the test split no stage saw."""
-    src = load_export(out / "levels" / level_name(chosen["level"]) / "export")
-    inputs, labels = held_out_test(src.data, src.preprocessing, src.task)
-    figures = {name: file_accuracy(path, provider, inputs, labels, physical_cores()) for name, path, provider in
-               (("chosen", out / chosen["path"], chosen["provider"]), ("unpruned_fp32", reference, "cpu"))}
-    return {"samples": int(len(labels)), "accuracy": figures["chosen"], "unpruned_fp32_accuracy": figures["unpruned_fp32"],
-            "accuracy_drop_points": 100 * (figures["unpruned_fp32"] - figures["chosen"])}
+    src = load_export(out / "levels" / level_name(chosen.level) / "export")
+    inputs, targets = held_out_test(src.data, src.preprocessing, src.task)
+    figures = {name: file_metric(path, provider, src.task, inputs, targets, src.info, physical_cores(), metric)
+               for name, path, provider in (("chosen", out / chosen.path, chosen.provider),
+                                            ("unpruned_fp32", reference, "cpu"))}
+    return TestRecord(samples=len(inputs), metric_value=figures["chosen"], unpruned_fp32_metric=figures["unpruned_fp32"],
+                      metric_drop_points=100 * (figures["unpruned_fp32"] - figures["chosen"]))
 
 
-def summary(record: dict[str, Any], cfg: OptimizeConfig) -> str:
-    c, t = record["chosen"], record["test"]
-    lines = [f"# ftdeploy optimize ({record['machine']['cpu']}, {record['machine']['threads']} threads)", "",
-             f"{len(record['points'])} points, {len(record['front'])} on the front; budget {cfg.max_accuracy_drop} "
-             f"points" + (f"; target {cfg.target_speedup}x" if cfg.target_speedup else "")
+def summary(record: ParetoRecord, cfg: OptimizeConfig) -> str:
+    c, t, metric = record.chosen, record.test, record.metric
+    lines = [f"# ftdeploy optimize ({record.machine['cpu']}, {record.machine['threads']} threads)", "",
+             f"{len(record.points)} points, {len(record.front)} on the front; budget {cfg.max_metric_drop} "
+             f"points of {metric}" + (f"; target {cfg.target_speedup}x" if cfg.target_speedup else "")
              + (f"; target {cfg.target_latency_ms} ms" if cfg.target_latency_ms else "") + ".", ""]
     if c is None:
         lines.append("**No point meets the budget and target.**")
     else:
-        lines += [f"**Chosen**: level {level_name(c['level'])} (MACs fraction), {c['variant']}, {c['provider']}: "
-                  f"{c['p50_ms']:.2f} ms at batch 1 = {c['speedup']['median']:.2f}x "
-                  f"[{c['speedup']['low']:.2f}-{c['speedup']['high']:.2f}] the unpruned FP32 file; validation "
-                  f"{100 * c['accuracy']:.2f}% ({c['accuracy_drop_points']:+.2f} pts); test split {100 * t['accuracy']:.2f}% "
-                  f"against the unpruned FP32's {100 * t['unpruned_fp32_accuracy']:.2f}% ({t['samples']} examples "
+        lines += [f"**Chosen**: level {level_name(c.level)} (MACs fraction), {c.variant}, {c.provider}: "
+                  f"{c.p50_ms:.2f} ms at batch 1 = {c.speedup['median']:.2f}x "
+                  f"[{c.speedup['low']:.2f}-{c.speedup['high']:.2f}] the unpruned FP32 file; validation {metric} "
+                  f"{100 * c.metric_value:.2f}% ({c.metric_drop_points:+.2f} pts); test split {100 * t.metric_value:.2f}% "
+                  f"against the unpruned FP32's {100 * t.unpruned_fp32_metric:.2f}% ({t.samples} examples "
                   f"no stage saw). Files: best/."]
-    if record["final_round"]:
+    if record.final_round:
         lines += ["", f"Timed again together, twice as long (they tied on measurements taken apart): "
-                      f"{', '.join(record['final_round'])}; their first speedup in brackets."]
-    if record["stopped"]:
-        lines += ["", f"Stopped: {record['stopped']}."]
-    if record["providers_not_installed"]:
-        lines += ["", f"Providers requested but not installed: {', '.join(record['providers_not_installed'])}."]
-    lines += ["", "| level | variant | provider | p50 ms | x unpruned fp32 | val acc % | drop pts | front |",
+                      f"{', '.join(record.final_round)}; their first speedup in brackets."]
+    if record.stopped:
+        lines += ["", f"Stopped: {record.stopped}."]
+    if record.providers_not_installed:
+        lines += ["", f"Providers requested but not installed: {', '.join(record.providers_not_installed)}."]
+    lines += ["", f"| level | variant | provider | p50 ms | x unpruned fp32 | val {metric} % | drop pts | front |",
               "|---:|---|---|---:|---:|---:|---:|---|"]
-    front = {(p["level"], p["variant"], p["provider"]) for p in record["front"]}
-    for p in record["points"]:
-        first = f" ({p['first']['speedup']['median']:.2f})" if "first" in p else ""
-        lines.append(f"| {level_name(p['level'])} | {p['variant']} | {p['provider']} | {p['p50_ms']:.2f} | "
-                     f"{p['speedup']['median']:.2f}{first} | "
-                     f"{100 * p['accuracy']:.2f} | {p['accuracy_drop_points']:+.2f} | "
-                     f"{'yes' if (p['level'], p['variant'], p['provider']) in front else ''} |")
+    front = {(p.level, p.variant, p.provider) for p in record.front}
+    for p in record.points:
+        first = f" ({p.first['speedup']['median']:.2f})" if p.first else ""
+        lines.append(f"| {level_name(p.level)} | {p.variant} | {p.provider} | {p.p50_ms:.2f} | "
+                     f"{p.speedup['median']:.2f}{first} | {100 * p.metric_value:.2f} | {p.metric_drop_points:+.2f} | "
+                     f"{'yes' if (p.level, p.variant, p.provider) in front else ''} |")
     return "\n".join(lines) + "\n"
 
 
-def plot_pareto(record: dict[str, Any], cfg: OptimizeConfig, path: Path) -> None:
-    """Latency (log, ms) against validation accuracy: every point, the front joined, the budget line,
-    the unpruned FP32 file and the chosen point labelled."""
-    from .report import pyplot
-
+def plot_pareto(record: ParetoRecord, cfg: OptimizeConfig, path: Path) -> None:
+    """Latency (log, ms) against the validation metric: every point, the front joined, the budget
+    line, the unpruned FP32 file and the chosen point labelled."""
     plt = pyplot()
-    points = record["points"]
+    points, metric = record.points, record.metric
     if plt is None or not points:
         return
     fig, ax = plt.subplots(figsize=(9, 4.8))
     markers, colors = {"fp32": "o", "int8": "s"}, {"cpu": "tab:blue", "openvino": "tab:purple"}
-    for variant, provider in sorted({(p["variant"], p["provider"]) for p in points}):
-        mine = [p for p in points if (p["variant"], p["provider"]) == (variant, provider)]
-        ax.scatter([p["p50_ms"] for p in mine], [100 * p["accuracy"] for p in mine], marker=markers[variant],
+    for variant, provider in sorted({(p.variant, p.provider) for p in points}):
+        mine = [p for p in points if (p.variant, p.provider) == (variant, provider)]
+        ax.scatter([p.p50_ms for p in mine], [100 * p.metric_value for p in mine], marker=markers[variant],
                    s=36, label=f"{variant}, {provider} provider", alpha=0.8, edgecolors=colors[provider],
                    facecolors="none" if variant == "fp32" else colors[provider])
         for p in mine:
-            ax.annotate(f"{level_name(p['level'])}", (p["p50_ms"], 100 * p["accuracy"]), fontsize=7,
+            ax.annotate(f"{level_name(p.level)}", (p.p50_ms, 100 * p.metric_value), fontsize=7,
                         xytext=(4, 3), textcoords="offset points")
-    front = sorted(record["front"], key=lambda p: p["p50_ms"])
-    ax.plot([p["p50_ms"] for p in front], [100 * p["accuracy"] for p in front], color="tab:gray", lw=1, label="front")
-    unpruned = next((p for p in points if p["level"] == 1.0 and p["variant"] == "fp32" and p["provider"] == "cpu"), None)
+    front = sorted(record.front, key=lambda p: p.p50_ms)
+    ax.plot([p.p50_ms for p in front], [100 * p.metric_value for p in front], color="tab:gray", lw=1, label="front")
+    unpruned = next((p for p in points if p.level == 1.0 and p.variant == "fp32" and p.provider == "cpu"), None)
     if unpruned:
-        budget = 100 * unpruned["accuracy"] - cfg.max_accuracy_drop
-        ax.axhline(budget, color="tab:red", ls="--", lw=1, label=f"budget: -{cfg.max_accuracy_drop} pts")
-        ax.scatter([unpruned["p50_ms"]], [100 * unpruned["accuracy"]], s=120, facecolors="none", edgecolors="black",
+        budget = 100 * unpruned.metric_value - cfg.max_metric_drop
+        ax.axhline(budget, color="tab:red", ls="--", lw=1, label=f"budget: -{cfg.max_metric_drop} pts")
+        ax.scatter([unpruned.p50_ms], [100 * unpruned.metric_value], s=120, facecolors="none", edgecolors="black",
                    label="unpruned FP32")
-    c = record["chosen"]
+    c = record.chosen
     if c:
-        ax.scatter([c["p50_ms"]], [100 * c["accuracy"]], s=200, marker="*", color="gold", edgecolors="black",
+        ax.scatter([c.p50_ms], [100 * c.metric_value], s=200, marker="*", color="gold", edgecolors="black",
                    zorder=5, label="chosen")
-        ax.annotate(f"chosen: {level_name(c['level'])} {c['variant']} on {c['provider']}, {c['speedup']['median']:.2f}x",
-                    (c["p50_ms"], 100 * c["accuracy"]), xytext=(8, -14), textcoords="offset points", fontsize=8)
-    ax.set(xscale="log", xlabel="latency at batch 1, p50 (ms, log scale)", ylabel="validation accuracy (%)",
+        ax.annotate(f"chosen: {level_name(c.level)} {c.variant} on {c.provider}, {c.speedup['median']:.2f}x",
+                    (c.p50_ms, 100 * c.metric_value), xytext=(8, -14), textcoords="offset points", fontsize=8)
+    ax.set(xscale="log", xlabel="latency at batch 1, p50 (ms, log scale)", ylabel=f"validation {metric} (%)",
            title="ftdeploy optimize: pruning level (MACs fraction) x INT8 x provider")
     from matplotlib.ticker import FuncFormatter
 

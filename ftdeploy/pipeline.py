@@ -8,12 +8,14 @@ and prunes (data-parallel fine-tuning); the single-process stages run on the mai
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Callable
 
 from .config import ExportConfig, PipelineConfig
 
+log = logging.getLogger(__name__)
 ORDER = ("train", "prune", "export", "quantize", "report")
 ALL_PROCESSES = ("train", "prune")
 
@@ -79,7 +81,7 @@ def run_pipeline(cfg: PipelineConfig, resume: bool = False) -> dict[str, Path]:
             break
         current = artifacts[name] = STAGES[name](current, cfg, resume)
         if is_main_process():
-            print(f"{name}: {current}")
+            log.info("%s: %s", name, current)
         if name == last_shared:
             release_processes()
     return artifacts

@@ -1,7 +1,7 @@
 """Stage ``prune``: a run directory -> a run directory whose model has fewer channels, for real.
 
 Channels are physically removed with Torch-Pruning's dependency graph (a group of coupled layers
-is pruned together, the classifier's outputs never), accuracy is recovered by fine-tuning through
+is pruned together, the model's output layers never), the task's metric is recovered by fine-tuning through
 the same Accelerate loop as ``ftdeploy train`` (optionally distilling from the unpruned model), and
 the result is judged by onnxruntime latency measured on this machine, unpruned and pruned side by
 side. The pruned architecture is stored as plain channel counts in ``model.json``, so a run
@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import gzip
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -32,15 +33,18 @@ from .config import PruneConfig
 from .conversion import temporary_onnx
 from .data import build_datasets
 from .errors import ConfigError, DependencyError
-from .evaluation import accuracy, batched, split_arrays, torch_predictor
+from .evaluation import split_arrays, torch_predictor
+from .files import relative, write_text
 from .latency import compare, ort_runner, ort_session, session_policy
 from .machine import physical_cores
-from .models import BuiltModel, architecture_delta
+from .models import BuiltModel, architecture_delta, fixed_labels
+from .records import ModelMeasure, PruneRecord, write_record
 from .registry import Registry
-from .files import relative, write_json, write_text
 from .rundir import Run, load_run, manifest, write_manifest
 from .tasks import Task, tile
 from .training import Job, fine_tune, make_accelerator, save_weights, setup
+
+log = logging.getLogger(__name__)
 
 importances: Registry = Registry("pruning importance", ConfigError)
 # Candidate upper bounds of the MACs bisection, from the most pruning allowed down (see choose_ratio).
@@ -108,7 +112,7 @@ def prune_channels(model: nn.Module, head: nn.Module, example: tuple[torch.Tenso
         if importance == "taylor":  # Taylor importance reads the gradients of a few real batches
             model.zero_grad()
             for x, y in batches or []:
-                nn.functional.cross_entropy(model(*x), y).backward()
+                task.loss(model(*x), y, None).backward()
         extra, whole = task.pruning_options(model, step_ratio)
         tp.pruner.MetaPruner(model, example, importance=importances.get(importance)(), pruning_ratio=step_ratio,
                              global_pruning=cfg.global_pruning, ignored_layers=[head, *whole], round_to=cfg.round_to,
@@ -133,18 +137,23 @@ def pruned_copy(model: nn.Module, head_name: str, example: tuple[torch.Tensor, .
 class Probe:
     """What pruning measures a model with: ``example`` (batch-1 tensors in the model's argument
     order, for Torch-Pruning's tracing and MAC counts), ``names`` and ``axes`` of the ONNX inputs,
-    ``bench`` (one real input at the shape latency is declared for) and the ``task``."""
+    ``bench`` (one real input at the shape latency is declared for), the ``task``, and the
+    validation examples its metric is judged on (``inputs``, ``targets``, ``info``)."""
 
     example: tuple[torch.Tensor, ...]
     names: list[str]
     axes: dict[str, dict[int, str]]
     bench: Any
     task: Task
+    inputs: Any = None
+    targets: Any = None
+    info: dict[str, Any] | None = None
 
     @contextlib.contextmanager
     def onnx(self, model: nn.Module):
         traced = [t.repeat(2, *[1] * (t.dim() - 1)) for t in self.example]  # batch 2: not specialized to 1
-        with temporary_onnx(model, traced, self.names, self.axes) as path:
+        with temporary_onnx(model, traced, self.names, self.axes, self.task.output_names,
+                            self.task.output_axes()) as path:
             yield path
 
 
@@ -161,7 +170,7 @@ def onnx_speedup(base: nn.Module, candidate: nn.Module, probe: Probe, threads: i
 
 
 def choose_ratio(model: nn.Module, head_name: str, probe: Probe, cfg: PruneConfig,
-                 batches=None, progress=print) -> tuple[float, list[dict[str, Any]]]:
+                 batches=None, progress=log.info) -> tuple[float, list[dict[str, Any]]]:
     """The least channel ratio that meets the target: MACs by bisection, speedup by measured latency
     (the low end of the measured speedup must reach the target)."""
     example = probe.example
@@ -238,16 +247,16 @@ def prune(run_dir: str | Path, output_dir: str | Path, cfg: PruneConfig | None =
     base = copy.deepcopy(model)
     head_name = run.architecture["head_name"]
     splits = build_datasets(run.config.data.model_copy(update={"augment": False}), run.preprocessing)
-    inputs, labels = split_arrays(splits.val, 2000, run.task)
+    inputs, targets = split_arrays(splits.val, 2000, run.task)
     names = run.input_names
     example = tuple(torch.from_numpy(a[:1]) for a in run.task.example_inputs(run.preprocessing, names))
     probe = Probe(example, names, run.task.dynamic_axes(names), tile(run.task.bench_inputs(inputs, run.preprocessing), 1),
-                  run.task)
-    record: dict[str, Any] = {"source_run": relative(run.path, out), "method": cfg.method, "importance": cfg.importance,
-                              "before": measure_model(model, probe, inputs, labels) if main else None}
+                  run.task, inputs, targets, run.info)
+    record = PruneRecord(source_run=relative(run.path, out), method=cfg.method, importance=cfg.importance,
+                         metric=run.task.metric, before=measure_model(model, probe) if main else None)
     stage = manifest("prune", run.path, config=cfg)
     if cfg.method == "unstructured":
-        record["sparsity"] = unstructured(model, head_name, cfg.ratio if cfg.ratio is not None else 0.5)
+        record.sparsity = unstructured(model, head_name, cfg.ratio if cfg.ratio is not None else 0.5)
         if main:
             save_run(run, out, model, {})
     else:
@@ -255,14 +264,14 @@ def prune(run_dir: str | Path, output_dir: str | Path, cfg: PruneConfig | None =
     if main:
         write_manifest(out, stage)
         model = load_run(out).load_model()  # the best recovered weights, through the reload path
-        finish_report(out, record, base, model, probe, inputs, labels, cfg)
-        write_manifest(out, {**stage, "ratio": record.get("ratio")})
+        finish_report(out, record, base, model, probe, cfg)
+        write_manifest(out, {**stage, "ratio": record.ratio})
     PartialState().wait_for_everyone()
     return out
 
 
 def structured(run: Run, out: Path, model: nn.Module, head_name: str, probe: Probe, cfg: PruneConfig,
-               record: dict[str, Any], splits, main: bool) -> nn.Module:
+               record: PruneRecord, splits, main: bool) -> nn.Module:
     """Remove channels (in ``cfg.iterative_steps`` steps, fine-tuning after each) and save the run."""
     from accelerate.utils import broadcast_object_list
 
@@ -271,14 +280,14 @@ def structured(run: Run, out: Path, model: nn.Module, head_name: str, probe: Pro
     # Measured targets could differ between processes: the main process decides for all.
     choice = [choose_ratio(model, head_name, probe, cfg, batches) if main else None]
     ratio, trials = broadcast_object_list(choice, from_process=0)[0]
-    record.update(ratio=ratio, search=trials, iterative_steps=cfg.iterative_steps)
+    record.ratio, record.search, record.iterative_steps = ratio, trials, cfg.iterative_steps
     base = copy.deepcopy(model)
     steps = prune_channels(model, model.get_submodule(head_name), probe.example, cfg, ratio, run.task, batches,
                            cfg.iterative_steps)
     for step, _ in enumerate(steps):
         if main:
-            print(f"pruning step {step + 1}/{cfg.iterative_steps}: "
-                  f"{macs_and_params(model, probe.example)[0] / macs_and_params(base, probe.example)[0]:.2f}x MACs")
+            log.info("pruning step %d/%d: %.2fx MACs", step + 1, cfg.iterative_steps,
+                     macs_and_params(model, probe.example)[0] / macs_and_params(base, probe.example)[0])
         epochs = _step_epochs(cfg, step)
         if epochs:
             _finetune(run, out, model, head_name, base, epochs, cfg, teacher)
@@ -287,23 +296,24 @@ def structured(run: Run, out: Path, model: nn.Module, head_name: str, probe: Pro
     return model
 
 
-def finish_report(out: Path, record: dict[str, Any], base: nn.Module, model: nn.Module, probe: Probe,
-                  inputs, labels, cfg: PruneConfig) -> None:
+def finish_report(out: Path, record: PruneRecord, base: nn.Module, model: nn.Module, probe: Probe,
+                  cfg: PruneConfig) -> None:
     threads = cfg.threads or physical_cores()
-    record["after"] = measure_model(model, probe, inputs, labels)
+    after = measure_model(model, probe)
     timing = onnx_speedup(base, model, probe, threads, cfg.latency_seconds)
-    record["before"]["fp32_latency_ms"], record["after"]["fp32_latency_ms"] = timing["base_ms"], timing["latency_ms"]
-    record["speedup"] = {k: timing[k] for k in ("speedup", "speedup_low", "speedup_high")}
-    record["latency_session"] = session_policy(threads)
-    record["ratios"] = {k: record["after"][k] / record["before"][k]
-                        for k in ("macs", "params", "fp32_latency_ms", "onnx_bytes")}
-    record["accuracy_drop_points"] = 100 * (record["before"]["accuracy"] - record["after"]["accuracy"])
+    record.before.fp32_latency_ms, after.fp32_latency_ms = timing["base_ms"], timing["latency_ms"]
+    record.after = after
+    record.speedup = {k: timing[k] for k in ("speedup", "speedup_low", "speedup_high")}
+    record.latency_session = session_policy(threads)
+    record.ratios = {k: getattr(after, k) / getattr(record.before, k)
+                     for k in ("macs", "params", "fp32_latency_ms", "onnx_bytes")}
+    record.metric_drop_points = 100 * (record.before.scores[record.metric] - after.scores[record.metric])
     if cfg.method == "unstructured":
-        record["note"] = ("unstructured sparsity zeroes weights but keeps every tensor dense: onnxruntime runs "
-                          "the same dense kernels, so latency does not improve; only a compressed file shrinks")
-    write_json(out / "prune_report.json", record)
+        record.note = ("unstructured sparsity zeroes weights but keeps every tensor dense: onnxruntime runs "
+                       "the same dense kernels, so latency does not improve; only a compressed file shrinks")
+    write_record(out / "prune_report.json", record)
     write_text(out / "prune_report.md", prune_markdown(record))
-    print(prune_markdown(record))
+    log.info("%s", prune_markdown(record))
 
 
 def save_run(run: Run, out: Path, model: nn.Module, delta: dict[str, Any]) -> None:
@@ -313,18 +323,18 @@ def save_run(run: Run, out: Path, model: nn.Module, delta: dict[str, Any]) -> No
     architecture = {**run.architecture, **({"pruned": delta} if delta else {})}
     write_run_files(out, run.config.model_copy(update={"output_dir": out}), run.classes, run.preprocessing, architecture)
     save_weights(model.state_dict(), out)
-    write_json(out / "metrics.json", {**run.metrics, "epochs": 0, "note": "not fine-tuned after pruning"})
+    write_record(out / "metrics.json", run.metrics.model_copy(update={"epochs": 0, "note": "not fine-tuned after pruning"}))
 
 
-def measure_model(model: nn.Module, probe: Probe, inputs, labels) -> dict:
-    """MACs, parameters, accuracy and ONNX file size (plain and gzip) of a model."""
+def measure_model(model: nn.Module, probe: Probe) -> ModelMeasure:
+    """MACs, parameters, the task's scores and ONNX file size (plain and gzip) of a model."""
     macs, params = macs_and_params(model, probe.example)
     with probe.onnx(model) as path:
         size = path.stat().st_size
         gz = len(gzip.compress(path.read_bytes(), compresslevel=6))
-    predict = torch_predictor(model.eval(), probe.names)
-    return {"macs": macs, "params": params, "accuracy": accuracy(batched(predict, inputs, 64), labels),
-            "onnx_bytes": size, "onnx_gzip_bytes": gz}
+    outputs = probe.task.outputs(torch_predictor(model.eval(), probe.names), probe.inputs, 64)
+    scores = probe.task.evaluate(outputs, probe.inputs, probe.targets, probe.info)
+    return ModelMeasure(macs=macs, params=params, scores=scores.values, onnx_bytes=size, onnx_gzip_bytes=gz)
 
 
 def _step_epochs(cfg: PruneConfig, step: int) -> int:
@@ -344,7 +354,8 @@ def _finetune(run: Run, out: Path, model: nn.Module, head_name: str, base: nn.Mo
 
     built = BuiltModel(model, head_name, {}, architecture={**{k: v for k, v in run.architecture.items()
                                                               if k not in ("name", "num_classes", "head_name", "pruned")},
-                                                           "pruned": architecture_delta(base, model)})
+                                                           "pruned": architecture_delta(base, model)},
+                       fit_labels=fixed_labels(len(run.classes)))
     accelerator = make_accelerator(tcfg, out)
     set_seed(tcfg.train.seed)
     splits = setup(tcfg, out, built, run.preprocessing, accelerator)
@@ -359,21 +370,22 @@ def _taylor_batches(train_set, cfg: PruneConfig, task: Task) -> list[tuple[tuple
     return [task.collate(items[i:i + 16]) for i in range(0, len(items), 16)]
 
 
-def prune_markdown(record: dict[str, Any]) -> str:
-    b, a = record["before"], record["after"]
-    rows = [("MACs", f"{b['macs'] / 1e6:.1f} M", f"{a['macs'] / 1e6:.1f} M", a["macs"] / b["macs"]),
-            ("parameters", f"{b['params'] / 1e6:.2f} M", f"{a['params'] / 1e6:.2f} M", a["params"] / b["params"]),
-            ("ORT FP32 p50 @1 (side by side)", f"{b['fp32_latency_ms']:.2f} ms", f"{a['fp32_latency_ms']:.2f} ms",
-             a["fp32_latency_ms"] / b["fp32_latency_ms"]),
-            ("ONNX file", f"{b['onnx_bytes'] / 1e6:.2f} MB", f"{a['onnx_bytes'] / 1e6:.2f} MB", a["onnx_bytes"] / b["onnx_bytes"]),
-            ("ONNX file, gzip", f"{b['onnx_gzip_bytes'] / 1e6:.2f} MB", f"{a['onnx_gzip_bytes'] / 1e6:.2f} MB",
-             a["onnx_gzip_bytes"] / b["onnx_gzip_bytes"]),
-            ("val accuracy", f"{100 * b['accuracy']:.2f} %", f"{100 * a['accuracy']:.2f} %", a["accuracy"] / max(b["accuracy"], 1e-9))]
-    lines = [f"# Pruning report ({record['method']}, importance {record['importance']})", "",
+def prune_markdown(record: PruneRecord) -> str:
+    b, a, metric = record.before, record.after, record.metric
+    rows = [("MACs", f"{b.macs / 1e6:.1f} M", f"{a.macs / 1e6:.1f} M", a.macs / b.macs),
+            ("parameters", f"{b.params / 1e6:.2f} M", f"{a.params / 1e6:.2f} M", a.params / b.params),
+            ("ORT FP32 p50 @1 (side by side)", f"{b.fp32_latency_ms:.2f} ms", f"{a.fp32_latency_ms:.2f} ms",
+             a.fp32_latency_ms / b.fp32_latency_ms),
+            ("ONNX file", f"{b.onnx_bytes / 1e6:.2f} MB", f"{a.onnx_bytes / 1e6:.2f} MB", a.onnx_bytes / b.onnx_bytes),
+            ("ONNX file, gzip", f"{b.onnx_gzip_bytes / 1e6:.2f} MB", f"{a.onnx_gzip_bytes / 1e6:.2f} MB",
+             a.onnx_gzip_bytes / b.onnx_gzip_bytes),
+            (f"val {metric}", f"{100 * b.scores[metric]:.2f} %", f"{100 * a.scores[metric]:.2f} %",
+             a.scores[metric] / max(b.scores[metric], 1e-9))]
+    lines = [f"# Pruning report ({record.method}, importance {record.importance})", "",
              "| | before | after | after/before |", "|---|---:|---:|---:|",
              *[f"| {n} | {x} | {y} | {r:.3f} |" for n, x, y, r in rows]]
-    if "sparsity" in record:
-        lines += ["", f"Weight sparsity: {100 * record['sparsity']:.1f} %."]
-    if "note" in record:
-        lines += ["", f"Note: {record['note']}."]
+    if record.sparsity is not None:
+        lines += ["", f"Weight sparsity: {100 * record.sparsity:.1f} %."]
+    if record.note:
+        lines += ["", f"Note: {record.note}."]
     return "\n".join(lines) + "\n"

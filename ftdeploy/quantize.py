@@ -1,5 +1,5 @@
 """Stage ``quantize``: an export directory -> ``model.int8.onnx``, shipped only when it is measured
-faster than FP32 and within the accuracy budget on this CPU.
+faster than FP32 and within the metric budget on this CPU.
 
 The INT8 variant and the ``quantization`` record join the export directory's ``report.json`` (or a
 copy of it in ``-o OUT``). When no configuration qualifies, FP32 ships alone: the report says why,
@@ -9,11 +9,11 @@ and that is not a failure unless ``quantize.required`` (``--strict``) asks for o
    ``reduce_range`` (and whether INT8 can be expected to help at all).
 2. **Quantize** (onnxruntime): static QDQ with per-channel weights, calibrated on the run's own
    training images (MinMax, Entropy or Percentile), or dynamic for Linear/attention-heavy models.
-3. **Measure** accuracy on the validation images and latency against the FP32 file, then search:
+3. **Measure** the task's metric on the validation examples and latency against the FP32 file, then search:
    candidate exclusions that are slow in INT8 (depthwise convolutions, element-wise ops without
    fast INT8 kernels, first/last layers) are *timed*, and the nodes whose quantization error is
-   largest (onnxruntime's QDQ debugging utilities) are kept in FP32 until the accuracy holds.
-   If no configuration is both faster and within the accuracy budget, nothing is shipped.
+   largest (onnxruntime's QDQ debugging utilities) are kept in FP32 until the metric holds.
+   If no configuration is both faster and within the metric budget, nothing is shipped.
 """
 
 from __future__ import annotations
@@ -34,15 +34,17 @@ from onnxruntime.quantization import CalibrationDataReader
 
 from .config import QuantizeConfig
 from .errors import FtdeployError, NotShipped
-from .evaluation import EvalData, accuracy, batched, onnx_predictor, parity
+from .evaluation import EvalData, onnx_predictor
 from .files import relative, resolve
-from .tasks import feeds
 from .latency import FASTER, Comparison, Speedup, beside_reference, ort_runner, profile, provider_latency, tile_batch
 from .machine import cpu_flags, physical_cores
 from .onnx_model import (TWO_GB, batch_dependent, copy_onnx, fuse_transformer, model_metadata, move_onnx, onnx_size,
                          open_session, save_onnx, update_metadata, write_metadata)
+from .records import Attempt as AttemptRecord
+from .records import ExportReport, QuantizationRecord, VariantRecord, latency_fields
 from .report import write_report
 from .rundir import ExportDir, load_export, manifest, write_manifest
+from .tasks import Outputs, feeds
 
 log = logging.getLogger(__name__)
 COMPUTE_OPS = ["Conv", "Gemm", "MatMul"]
@@ -141,7 +143,7 @@ class Attempt:
     excluded_nodes: list[str]
     op_types: list[str] | None
     scheme: Scheme | None = None
-    accuracy: float | None = None
+    metric_value: float | None = None
     latency_ms: float | None = None
     speedup: float | None = None  # median of per-round ratios against FP32
     speedup_low: float | None = None
@@ -150,10 +152,13 @@ class Attempt:
     graph: str = "exported"  # the graph quantized: "exported", or "fused" (onnxruntime's transformer fusions)
     first_pass: dict | None = None  # its first measurement, when the final round measured it again
     verdict: str = ""
-    accuracy_drop_points: float | None = None
+    metric_drop_points: float | None = None
     passed: bool = False
     note: str = ""
     path: Path | None = field(default=None, repr=False)
+
+    def record(self) -> AttemptRecord:
+        return AttemptRecord(**{k: v for k, v in asdict(self).items() if k != "path"})
 
 
 def pick_mode(model) -> str:
@@ -175,8 +180,24 @@ def depthwise_convs(model) -> list[str]:
 
 
 def first_last(model) -> list[str]:
-    nodes = [n.name for n in model.graph.node if n.op_type in COMPUTE_OPS]
-    return list(dict.fromkeys(nodes[:1] + nodes[-1:]))
+    """The first compute node and, for every output of the graph, the compute nodes nearest it (a
+    classifier's last layer; a detector's class and box convolutions of every level): the layers
+    whose quantization error reaches the answer unaveraged."""
+    nodes = [n for n in model.graph.node if n.op_type in COMPUTE_OPS]
+    producer = {out: node for node in model.graph.node for out in node.output}
+    nearest, seen = [], set()
+    stack = [o.name for o in model.graph.output]
+    while stack:
+        node = producer.get(stack.pop())
+        if node is None or node.name in seen:
+            continue
+        seen.add(node.name)
+        if node.op_type in COMPUTE_OPS:
+            nearest.append(node.name)
+        else:
+            stack.extend(node.input)
+    order = {n.name: i for i, n in enumerate(model.graph.node)}
+    return list(dict.fromkeys([n.name for n in nodes[:1]] + sorted(nearest, key=order.get)))
 
 
 _CALIBRATION = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
@@ -261,19 +282,20 @@ def _import_ort_tools_without_torch() -> None:
 
 
 class Evaluator:
-    """Accuracy of a candidate on the validation images, and its batch-1 speedup against the FP32
-    file under the latency protocol (alternating blocks, per-round ratios). Tests substitute one
-    that returns set figures, so the search's logic is checked apart from this machine's speed."""
+    """The task's metric of a candidate on the validation examples, and its batch-1 speedup against
+    the FP32 file under the latency protocol (alternating blocks, per-round ratios). Tests substitute
+    one that returns set figures, so the search's logic is checked apart from this machine's speed."""
 
-    def __init__(self, inputs, labels: np.ndarray, threads: int, seconds: float, bench=None):
-        self.inputs, self.labels, self.threads, self.seconds = inputs, labels, threads, seconds
-        self.bench = inputs if bench is None else bench  # the inputs latency is timed on
+    def __init__(self, data: EvalData, metric: str | None, threads: int, seconds: float):
+        self.data, self.metric, self.threads, self.seconds = data, metric or data.task.metric, threads, seconds
+        self.bench = data.inputs if data.bench is None else data.bench  # the inputs latency is timed on
         self.latest: Comparison | None = None  # the last measurement: the quick path's final figures
-        self.logits: dict[str, np.ndarray] = {}  # name -> logits behind its accuracy, for confirm to reuse
+        self.outputs: dict[str, Outputs] = {}  # name -> outputs behind its figure, for confirm to reuse
 
-    def accuracy(self, name: str, path: Path) -> float:
-        self.logits[name] = batched(onnx_predictor(open_session(path, self.threads)), self.inputs, 32)
-        return accuracy(self.logits[name], self.labels)
+    def score(self, name: str, path: Path) -> float:
+        """``name``'s figure of the metric budgets judge (the task's primary unless quantize.metric)."""
+        self.outputs[name] = self.data.outputs(onnx_predictor(open_session(path, self.threads)), 32)
+        return self.data.score(self.outputs[name]).get(self.metric)
 
     def speedups(self, candidates: dict[str, Path], reference: Path, longer: float = 1.0
                  ) -> tuple[dict[str, tuple[Speedup, float]], float]:
@@ -296,11 +318,11 @@ class Evaluator:
 
 
 def search(source: Path, fp32: Path, workdir: Path, cfg: QuantizeConfig, calibration: np.ndarray, evaluator,
-           plan: Preflight, noise_floor: float, progress=print, fusions: dict[str, Any] | None = None
+           plan: Preflight, noise_floor: float, progress=log.info, fusions: dict[str, Any] | None = None
            ) -> tuple[Attempt | None, list[Attempt], str]:
     """Try configurations, measure each; returns (the fastest that passes or None, all tried, mode).
 
-    A configuration passes when it loses at most ``max_accuracy_drop`` points and its speedup's
+    A configuration passes when it loses at most ``max_metric_drop`` points of the metric and its speedup's
     verdict is ``faster``: the low end of its per-round ratios clears ``min_speedup`` and its median
     lies outside the noise floor: ``noise_floor`` (the A/A check before the search) or the A/A
     spread measured beside it, whichever is larger. Each attempt records the floor it was judged by.
@@ -328,7 +350,7 @@ def search(source: Path, fp32: Path, workdir: Path, cfg: QuantizeConfig, calibra
     primary = "fused" if "fused" in graphs else "exported"
     model = models[primary]
     reader = CalibrationReader(calibration, [i.name for i in model.graph.input])
-    fp32_accuracy = evaluator.accuracy("fp32", fp32)
+    fp32_figure = evaluator.score("fp32", fp32)
     tried: list[Attempt] = []
 
     default, *other_schemes = schemes(plan, cfg)
@@ -337,26 +359,26 @@ def search(source: Path, fp32: Path, workdir: Path, cfg: QuantizeConfig, calibra
         a.speedup, a.speedup_low, a.speedup_high, a.latency_ms = speedup.median, speedup.low, speedup.high, latency_ms
         a.noise_floor = max(noise_floor, noise)
         a.verdict = speedup.verdict(a.noise_floor, cfg.min_speedup)
-        a.passed = a.accuracy_drop_points <= cfg.max_accuracy_drop and a.verdict == "faster"
+        a.passed = a.metric_drop_points <= cfg.max_metric_drop and a.verdict == "faster"
 
     def attempt(name: str, excluded: list[str], op_types: list[str] | None, scheme: Scheme = default,
                 kind: str = mode, graph: str = primary) -> Attempt:
         a = Attempt(name, kind, sorted(set(excluded)), op_types, scheme, graph=graph, path=workdir / f"try{len(tried)}.onnx")
         quantize_once(graphs[graph], a.path, kind, scheme, cfg, reader, a.excluded_nodes, op_types)
-        a.accuracy = evaluator.accuracy(name, a.path)
-        a.accuracy_drop_points = 100 * (fp32_accuracy - a.accuracy)
+        a.metric_value = evaluator.score(name, a.path)
+        a.metric_drop_points = 100 * (fp32_figure - a.metric_value)
         measured, noise = evaluator.speedups({name: a.path}, fp32)
         judge(a, *measured[name], noise)
         tried.append(a)
-        progress(f"  int8 try {len(tried)} [{name}]: accuracy {100 * a.accuracy:.2f}% "
-                 f"(drop {a.accuracy_drop_points:+.2f} pts), {a.latency_ms:.2f} ms = {a.speedup:.2f}x fp32 "
+        progress(f"  int8 try {len(tried)} [{name}]: {evaluator.metric} {100 * a.metric_value:.2f}% "
+                 f"(drop {a.metric_drop_points:+.2f} pts), {a.latency_ms:.2f} ms = {a.speedup:.2f}x fp32 "
                  f"[{a.speedup_low:.2f}-{a.speedup_high:.2f}]: {a.verdict}{' ✓' if a.passed else ''}")
         return a
 
     preset = attempt("all ops", [], None)
     if cfg.search == "full" or (cfg.search == "auto" and not preset.passed):
         edges, depthwise = first_last(model), depthwise_convs(model)
-        # Latency candidates (each is timed, none is assumed), then the usual accuracy suspects.
+        # Latency candidates (each is timed, none is assumed), then the usual metric suspects.
         candidates = [("compute ops only", [], COMPUTE_OPS)]
         if depthwise:
             candidates += [("depthwise in fp32", depthwise, None), ("compute ops only, depthwise in fp32", depthwise, COMPUTE_OPS)]
@@ -378,8 +400,8 @@ def search(source: Path, fp32: Path, workdir: Path, cfg: QuantizeConfig, calibra
         if fast:
             # Fast enough but too inaccurate: on the one that loses least, keep the nodes whose own
             # quantization error is largest in FP32, a few at a time, until the budget holds.
-            base = min(fast, key=lambda a: (a.accuracy_drop_points, -a.speedup))
-            # The most first: when even 8 nodes in FP32 do not restore the accuracy, fewer will not
+            base = min(fast, key=lambda a: (a.metric_drop_points, -a.speedup))
+            # The most first: when even 8 nodes in FP32 do not restore the metric, fewer will not
             # (the error is spread over the network, e.g. per-tensor ranges), so one try settles it.
             ranked = sensitive_nodes(graphs[base.graph], models[base.graph], base.path, reader)
             for k in (8, 1, 2, 4):
@@ -387,7 +409,7 @@ def search(source: Path, fp32: Path, workdir: Path, cfg: QuantizeConfig, calibra
                                  base.op_types, base.scheme, base.mode, base.graph).passed
                 if passed != (k == 8):
                     break
-        final_round(tried, fp32, evaluator, judge, cfg.max_accuracy_drop, progress)
+        final_round(tried, fp32, evaluator, judge, cfg.max_metric_drop, progress)
     # Ties are called within the noise of the passing configurations' own measurements (the final
     # round's): a noisy A/A beside a configuration that failed once made a 25 % gap a tie (ResNet-18).
     return choose(tried, max((a.noise_floor for a in tried if a.passed), default=0.0)), tried, mode
@@ -396,13 +418,13 @@ def search(source: Path, fp32: Path, workdir: Path, cfg: QuantizeConfig, calibra
 FINALISTS = 4
 
 
-def final_round(tried: list[Attempt], fp32: Path, evaluator, judge, budget: float, progress=print) -> None:
-    """Time the configurations that could win (within the accuracy budget, and faster than FP32 in
+def final_round(tried: list[Attempt], fp32: Path, evaluator, judge, budget: float, progress=log.info) -> None:
+    """Time the configurations that could win (within the metric budget, and faster than FP32 in
     their first measurement) again, together in the same rounds and twice as long, and judge them on
     that: the decision then rests on one long side-by-side measurement instead of separate short ones
     taken minutes apart, which on a shared machine can disagree by more than the gap between them.
     Their first-pass figures are kept in ``first_pass``."""
-    contenders = sorted((a for a in tried if a.accuracy_drop_points <= budget
+    contenders = sorted((a for a in tried if a.metric_drop_points <= budget
                          and a.verdict in FASTER), key=lambda a: -a.speedup)[:FINALISTS]
     if not contenders:
         return
@@ -425,12 +447,12 @@ def choose(tried: list[Attempt], noise_floor: float = 0.0) -> Attempt | None:
     return next(a for a in passing if a.speedup >= best - noise_floor * best)
 
 
-def refusal(tried: list[Attempt], cfg: QuantizeConfig, plan: Preflight) -> str:
+def refusal(tried: list[Attempt], cfg: QuantizeConfig, plan: Preflight, metric: str) -> str:
     best = max(tried, key=lambda a: a.speedup or 0)
     return (f"no configuration was both faster than fp32 by >= {cfg.min_speedup}x (low end of the measured "
-            f"spread, outside the noise floor) and within {cfg.max_accuracy_drop} points of its accuracy "
+            f"spread, outside the noise floor) and within {cfg.max_metric_drop} points of its {metric} "
             f"({len(tried)} tried; fastest {best.speedup:.2f}x [{best.speedup_low:.2f}-{best.speedup_high:.2f}], "
-            f"{best.verdict}, with a {best.accuracy_drop_points:+.2f} point drop)"
+            f"{best.verdict}, with a {best.metric_drop_points:+.2f} point drop)"
             + ("" if plan.expect_speedup else f"; {plan.reason}"))
 
 
@@ -440,7 +462,7 @@ def quantize(export_dir: str | Path, output_dir: str | Path | None = None, cfg: 
     ``output_dir`` becomes a complete export directory of its own (the FP32 files copied beside the
     INT8 one), which every later command accepts; the source directory is left as it was.
 
-    Raises NotShipped when INT8 was refused and ``cfg.required`` is set; otherwise a refusal prints
+    Raises NotShipped when INT8 was refused and ``cfg.required`` is set; otherwise a refusal logs
     one line and the directory ships FP32 alone. A file the final measurement refuses is kept as
     ``model.int8.rejected.onnx``, never under the shipping name.
 
@@ -450,66 +472,67 @@ def quantize(export_dir: str | Path, output_dir: str | Path | None = None, cfg: 
     """
     cfg = cfg or QuantizeConfig()
     src = load_export(export_dir)
-    if not src.report.get("gates", {}).get("passed", False):
-        raise FtdeployError(f"{src.path}: the FP32 export failed its gates ({'; '.join(src.report['gates']['failures'])})",
+    if not src.report.gates.passed:
+        raise FtdeployError(f"{src.path}: the FP32 export failed its gates ({'; '.join(src.report.gates.failures)})",
                             "fix the export first: quantizing a file that does not match PyTorch is meaningless")
     out = Path(output_dir or cfg.output_dir or src.path)
     out.mkdir(parents=True, exist_ok=True)
     report = rebase_report(src, out)
     for name in (INT8, INT8_REJECTED):
         (out / name).unlink(missing_ok=True)  # never leave an INT8 file from an earlier try
-    fp32 = out / report["variants"]["fp32"]["path"]
-    source = out / (report["variants"]["fp32"].get("unoptimized_path") or report["variants"]["fp32"]["path"])
-    threads = report.get("latency_session", {}).get("intra_op_threads") or physical_cores()
+    fp32_record = report.variants["fp32"]
+    fp32 = out / fp32_record.path
+    source = out / (fp32_record.unoptimized_path or fp32_record.path)
+    threads = report.latency_session.get("intra_op_threads") or physical_cores()
     data = EvalData.from_export(src, cfg.eval_samples, cfg.calibration_samples)
-    evaluator = Evaluator(data.inputs, data.labels, threads, cfg.latency_seconds, data.bench)
+    evaluator = Evaluator(data, cfg.metric, threads, cfg.latency_seconds)
     candidate = out / ".model.int8.validating.onnx"
     started = time.perf_counter()
-    fusions = report["variants"]["fp32"].get("fusions", {})
+    fusions = fp32_record.fusions or {}
     record, reason = ship(source, fp32, candidate, cfg, data.calibration, evaluator,
                           {**_metadata(fp32), "variant": "int8"}, fusions.get("options") if fusions.get("fused_operators") else None)
-    record["seconds"] = time.perf_counter() - started  # the search and its timing, not the data nor confirm
-    print(f"int8 search: {record['search']} ({record['search_why']})")
-    report["quantization"] = record
-    report["variants"].pop("int8", None)
+    record.seconds = time.perf_counter() - started  # the search and its timing, not the data nor confirm
+    log.info("int8 search: %s (%s)", record.search, record.search_why)
+    report.quantization = record
+    report.variants.pop("int8", None)
     if reason is None:
         # The quick path's one measurement, seconds old, beside FP32 and an A/A session, is its
         # batch-1 figure: timing the same two files again would only repeat it.
-        preset = evaluator.latest.renamed({"reference": "fp32", "reference A/A": "fp32 A/A", record["chosen"]: "int8"}
-                                          ) if record["search"] == "quick" else None
-        reason = confirm(report, fp32, candidate, data, threads, cfg, record, preset,
-                         {"fp32": evaluator.logits.get("fp32"), "int8": evaluator.logits.get(record["chosen"])})
-    record["shipped"], record["not_shipped_reason"] = reason is None, reason
+        preset = evaluator.latest.renamed({"reference": "fp32", "reference A/A": "fp32 A/A", record.chosen: "int8"}
+                                          ) if record.search == "quick" else None
+        reason = confirm(report, fp32, candidate, data, evaluator.metric, threads, cfg, record, preset,
+                         {"fp32": evaluator.outputs.get("fp32"), "int8": evaluator.outputs.get(record.chosen)})
+    record.shipped, record.not_shipped_reason = reason is None, reason
     if candidate.is_file():
         final = out / (INT8 if reason is None else INT8_REJECTED)
         move_onnx(candidate, final)
-        record["file"] = final.name
+        record.file = final.name
         if reason is None:
-            report["variants"]["int8"]["path"] = final.name
+            report.variants["int8"].path = final.name
     write_report(report, out)
     write_manifest(out, manifest("quantize", src.path, config=cfg))
     if reason is not None:
-        print(f"INT8 not shipped: {reason}")
+        log.warning("INT8 not shipped: %s", reason)
         if cfg.required:
             raise NotShipped(f"INT8 not shipped: {reason}", "quantize.required (--strict) asks for INT8; "
-                             "drop --strict to ship FP32 alone, or raise --max-accuracy-drop")
+                             "drop --strict to ship FP32 alone, or raise --max-metric-drop")
     return out
 
 
-def rebase_report(src: ExportDir, out: Path) -> dict[str, Any]:
+def rebase_report(src: ExportDir, out: Path) -> ExportReport:
     """The export directory's report as ``out`` will hold it. For another directory, its FP32 files
     are copied there and the run's path is stored relative to ``out``, so ``out`` is a complete
     export directory wherever it lies."""
-    report = copy.deepcopy(src.report)
+    report = src.report.model_copy(deep=True)
     if out.resolve() == src.path.resolve():
         return report
-    fp32 = report["variants"]["fp32"]
+    fp32 = report.variants["fp32"]
     for key in ("path", "unoptimized_path"):
-        if fp32.get(key):
-            copy_onnx(resolve(fp32[key], src.path), out / Path(fp32[key]).name)
-            fp32[key] = Path(fp32[key]).name
-    report["source_run"] = relative(src.source_run, out)
-    update_metadata(out / fp32["path"], {"source_run": report["source_run"]})  # relative to the file's folder
+        if getattr(fp32, key):
+            copy_onnx(resolve(getattr(fp32, key), src.path), out / Path(getattr(fp32, key)).name)
+            setattr(fp32, key, Path(getattr(fp32, key)).name)
+    report.source_run = relative(src.source_run, out)
+    update_metadata(out / fp32.path, {"source_run": report.source_run})  # relative to the file's folder
     return report
 
 
@@ -520,42 +543,41 @@ def _metadata(path: Path) -> dict[str, Any]:
 
 
 def ship(source: Path, fp32: Path, out: Path, cfg: QuantizeConfig, calibration: np.ndarray, evaluator,
-         metadata: dict[str, Any], fusions: dict[str, Any] | None = None) -> tuple[dict[str, Any], str | None]:
+         metadata: dict[str, Any], fusions: dict[str, Any] | None = None) -> tuple[QuantizationRecord, str | None]:
     """Search and write the chosen INT8 file to ``out``; returns (quantization record, why nothing
     was shipped or None)."""
     import onnx
 
     plan = preflight()
-    print(f"int8 preflight: {plan.reason}")
+    log.info("int8 preflight: %s", plan.reason)
     # The full search checks the noise first; the quick path judges the preset on the A/A session
     # timed in its own rounds, which is the noise of that very measurement.
     noise = evaluator.noise_floor(fp32) if cfg.search == "full" else 0.0
     if cfg.search == "full":
-        print(f"int8 noise floor (fp32 against itself): ±{noise:.3f}")
+        log.info("int8 noise floor (fp32 against itself): ±%.3f", noise)
     with tempfile.TemporaryDirectory() as tmp:
         chosen, tried, mode = search(source, fp32, Path(tmp), cfg, calibration, evaluator, plan, noise, fusions=fusions)
         if chosen is not None:
             model = onnx.load(str(chosen.path))
-            # dynamic INT8 scales activations per run: its answers depend on the batch (see session_logits)
+            # dynamic INT8 scales activations per run: its answers depend on the batch (see session_outputs)
             write_metadata(model, {**metadata, "batch_dependent": chosen.mode == "dynamic"})
             save_onnx(model, out)
     scheme = chosen.scheme if chosen else schemes(plan, cfg)[0]
     mode = chosen.mode if chosen else mode  # a search may ship another mode than it started from
-    record = {"mode": mode, "activation_type": scheme.activation_type if mode == "static" else "uint8 (dynamic)",
-              "weight_type": scheme.weight_type, "calibration": cfg.calibration if mode == "static" else None,
-              "calibration_samples": len(calibration), "per_channel": scheme.per_channel,
-              "reduce_range": scheme.reduce_range, "preflight": asdict(plan),
-              # the largest A/A spread seen: before the search, beside every attempt (and, once
-              # confirmed, beside the final measurement)
-              "noise_floor": max([noise] + [a.noise_floor for a in tried]), "noise_floor_before_search": noise,
-              "min_speedup": cfg.min_speedup, "max_accuracy_drop": cfg.max_accuracy_drop,
-              "excluded_nodes": chosen.excluded_nodes if chosen else None, "chosen": chosen.name if chosen else None,
-              "graph": chosen.graph if chosen else None,
-              "search_speedup": {"median": chosen.speedup, "low": chosen.speedup_low, "high": chosen.speedup_high}
-              if chosen else None,
-              "tried": [{k: v for k, v in asdict(a).items() if k != "path"} for a in tried],
-              **search_path(cfg, tried)}
-    return record, None if chosen else refusal(tried, cfg, plan)
+    record = QuantizationRecord(
+        mode=mode, activation_type=scheme.activation_type if mode == "static" else "uint8 (dynamic)",
+        weight_type=scheme.weight_type, calibration=cfg.calibration if mode == "static" else None,
+        calibration_samples=len(calibration), per_channel=scheme.per_channel, reduce_range=scheme.reduce_range,
+        preflight=asdict(plan), metric=evaluator.metric,
+        # the largest A/A spread seen: before the search, beside every attempt (and, once confirmed,
+        # beside the final measurement)
+        noise_floor=max([noise] + [a.noise_floor for a in tried]), noise_floor_before_search=noise,
+        min_speedup=cfg.min_speedup, max_metric_drop=cfg.max_metric_drop,
+        excluded_nodes=chosen.excluded_nodes if chosen else None, chosen=chosen.name if chosen else None,
+        graph=chosen.graph if chosen else None,
+        search_speedup={"median": chosen.speedup, "low": chosen.speedup_low, "high": chosen.speedup_high}
+        if chosen else None, tried=[a.record() for a in tried], **search_path(cfg, tried))
+    return record, None if chosen else refusal(tried, cfg, plan, evaluator.metric)
 
 
 def search_path(cfg: QuantizeConfig, tried: list[Attempt]) -> dict[str, str]:
@@ -564,7 +586,7 @@ def search_path(cfg: QuantizeConfig, tried: list[Attempt]) -> dict[str, str]:
     label = preset.scheme.label if preset.scheme else preset.mode
     figures = (f"the preset ({preset.name}, {label}{', on the fused graph' if preset.graph == 'fused' else ''}) measured "
                f"{preset.speedup:.2f}x [{preset.speedup_low:.2f}-{preset.speedup_high:.2f}] against fp32, "
-               f"'{preset.verdict}', {preset.accuracy_drop_points:+.2f} points")
+               f"'{preset.verdict}', {preset.metric_drop_points:+.2f} points")
     if cfg.search == "off":
         return {"search": "preset only", "search_why": f"quantize.search=off: {figures}"}
     if cfg.search == "full":
@@ -576,54 +598,56 @@ def search_path(cfg: QuantizeConfig, tried: list[Attempt]) -> dict[str, str]:
                                                    f"search ran ({len(tried)} configurations)"}
 
 
-def confirm(report: dict[str, Any], fp32: Path, int8: Path, data: EvalData, threads: int, cfg: QuantizeConfig,
-            record: dict[str, Any], batch1: Comparison | None = None,
-            logits: dict[str, np.ndarray | None] | None = None) -> str | None:
+def confirm(report: ExportReport, fp32: Path, int8: Path, data: EvalData, metric: str, threads: int,
+            cfg: QuantizeConfig, record: QuantizationRecord, batch1: Comparison | None = None,
+            outputs: dict[str, Outputs | None] | None = None) -> str | None:
     """Measure the file to ship again beside FP32 at the report's batch sizes (the final figures the
-    report shows) and record its parity; say why not when this measurement does not confirm it is
-    faster (the caller then keeps it under the rejected name). ``batch1``: a batch-1 measurement of
-    these files (variants fp32, int8, fp32 A/A) just taken, used instead of timing batch 1 again.
-    ``logits``: the search's own (batch 32) on ``data.inputs``, reused where a file answers
-    independently of the batch; a batch-dependent file (dynamic INT8) is run one example at a time."""
+    report shows) and record how it agrees with FP32; say why not when this measurement does not
+    confirm it is faster (the caller then keeps it under the rejected name). ``batch1``: a batch-1
+    measurement of these files (variants fp32, int8, fp32 A/A) just taken, used instead of timing
+    batch 1 again. ``outputs``: the search's own (batch 32) on ``data.inputs``, reused where a file
+    answers independently of the batch; a batch-dependent file (dynamic INT8) is run one example at a
+    time."""
     fp32_session, int8_session = open_session(fp32, threads), open_session(int8, threads)
-    batch_sizes = [int(b) for b in report["variants"]["fp32"]["latency_ms"]]
+    batch_sizes = [int(b) for b in report.variants["fp32"].latency_ms]
     reused = {name for name, session in (("fp32", fp32_session), ("int8", int8_session))
-              if (logits or {}).get(name) is not None and not batch_dependent(session)}
-    fp32_logits, int8_logits = (logits[name] if name in reused else batched(onnx_predictor(session), data.inputs, 1)
-                                for name, session in (("fp32", fp32_session), ("int8", int8_session)))
+              if (outputs or {}).get(name) is not None and not batch_dependent(session)}
+    fp32_outputs, int8_outputs = (outputs[name] if name in reused else data.outputs(onnx_predictor(session), 1)
+                                  for name, session in (("fp32", fp32_session), ("int8", int8_session)))
     bs = 1 if 1 in batch_sizes else batch_sizes[0]  # where the speedup is judged, with an A/A session
     figures, comparisons = profile({"fp32": lambda b: ort_runner(fp32_session, b), "int8": lambda b: ort_runner(int8_session, b),
                                     "fp32 A/A": lambda b: ort_runner(open_session(fp32, threads), b)},
                                    data.bench[: max(batch_sizes)], batch_sizes, cfg.latency_seconds,
                                    {1: batch1} if batch1 else None, only_at={"fp32 A/A": bs},
                                    report_seconds=cfg.latency_seconds / 2)
-    record["final_measured_by"] = "the quick path's measurement of the preset" if batch1 and bs == 1 else "confirm"
+    record.final_measured_by = "the quick path's measurement of the preset" if batch1 and bs == 1 else "confirm"
     final = comparisons[bs].speedup("fp32", "int8")
-    record["noise_floor_final"] = comparisons[bs].speedup("fp32", "fp32 A/A").noise
-    record["noise_floor"] = max(record["noise_floor"], record["noise_floor_final"])  # the largest seen anywhere
+    record.noise_floor_final = comparisons[bs].speedup("fp32", "fp32 A/A").noise
+    record.noise_floor = max(record.noise_floor, record.noise_floor_final)  # the largest seen anywhere
     # Judged on the noise of this file's own two measurements: a hiccup timed beside another
     # configuration says nothing about this one (it once refused a Lite0 file measured 1.5x twice).
-    chosen = next(t for t in record["tried"] if t["name"] == record["chosen"])
-    record["noise_floor_judged"] = noise = max(chosen["noise_floor"], record["noise_floor_final"])
-    record["final_speedup"] = {**final.as_dict(), "batch_size": bs, "verdict": final.verdict(noise, cfg.min_speedup)}
+    chosen = next(t for t in record.tried if t.name == record.chosen)
+    record.noise_floor_judged = noise = max(chosen.noise_floor, record.noise_floor_final)
+    record.final_speedup = {**final.as_dict(), "batch_size": bs, "verdict": final.verdict(noise, cfg.min_speedup)}
     # two measurements of one ratio agree when they differ by less than the noise, relative to it
-    record["search_final_agree"] = abs(final.median / record["search_speedup"]["median"] - 1) <= noise
+    record.search_final_agree = abs(final.median / record.search_speedup["median"] - 1) <= noise
     # FP32 again on the examples INT8 was judged on (quantize.eval_samples, often more than the export's)
-    samples = len(data.labels)
-    report["variants"]["fp32"].update(figures["fp32"], latency_measured_by="quantize", accuracy_samples=samples,
-                                      accuracy=accuracy(fp32_logits, data.labels))
-    report["variants"]["int8"] = {"path": int8.name, "size_bytes": onnx_size(int8), "accuracy_samples": samples,
-                                  "accuracy": accuracy(int8_logits, data.labels),
-                                  "parity": {**parity(fp32_logits, int8_logits), "reference": "fp32",
-                                             "batch_sizes": [32 if "int8" in reused else 1]},
-                                  **figures["int8"], "latency_measured_by": "quantize",
-                                  "providers_p50_ms": provider_latency(int8, data.bench, threads, cfg.latency_seconds)}
+    samples = len(data)
+    report.variants["fp32"] = report.variants["fp32"].model_copy(update={
+        **latency_fields(figures["fp32"]), "latency_measured_by": "quantize", "metric_samples": samples,
+        "scores": data.score(fp32_outputs).values})
+    report.variants["int8"] = VariantRecord(
+        path=int8.name, size_bytes=onnx_size(int8), metric_samples=samples, scores=data.score(int8_outputs).values,
+        agreement={**data.task.agreement(fp32_outputs, int8_outputs, data.inputs), "reference": "fp32",
+                   "batch_size": 32 if "int8" in reused else 1},
+        **latency_fields(figures["int8"]), latency_measured_by="quantize",
+        providers_p50_ms=provider_latency(int8, data.bench, threads, cfg.latency_seconds))
     # The search applied min_speedup to its own (longer, side-by-side) measurement; this one guards
     # against what it cannot see twice: an INT8 file that is not faster at all. Applying the
     # threshold again would flip a borderline decision on every other run.
-    if record["final_speedup"]["verdict"] not in FASTER:
-        report["variants"].pop("int8")
+    if record.final_speedup["verdict"] not in FASTER:
+        report.variants.pop("int8")
         return (f"the final measurement did not confirm the search: {final.median:.2f}x "
                 f"[{final.low:.2f}-{final.high:.2f}] against fp32 at batch {bs} is "
-                f"'{record['final_speedup']['verdict']}' (noise floor ±{noise:.3f})")
+                f"'{record.final_speedup['verdict']}' (noise floor ±{noise:.3f})")
     return None

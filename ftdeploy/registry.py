@@ -39,6 +39,10 @@ class Registry(Generic[T]):
 
         return add
 
+    def unregister(self, name: str) -> T:
+        """Remove ``name`` (what a user's code registered: a task, a dataset, a model family) and return it."""
+        return self._items.pop(name)
+
     def get(self, name: str) -> T:
         if name not in self._items:
             raise self.error(f"unknown {self.kind} {name!r}", suggest(name, self.names()))

@@ -1,6 +1,8 @@
 """Rendering only: report.json (the machine-readable record), report.md (a table a person reads) and
 latency.png for the export directory, and the usability report's self-contained HTML page, from the
-dicts the stages fill in. Nothing here measures anything."""
+typed records the stages fill in (:mod:`ftdeploy.records`). The task's own sections of the HTML page
+(a classifier's confusion matrix, a text model's shaded tokens) come from its usability suite.
+Nothing here measures anything."""
 
 from __future__ import annotations
 
@@ -9,67 +11,77 @@ from typing import Any
 
 import numpy as np
 
-from .files import atomic_path, write_json, write_text
+from .figures import escape, fmt, inline_png, pyplot, table
+from .files import atomic_path, write_text
 from .latency import format_table
+from .records import ExportReport, UsabilityRecord, write_record
 
 
-def variant_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+def variant_rows(report: ExportReport) -> list[dict[str, Any]]:
     rows = []
-    for name, v in report["variants"].items():
-        row = {"variant": name, "accuracy": 100 * v["accuracy"],
-               "size_mb": v["size_bytes"] / 1e6 if "size_bytes" in v else None}
-        p = v.get("parity") or {}
-        row.update(reference=p.get("reference", "-"), max_abs_diff=p.get("max_abs_diff"), agreement=
-                   100 * p["top1_agreement"] if "top1_agreement" in p else None)
-        for bs, lat in v.get("latency_ms", {}).items():
-            row[f"p50_{bs}"], row[f"p99_{bs}"] = lat["p50"], lat["p99"]
-            row[f"tput_{bs}"] = v["throughput"][bs]
+    for name, v in report.variants.items():
+        row = {"variant": name, "metric": 100 * v.scores[report.metric] if report.metric in v.scores else None,
+               "size_mb": v.size_bytes / 1e6 if v.size_bytes else None}
+        if v.parity is not None:
+            row.update(reference="torch", max_abs_diff=v.parity.max_abs_diff, agreement=100 * v.parity.decision_agreement)
+        elif v.agreement is not None:
+            row.update(reference=v.agreement.get("reference", "-"), max_abs_diff=v.agreement.get("max_abs_diff"),
+                       agreement=100 * v.agreement["decision_agreement"])
+        else:
+            row["reference"] = "-"
+        for bs, lat in v.latency_ms.items():
+            row[f"p50_{bs}"], row[f"p99_{bs}"] = lat.p50, lat.p99
+            row[f"tput_{bs}"] = v.throughput[bs]
         rows.append(row)
     return rows
 
 
-def markdown(report: dict[str, Any]) -> str:
-    batch_sizes = list(report["variants"]["fp32"]["latency_ms"])
-    columns = [("variant", "variant", ""), ("accuracy", "accuracy %", ".2f"), ("size_mb", "size MB", ".2f"),
-               ("reference", "parity vs", ""), ("max_abs_diff", "max abs diff", ".2e"), ("agreement", "top-1 agree %", ".2f")]
-    for bs in batch_sizes:
+def markdown(report: ExportReport, run: str) -> str:
+    """``run``: the name of the run directory the file came from (its stored path is relative to the
+    export directory, often ``..``, which names nothing)."""
+    fp32 = report.variants["fp32"]
+    decision = fp32.parity.decision if fp32.parity else "decision"
+    columns = [("variant", "variant", ""), ("metric", f"{report.metric} %", ".2f"), ("size_mb", "size MB", ".2f"),
+               ("reference", "parity vs", ""), ("max_abs_diff", "max abs diff", ".2e"),
+               ("agreement", f"{decision} agree %", ".2f")]
+    for bs in fp32.latency_ms:
         columns += [(f"p50_{bs}", f"p50 ms @{bs}", ".2f"), (f"p99_{bs}", f"p99 ms @{bs}", ".2f"),
                     (f"tput_{bs}", f"items/s @{bs}", ".0f")]
-    m, d, g = report["machine"], report["dataset"], report["gates"]
-    session = report.get("latency_session", {})
-    measured = {v.get("latency_measured_by") for v in report["variants"].values()} - {None}
+    m, d, g = report.machine, report.dataset, report.gates
+    session = report.latency_session
+    measured = {v.latency_measured_by for v in report.variants.values()} - {None}
     lines = [
-        f"# ftdeploy report: {report['source']['model']} from run `{report['source_run']}`", "",
-        f"**Gates: {'PASSED' if g['passed'] else 'FAILED'}**", "",
-        *[f"- {f}" for f in g["failures"]], *([""] if g["failures"] else []),
-        f"Data: {d['name']} ({d['split']}, {d['num_samples']} {d.get('unit', 'images')}). "
+        f"# ftdeploy report: {report.source.model} from run `{run}`", "",
+        f"**Gates: {'PASSED' if g.passed else 'FAILED'}**", "",
+        *[f"- {f}" for f in g.failures], *([""] if g.failures else []),
+        f"Data: {d.name} ({d.split}, {d.num_samples} {d.unit}). "
         f"Machine: {m['cpu']}, {m['threads']} thread(s), ISA {', '.join(m['isa']) or 'baseline'}; "
         f"onnxruntime {m['onnxruntime']}, torch {m['torch']}. Sessions: {session.get('intra_op_threads')} intra-op "
         f"thread(s), spinning {'on' if session.get('allow_spinning') else 'off'}; variants timed side by side in "
         f"alternating blocks.", "",
         format_table(variant_rows(report), columns), "",
     ]
-    rescored = {n: v["accuracy_samples"] for n, v in report["variants"].items()
-                if v.get("accuracy_samples", d["num_samples"]) != d["num_samples"]}
+    rescored = {n: v.metric_samples for n, v in report.variants.items()
+                if v.metric_samples is not None and v.metric_samples != d.num_samples}
     if rescored:
-        lines += [f"Accuracy of {', '.join(rescored)} on {max(rescored.values())} validation {d.get('unit', 'images')} "
-                  f"(quantize's); the others on the {d['num_samples']} above.", ""]
+        lines += [f"{report.metric.capitalize()} of {', '.join(rescored)} on {max(rescored.values())} validation "
+                  f"{d.unit} (quantize's); the others on the {d.num_samples} above.", ""]
     if len(measured) > 1:
         lines += [f"Latency was measured by stages {', '.join(sorted(measured))}: compare rows of the same stage.", ""]
-    parity = report["variants"]["fp32"].get("parity") or {}
-    if "onnx_error" in parity:
-        lines += [f"FP32 parity against a {parity['error_reference']} run of the PyTorch model: PyTorch float32 is off by "
-                  f"{parity['torch_fp32_error']:.2e}, the file by {parity['onnx_error']:.2e} (allowed: "
-                  f"{parity['parity_error_ratio']:g}x PyTorch's + {parity['atol']:g} = {parity['allowed_error']:.2e}); "
-                  f"top-1 agreement with PyTorch {100 * parity['top1_agreement']:.2f} %, {parity['near_ties']} "
+    parity = fp32.parity
+    if parity is not None:
+        lines += [f"FP32 parity against a {parity.error_reference} run of the PyTorch model: PyTorch float32 is off by "
+                  f"{parity.torch_fp32_error:.2e}, the file by {parity.onnx_error:.2e} (allowed: "
+                  f"{parity.parity_error_ratio:g}x PyTorch's + {parity.atol:g} = {parity.allowed_error:.2e}); "
+                  f"{parity.decision} agreement with PyTorch {100 * parity.decision_agreement:.2f} %, {parity.near_ties} "
                   f"near-tie(s) inside both errors excused.", ""]
-    for name, v in report["variants"].items():
-        if v.get("exporter"):
-            why = f" (dynamo failed: {v['exporter_fallback_reason']})" if v.get("exporter_fallback_reason") else ""
-            optimized = f", onnxruntime optimization '{v['optimization']}'" if v.get("optimization") else ""
-            lines.append(f"- {name}: exported with the {v['exporter']} exporter{why}, opset {v.get('opset')}{optimized}.")
-    if report.get("quantization"):
-        lines += int8_section(report["quantization"])
+    for name, v in report.variants.items():
+        if v.exporter:
+            why = f" (the first choice failed: {v.exporter_fallback_reason})" if v.exporter_fallback_reason else ""
+            optimized = f", onnxruntime optimization '{v.optimization}'" if v.optimization else ""
+            lines.append(f"- {name}: exported with the {v.exporter} exporter{why}, opset {v.opset}{optimized}.")
+    if report.quantization is not None:
+        lines += int8_section(report.quantization.model_dump(mode="json"))
     return "\n".join(lines) + "\n"
 
 
@@ -92,45 +104,32 @@ def int8_section(q: dict[str, Any]) -> list[str]:
             f"{', '.join(q['excluded_nodes']) if q['excluded_nodes'] else 'nothing'}.", "",
             f"Noise floor (FP32 against itself, same protocol, before the search, beside every configuration "
             f"and beside the final measurement; the largest): ±{q['noise_floor']:.3f}. A configuration passes "
-            f"when it loses at most {q['max_accuracy_drop']} points and the low end of its speedup clears "
-            f"{q['min_speedup']}x outside the noise floor. The configurations within the accuracy budget "
+            f"when it loses at most {q['max_metric_drop']} points of {q['metric']} and the low end of its speedup "
+            f"clears {q['min_speedup']}x outside the noise floor. The configurations within the budget "
             "that were faster in their first measurement are timed again, together and twice as long (the final "
             "round); they are judged on that, and their first figure is kept beside it."
             + (f" The final measurement is judged on the noise of the chosen file's own two measurements: "
                f"±{q['noise_floor_judged']:.3f}." if q.get("noise_floor_judged") is not None else ""), "", shipped, "",
             format_table([{**t, "first": (t.get("first_pass") or {}).get("median")} for t in q["tried"]],
                          [("name", "configuration tried", ""), ("graph", "graph", ""),
-                          ("accuracy_drop_points", "accuracy drop (pts)", "+.2f"),
+                          ("metric_drop_points", f"{q['metric']} drop (pts)", "+.2f"),
                           ("latency_ms", "p50 ms @1", ".2f"), ("first", "first pass", ".2f"), ("speedup", "vs fp32", ".2f"),
                           ("speedup_low", "low", ".2f"), ("speedup_high", "high", ".2f"),
                           ("verdict", "verdict", ""), ("passed", "passed", "")])]
 
 
-def pyplot():
-    """matplotlib's pyplot on the file-only Agg backend, or None when matplotlib is not installed
-    (plots are extras: a serving or minimal install skips them)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
-
-def plot_latency(report: dict[str, Any], path: Path) -> None:
+def plot_latency(report: ExportReport, path: Path) -> None:
     """p50 latency per variant and batch size, with p99 as the error bar."""
     plt = pyplot()
     if plt is None:
         return
-    variants = {n: v for n, v in report["variants"].items() if v.get("latency_ms")}
-    batch_sizes = list(report["variants"]["fp32"]["latency_ms"])
+    variants = {n: v for n, v in report.variants.items() if v.latency_ms}
+    batch_sizes = list(report.variants["fp32"].latency_ms)
     fig, axes = plt.subplots(1, len(batch_sizes), figsize=(4 * len(batch_sizes), 3.2), squeeze=False)
     for ax, bs in zip(axes[0], batch_sizes):
-        names = [n for n in variants if bs in variants[n]["latency_ms"]]
-        p50 = [variants[n]["latency_ms"][bs]["p50"] for n in names]
-        p99 = [variants[n]["latency_ms"][bs]["p99"] for n in names]
+        names = [n for n in variants if bs in variants[n].latency_ms]
+        p50 = [variants[n].latency_ms[bs].p50 for n in names]
+        p99 = [variants[n].latency_ms[bs].p99 for n in names]
         ax.bar(names, p50, yerr=[[0] * len(names), [b - a for a, b in zip(p50, p99)]], capsize=4,
                color=["tab:gray", "tab:blue", "tab:green", "tab:orange", "tab:purple"][: len(names)])
         ax.set(title=f"batch {bs}: p50 latency (bar to p99)", ylabel="ms")
@@ -141,9 +140,9 @@ def plot_latency(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(report: dict[str, Any], out: Path) -> None:
-    write_json(out / "report.json", report)
-    write_text(out / "report.md", markdown(report))
+def write_report(report: ExportReport, out: Path) -> None:
+    write_record(out / "report.json", report)
+    write_text(out / "report.md", markdown(report, (out / report.source_run).resolve().name))
     plot_latency(report, out / "latency.png")
 
 
@@ -168,65 +167,38 @@ ul{padding-left:1.2em} p{max-width:75ch}
 """
 
 
-def _figure(fig) -> str:
-    """A finished matplotlib figure as an inline <img> (laid out, encoded, closed)."""
-    import base64
-    import io
-
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return f'<img alt="" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
-
-
-def _table(headers: list[str], rows: list[list[Any]]) -> str:
-    import html
-
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(c if str(c).startswith("<td") else f"<td>{html.escape(str(c))}</td>" for c in r)
-                   + "</tr>" for r in rows)
-    return f'<div class="scroll"><table><tr>{head}</tr>{body}</table></div>'
-
-
-def _f(value: Any, spec: str = ".2f", scale: float = 1.0) -> str:
-    return "-" if value is None else format(value * scale, spec)
-
-
-def usability_html(data: dict[str, Any]) -> str:
-    """The usability report as one HTML page: inline images, no network, readable on a phone."""
-    import html
-
-    plt = pyplot()
-    v = data["variants"]
-    m = data["machine"]
-    status = '<span class="badge pass">budgets passed</span>' if data["passed"] else '<span class="badge fail">budgets failed</span>'
-    parts = [f"<h1>Usability report</h1><p class='meta'>{html.escape(data['source'])} (run {html.escape(data['source_run'])}); "
-             f"{data['dataset']['num_samples']} validation {data['dataset'].get('unit', 'images')} of "
-             f"{html.escape(data['dataset']['name'])}; "
-             f"{html.escape(m['cpu'])}, {m['threads']} thread(s), onnxruntime {m['onnxruntime']}.</p><p>{status}</p>"]
+def usability_html(record: UsabilityRecord, task_sections: list[str], run: str) -> str:
+    """The usability report as one HTML page: inline images, no network, readable on a phone. The
+    generic sections (summary, budgets, robustness, scalability) are drawn here; ``task_sections``
+    are the task's own (its performance, calibration and saliency figures); ``run`` names the run
+    directory the variants came from."""
+    data = record.model_dump(mode="json")
+    v, m, metric = data["variants"], data["machine"], data["metric"]
+    status = ('<span class="badge pass">budgets passed</span>' if data["passed"]
+              else '<span class="badge fail">budgets failed</span>')
+    parts = [f"<h1>Usability report</h1><p class='meta'>{escape(data['source'])} (run "
+             f"{escape(run)}); {data['dataset']['num_samples']} validation "
+             f"{data['dataset']['unit']} of {escape(data['dataset']['name'])}; "
+             f"{escape(m['cpu'])}, {m['threads']} thread(s), onnxruntime {m['onnxruntime']}.</p><p>{status}</p>"]
     if data.get("torch_variant_missing"):
-        parts.append(f"<p class='meta'>The PyTorch variant is left out: {html.escape(data['torch_variant_missing'])}.</p>")
-    parts.append("<h2>Summary</h2>" + _table(
-        ["variant", "accuracy %", "macro F1", "mean corruption acc %", "robustness drop vs fp32 (pts)", "ECE",
-         "ECE after T", "saliency agreement", "p50 ms @1", "p99 ms @1", "peak MB", "size MB"],
-        [[n, _f(x["accuracy"], ".2f", 100), _f(x["macro_f1"], ".3f"),
-          _f(x["robustness"]["mean_corruption_accuracy"], ".2f", 100), _f(x["robustness"]["drop_vs_fp32_points"], "+.2f"),
-          _f(x["calibration"]["ece"], ".3f"), _f(x["calibration"]["ece_after_temperature"], ".3f"),
-          _f(x["saliency"]["agreement_with_fp32"], ".3f"), _f(_bs1(x, "p50_ms")), _f(x["latency"]["p99_ms_bs1"]),
-          _f(x["latency"]["peak_memory_mb"], ".0f"), _f(x["size_bytes"], ".2f", 1e-6)] for n, x in v.items()]))
+        parts.append(f"<p class='meta'>The PyTorch variant is left out: {escape(data['torch_variant_missing'])}.</p>")
+    parts.append("<h2>Summary</h2>" + table(
+        ["variant", f"{metric} %", f"mean corruption {metric} %", "robustness drop vs fp32 (pts)", "ECE",
+         "saliency agreement", "p50 ms @1", "p99 ms @1", "peak MB", "size MB"],
+        [[n, fmt(x["scores"].get(metric), ".2f", 100), fmt(x["robustness"]["mean_corruption_metric"], ".2f", 100),
+          fmt(x["robustness"]["drop_vs_fp32_points"], "+.2f"), fmt(x["calibration"].get("ece"), ".3f"),
+          fmt(x["saliency"]["agreement_with_fp32"], ".3f"), fmt(_bs1(x, "p50_ms")), fmt(x["latency"]["p99_ms_bs1"]),
+          fmt(x["latency"]["peak_memory_mb"], ".0f"), fmt(x["size_bytes"], ".2f", 1e-6)] for n, x in v.items()]))
     if data["budgets"]:
-        rows = [[k, _f(b["limit"], ".4g"), _f(b["value"], ".4g"),
+        rows = [[k, fmt(b["limit"], ".4g"), fmt(b["value"], ".4g"),
                  f'<td class="{"good" if b["passed"] else "bad"}">{"passed" if b["passed"] else "FAILED"}</td>']
                 for k, b in data["budgets"].items()]
-        parts.append("<h2>Budgets</h2>" + _table(["budget:variant", "limit", "value", ""], rows))
-    parts.append(_task_section(data, plt))
-    parts.append(_robustness_section(data, plt))
-    parts.append(_calibration_section(data, plt))
-    parts.append(_saliency_section(data, plt))
-    parts.append(_scalability_section(data, plt))
+        parts.append("<h2>Budgets</h2>" + table(["budget:variant", "limit", "value", ""], rows))
+    sections = list(task_sections)
+    parts.append(sections.pop(0) if sections else "")  # the task's performance first, beside the summary
+    parts.append(_robustness_section(data))
+    parts += sections
+    parts.append(_scalability_section(data))
     body = "\n".join(parts)
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
             f'content="width=device-width,initial-scale=1"><title>ftdeploy usability report</title>'
@@ -238,35 +210,18 @@ def _bs1(x: dict[str, Any], key: str) -> float | None:
     return max(rows, key=lambda r: r["threads"])[key] if rows else None
 
 
-def _task_section(data: dict[str, Any], plt) -> str:
-    v, classes = data["variants"], data["classes"]
-    rows = [[n] + [_f(x["per_class"][c]["f1"], ".3f") for c in classes] for n, x in v.items()]
-    out = ["<h2>Task performance</h2><p>F1 per class (precision and recall are in usability.json), and the "
-           "confusion matrices (rows: true class, columns: predicted).</p>", _table(["variant"] + classes, rows)]
-    if plt is not None:
-        fig, axes = plt.subplots(1, len(v), figsize=(3.2 * len(v), 3.2), squeeze=False)
-        for ax, (n, x) in zip(axes[0], v.items()):
-            cm = np.asarray(x["confusion_matrix"])
-            ax.imshow(cm, cmap="Blues")
-            ax.set(title=n, xticks=range(len(classes)), yticks=range(len(classes)))
-            ax.set_xticklabels(classes, fontsize=7, rotation=90)
-            ax.set_yticklabels(classes, fontsize=7)
-        out.append(_figure(fig))
-    return "\n".join(out)
-
-
-def _robustness_section(data: dict[str, Any], plt) -> str:
-    v = data["variants"]
+def _robustness_section(data: dict[str, Any]) -> str:
+    v, metric = data["variants"], data["metric"]
     corruptions = list(next(iter(v.values()))["robustness"]["by_corruption"])
-    rows = [[n] + [_f(np.mean(list(x["robustness"]["by_corruption"][c].values())), ".1f", 100) for c in corruptions]
-            + [_f(x["robustness"]["drop_vs_fp32_points"], "+.2f"), _f(x["robustness"]["clean_minus_corrupted_points"], ".1f")]
+    rows = [[n] + [fmt(np.mean(list(x["robustness"]["by_corruption"][c].values())), ".1f", 100) for c in corruptions]
+            + [fmt(x["robustness"]["drop_vs_fp32_points"], "+.2f"), fmt(x["robustness"]["clean_minus_corrupted_points"], ".1f")]
             for n, x in v.items()]
-    where = data["dataset"].get("corrupted", "to the image before normalization")
-    out = ["<h2>Robustness</h2><p>Accuracy (%) under each corruption, averaged over severities; corruptions are "
-           f"applied {where}, with the same seeds for every variant. <em>drop vs fp32</em>: "
-           "points of mean corruption accuracy lost against FP32; <em>clean − corrupted</em>: how much the variant "
-           "loses under corruption compared with its own clean accuracy.</p>",
-           _table(["variant"] + corruptions + ["drop vs fp32 (pts)", "clean − corrupted (pts)"], rows)]
+    out = [f"<h2>Robustness</h2><p>{metric.capitalize()} (%) under each corruption, averaged over severities; "
+           f"corruptions are applied {data['dataset']['corrupted']}, with the same seeds for every variant. "
+           f"<em>drop vs fp32</em>: points of mean corruption {metric} lost against FP32; <em>clean − corrupted</em>: "
+           "how much the variant loses under corruption compared with its own clean figure.</p>",
+           table(["variant"] + corruptions + ["drop vs fp32 (pts)", "clean − corrupted (pts)"], rows)]
+    plt = pyplot()
     if plt is not None:
         cols = min(4, len(corruptions))
         rows_n = -(-len(corruptions) // cols)
@@ -275,132 +230,42 @@ def _robustness_section(data: dict[str, Any], plt) -> str:
             for n, x in v.items():
                 sev = x["robustness"]["by_corruption"][c]
                 ax.plot([int(s) for s in sev], [100 * a for a in sev.values()], marker="o", label=n)
-            ax.set(title=c, xlabel="severity", ylabel="accuracy %", ylim=(0, 102))
+            ax.set(title=c, xlabel="severity", ylabel=f"{metric} %", ylim=(0, 102))
             ax.grid(alpha=0.3)
         for ax in axes.ravel()[len(corruptions):]:
             ax.axis("off")
         axes[0][0].legend(fontsize=7)
-        out.append(_figure(fig))
+        out.append(inline_png(fig))
     return "\n".join(out)
 
 
-def _calibration_section(data: dict[str, Any], plt) -> str:
+def _scalability_section(data: dict[str, Any]) -> str:
     v = data["variants"]
-    rows = [[n, _f(c["ece"], ".4f"), _f(c["brier"], ".4f"), _f(c["nll"], ".4f"), _f(c["temperature"], ".3f"),
-             _f(c["ece_held_out"], ".4f"), _f(c["ece_after_temperature"], ".4f"), _f(c["nll_held_out"], ".4f"),
-             _f(c["nll_after_temperature"], ".4f"), "yes" if c.get("temperature_stored") else "no"]
-            for n, x in v.items() for c in [x["calibration"]]]
-    unit = data["dataset"].get("unit", "images")
-    out = ["<h2>Calibration</h2><p>ECE over 15 confidence bins, Brier score and NLL on all validation "
-           f"{unit}. The temperature is fitted on one half of the {unit} and evaluated on the other (<em>held-out</em> "
-           "columns, before and after). With <code>--calibrate</code> it is stored in the ONNX file and "
-           "<code>ftdeploy serve</code> applies it.</p>",
-           _table(["variant", "ECE", "Brier", "NLL", "T", "ECE held-out", "ECE after T", "NLL held-out", "NLL after T",
-                   "T in file"], rows)]
-    if plt is not None:
-        fig, axes = plt.subplots(1, len(v), figsize=(3 * len(v), 3), squeeze=False)
-        for ax, (n, x) in zip(axes[0], v.items()):
-            bins = [b for b in x["calibration"]["reliability"] if b["count"]]
-            ax.bar([(b["low"] + b["high"]) / 2 for b in bins], [b["accuracy"] for b in bins], width=1 / 15,
-                   edgecolor="k", alpha=0.7, label="accuracy")
-            ax.plot([0, 1], [0, 1], "k--", lw=1)
-            ax.set(title=f"{n} (ECE {x['calibration']['ece']:.3f})", xlabel="confidence", ylabel="accuracy",
-                   xlim=(0, 1), ylim=(0, 1))
-        out.append(_figure(fig))
-    return "\n".join(out)
-
-
-def _saliency_section(data: dict[str, Any], plt) -> str:
-    v, inputs = data["variants"], data["saliency_inputs"]
-    rows = [[n, _f(x["saliency"]["agreement_with_fp32"], ".3f"),
-             " ".join(_f(a, ".2f") for a in x["saliency"]["agreement_per_sample"])] for n, x in v.items()]
-    method = next(iter(v.values()))["saliency"]
-    if "tokens" in inputs:
-        return _token_saliency(v, inputs, method, rows)
-    out = [f"<h2>Interpretability</h2><p>Occlusion sensitivity through each variant's own predictor (a "
-           f"{method['patch']}-pixel gray square, stride {method['stride']}): how much the probability of FP32's "
-           f"predicted class drops when each region is hidden. Agreement is the Spearman rank correlation with "
-           f"FP32's map, averaged over the {len(inputs['samples'])} images (misclassified ones among them, when "
-           f"there are any). The last "
-           f"column for the PyTorch model shows integrated gradients.</p>",
-           _table(["variant", "agreement with fp32", "per image"], rows)]
-    if plt is not None:
-        ig = "integrated_gradients" in v.get("torch", {}).get("saliency", {})
-        cols = 1 + len(v) + (1 if ig else 0)
-        n = len(inputs["samples"])
-        fig, axes = plt.subplots(n, cols, figsize=(1.6 * cols, 1.6 * n), squeeze=False)
-        for r in range(n):
-            image = np.asarray(inputs["images"][r])
-            axes[r][0].imshow(image.squeeze(), cmap="gray" if image.shape[-1] == 1 else None)
-            axes[r][0].set_title(f"{inputs['labels'][r]} → {inputs['fp32_predictions'][r]}", fontsize=7)
-            for c, (name, x) in enumerate(v.items(), start=1):
-                axes[r][c].imshow(np.asarray(x["saliency"]["maps"][r]), cmap="magma")
-                if r == 0:
-                    axes[r][c].set_title(name, fontsize=7)
-            if ig:
-                axes[r][-1].imshow(np.asarray(v["torch"]["saliency"]["integrated_gradients"][r]), cmap="magma")
-                if r == 0:
-                    axes[r][-1].set_title("torch: IG", fontsize=7)
-        for ax in axes.ravel():
-            ax.set_xticks([])
-            ax.set_yticks([])
-        out.append(_figure(fig))
-    return "\n".join(out)
-
-
-def _token_saliency(v: dict[str, Any], inputs: dict[str, Any], method: dict[str, Any], rows: list[list[Any]]) -> str:
-    """Each explained sentence once per variant, its tokens shaded by how much hiding them lowers the
-    probability of FP32's prediction (and, for PyTorch, by integrated gradients)."""
-    import html
-
-    out = [f"<h2>Interpretability</h2><p>Token occlusion through each variant's own predictor: each token in turn "
-           f"replaced by <code>{html.escape(method['mask_token'])}</code>; the shade is how much the probability of "
-           f"FP32's predicted class drops (red: the token supports it). Agreement is the Spearman rank correlation "
-           f"with FP32's scores, averaged over the {len(inputs['samples'])} sentences (misclassified ones among "
-           f"them, when there are any). The PyTorch model's last row shows integrated gradients on the word "
-           f"embeddings.</p>", _table(["variant", "agreement with fp32", "per sentence"], rows)]
-
-    def shaded(tokens: list[str], scores: list[float]) -> str:
-        top = max((abs(x) for x in scores), default=0.0) or 1.0
-        return " ".join(f'<span class="tok" style="background:rgba({"220,50,47" if x >= 0 else "38,139,210"},'
-                        f'{abs(x) / top:.2f})">{html.escape(t)}</span>' for t, x in zip(tokens, scores))
-
-    for r, tokens in enumerate(inputs["tokens"]):
-        lines = [f"<p class='meta'>{html.escape(inputs['labels'][r])} → {html.escape(inputs['fp32_predictions'][r])}</p>"]
-        for name, x in v.items():
-            lines.append(f"<div class='toks'><b>{html.escape(name)}</b> {shaded(tokens, x['saliency']['maps'][r])}</div>")
-        ig = v.get("torch", {}).get("saliency", {}).get("integrated_gradients")
-        if ig:
-            lines.append(f"<div class='toks'><b>torch: IG</b> {shaded(tokens, ig[r])}</div>")
-        out.append("<div class='sentence'>" + "".join(lines) + "</div>")
-    return "\n".join(out)
-
-
-def _scalability_section(data: dict[str, Any], plt) -> str:
-    v = data["variants"]
-    by_length = any("sequence_length" in r for x in v.values() for r in x["latency"]["grid"])
-    axis, axis_label = ("sequence_length", "sequence length") if by_length else ("threads", "threads")
-    rows = [[n, r[axis], r["batch_size"], _f(r["p50_ms"]), _f(r["p99_ms"]), _f(r["throughput"], ".0f")]
+    extra = [k for k in next(iter(v.values()))["latency"]["grid"][0] if k not in
+             ("threads", "batch_size", "p50_ms", "p99_ms", "throughput")]  # the task's own axis (text: length)
+    axis = extra[0] if extra else "threads"
+    axis_label = axis.replace("_", " ")
+    rows = [[n, r[axis], r["batch_size"], fmt(r["p50_ms"]), fmt(r["p99_ms"]), fmt(r["throughput"], ".0f")]
             for n, x in v.items() for r in x["latency"]["grid"]]
     s = data["latency_session"]
     out = [f"<h2>Scalability</h2><p>Variants timed side by side in alternating blocks at each batch size and "
            f"{axis_label} (sessions as <code>ftdeploy serve</code> builds them, spinning "
            f"{'on' if s['allow_spinning'] else 'off'}). Peak memory: what a fresh process gains by loading the "
            f"model and running the largest batch.</p>",
-           _table(["variant", axis_label, "batch", "p50 ms", "p99 ms", "items/s"], rows),
-           _table(["variant", "peak memory MB", "file MB"],
-                  [[n, _f(x["latency"]["peak_memory_mb"], ".0f"), _f(x["size_bytes"], ".2f", 1e-6)] for n, x in v.items()])]
+           table(["variant", axis_label, "batch", "p50 ms", "p99 ms", "items/s"], rows),
+           table(["variant", "peak memory MB", "file MB"],
+                 [[n, fmt(x["latency"]["peak_memory_mb"], ".0f"), fmt(x["size_bytes"], ".2f", 1e-6)] for n, x in v.items()])]
+    plt = pyplot()
     if plt is not None:
         groups = sorted({r[axis] for x in v.values() for r in x["latency"]["grid"]})
-        unit = data["dataset"].get("unit", "images")
+        unit = data["dataset"]["unit"]
         fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3), squeeze=False)
         for ax, g in zip(axes[0], groups):
             for n, x in v.items():
                 grid = [r for r in x["latency"]["grid"] if r[axis] == g]
                 ax.plot([r["batch_size"] for r in grid], [r["throughput"] for r in grid], marker="o", label=n)
-            ax.set(title=f"{g} tokens" if by_length else f"{g} thread(s)", xlabel="batch size", ylabel=f"{unit}/s",
-                   xscale="log")
+            ax.set(title=f"{axis_label} {g}", xlabel="batch size", ylabel=f"{unit}/s", xscale="log")
             ax.grid(alpha=0.3)
         axes[0][0].legend(fontsize=7)
-        out.append(_figure(fig))
+        out.append(inline_png(fig))
     return "\n".join(out)

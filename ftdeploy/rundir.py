@@ -31,6 +31,7 @@ from . import __version__
 from .config import DataConfig, PipelineConfig, dump_config, validate_config
 from .errors import RunDirError
 from .files import relative, resolve, write_json, write_text
+from .records import ExportReport, TrainMetrics, load_record
 from .tasks import Task, get_task
 
 WEIGHTS = "model.safetensors"
@@ -49,11 +50,17 @@ class Run:
     preprocessing: Any  # the task's preprocessor (image Preprocessing, text TextPreprocessing)
     architecture: dict[str, Any]
     manifest: dict[str, Any]
-    metrics: dict[str, Any]
+    metrics: TrainMetrics
 
     @property
     def task(self) -> Task:
         return get_task(self.config.task)
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """What the task's postprocess needs of the run: its classes, and what the model family
+        recorded for decoding (``model.json``'s ``postprocess``)."""
+        return {"classes": self.classes, **self.architecture.get("postprocess", {})}
 
     @property
     def input_names(self) -> list[str]:
@@ -97,7 +104,7 @@ def load_run(path: str | Path) -> Run:
     import yaml
 
     config = validate_config(yaml.safe_load((path / "config.yaml").read_text()) or {}, source=str(path / "config.yaml"))
-    metrics = read_json(path / "metrics.json") if (path / "metrics.json").is_file() else {}
+    metrics = load_record(TrainMetrics, path / "metrics.json") if (path / "metrics.json").is_file() else TrainMetrics()
     return Run(path, config, read_json(path / "classes.json"),
                get_task(config.task).preprocessor_from_dict(read_json(path / "preprocessing.json")),
                read_json(path / "model.json"), read_json(path / MANIFEST), metrics)
@@ -110,7 +117,7 @@ class ExportDir:
     serve work on it wherever it is; only the PyTorch variant of the report needs its source run."""
 
     path: Path
-    report: dict[str, Any]
+    report: ExportReport
     manifest: dict[str, Any]
 
     @property
@@ -120,36 +127,40 @@ class ExportDir:
     @property
     def source_run(self) -> Path:
         """The run directory the FP32 file was exported from."""
-        return resolve(self.report["source_run"], self.path)
+        return resolve(self.report.source_run, self.path)
 
     @property
     def data(self) -> DataConfig:
-        return DataConfig.model_validate(self.report["source"]["data"])
+        return DataConfig.model_validate(self.report.source.data)
 
     @property
     def classes(self) -> list[str]:
-        return list(self.report["source"]["classes"])
+        return list(self.report.source.classes)
 
     @property
     def task(self) -> Task:
-        return get_task(self.report["source"].get("task"))
+        return get_task(self.report.source.task)
 
     @property
     def preprocessing(self):
-        return self.task.preprocessor_from_dict(self.report["source"]["preprocessing"])
+        return self.task.preprocessor_from_dict(self.report.source.preprocessing)
 
     @property
     def input_names(self) -> list[str]:
-        return list(self.report["source"].get("input_names") or self.task.input_names)
+        return list(self.report.source.input_names or self.task.input_names)
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return {"classes": self.classes, **self.report.source.info}
 
     def variant_path(self, variant: str) -> Path | None:
-        v = self.report["variants"].get(variant) or {}
-        path = resolve(v["path"], self.path) if v.get("path") else None
+        v = self.report.variants.get(variant)
+        path = resolve(v.path, self.path) if v is not None and v.path else None
         return path if path is not None and path.is_file() else None
 
     def load_source_run(self) -> "Run":
         if not is_run_dir(self.source_run):
-            raise RunDirError(f"{self.path}: the run directory it was exported from ({self.report['source_run']}, "
+            raise RunDirError(f"{self.path}: the run directory it was exported from ({self.report.source_run}, "
                               f"relative to it) is not there", "copy or move the export directory together with "
                               "its run directory, or export the run again")
         return load_run(self.source_run)
@@ -165,7 +176,7 @@ def load_export(path: str | Path) -> ExportDir:
                 else "its FP32 file failed the parity gate (model.rejected.onnx): see report.md"
                 if (path / "model.rejected.onnx").is_file() else "pass a folder written by ftdeploy export")
         raise RunDirError(f"{path} is not an export directory: missing {', '.join(missing)}", hint)
-    return ExportDir(path, read_json(path / "report.json"), read_manifest(path))
+    return ExportDir(path, load_record(ExportReport, path / "report.json"), read_manifest(path))
 
 
 def versions() -> dict[str, str]:

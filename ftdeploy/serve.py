@@ -1,10 +1,12 @@
 """``ftdeploy serve MODEL.onnx``: FastAPI on uvicorn over one onnxruntime session.
 
-The ONNX file alone carries what serving needs (its task, class names, preprocessing or tokenizer);
-the task names the request codec (images: multipart, base64 JSON or a raw body; text: JSON or
-text/plain, tokenized with the ``tokenizers`` library). Concurrent requests are
-gathered into micro-batches. Bad input gets a 4xx JSON error and never disturbs other requests; an
-overloaded server says so (503 with Retry-After) instead of queueing without end.
+The ONNX file alone carries what serving needs (its task, label names, preprocessing or tokenizer,
+what its postprocessing reads). The server keeps HTTP, batching and the lifecycle; the task's codec
+turns a request's bytes into inputs and predictions into the answer (images: multipart, base64 JSON
+or a raw body; text: JSON or text/plain, tokenized with the ``tokenizers`` library), and the task's
+postprocess turns raw outputs into predictions. Concurrent requests are gathered into
+micro-batches. Bad input gets a 4xx JSON error and never disturbs other requests; an overloaded
+server says so (503 with Retry-After) instead of queueing without end.
 Torch-free: installs with ``pip install 'ftdeploy[serve]'``.
 
 Example::
@@ -15,12 +17,8 @@ Example::
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import ctypes
 import functools
-import io
-import json
 import logging
 import multiprocessing
 import os
@@ -31,19 +29,18 @@ import struct
 import sys
 import tempfile
 import time
-import warnings
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import numpy as np
-from PIL import Image
-
-from .errors import DependencyError, FtdeployError, ServiceError
+from .codecs import Limits
+from .errors import BadInput, DependencyError, FtdeployError, RequestError, ServiceError
 from .latency import PROVIDERS, installed_providers
-from .onnx_model import OnnxClassifier
-from .registry import Registry
-from .tasks.base import concat
+from .logs import showing_logs
+from .onnx_model import OnnxModel
+from .records import ExportReport, load_record
+from .tasks.base import Outputs, concat, slice_outputs
 
 try:
     from fastapi import FastAPI, Query, Request
@@ -52,7 +49,7 @@ try:
     from fastapi.responses import JSONResponse, PlainTextResponse
     from fastapi.staticfiles import StaticFiles
     from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
-    from pydantic import BaseModel
+    from pydantic import BaseModel, ValidationError
     from starlette.exceptions import HTTPException
     import uvicorn
     from swagger_ui_bundle import swagger_ui_path
@@ -61,15 +58,7 @@ except ImportError:  # pragma: no cover - exercised by users without the extra
                           "pip install 'ftdeploy[serve]'") from None
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-log = logging.getLogger("uvicorn.error")  # the logger uvicorn configures and prints
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_image_bytes: int = 10 * 2**20
-    max_image_pixels: int = 40_000_000  # Pillow's own bomb guard is 89M; a classifier never needs that much
-    max_images: int = 32  # inputs per request: images, or texts
-    max_request_bytes: int = 32 * 2**20  # counted on the bytes read, so chunked uploads are held to it too
+log = logging.getLogger(__name__)
 
 
 # Images with up to this many pixels in all are decoded on the event loop (a thread hop costs more
@@ -98,47 +87,6 @@ ERRORS = {status: {"model": ErrorResponse, "description": what} for status, what
     (504, "the request waited longer than --request-timeout"))}
 
 
-class HttpError(Exception):
-    """An answer other than 200, in the one error shape."""
-
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.code, self.message, self.headers = status, code, message, headers
-
-
-class BadInput(HttpError):
-    """Something wrong with the request itself (4xx)."""
-
-
-def open_image(data: bytes, limits: Limits) -> Image.Image:
-    """Bytes -> an image whose header has been read and checked (size, pixels, bombs); nothing decoded yet."""
-    if not data:
-        raise BadInput(400, "empty_image", "an image is empty (0 bytes)")
-    if len(data) > limits.max_image_bytes:
-        raise BadInput(413, "image_too_large", f"an image has {len(data)} bytes; the limit is {limits.max_image_bytes}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise BadInput(413, "decompression_bomb", "an image decompresses to too many pixels") from None
-    except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError... for bad files
-        raise BadInput(400, "invalid_image", f"not a decodable image ({type(e).__name__}: {e})") from None
-    w, h = img.size
-    if w * h > limits.max_image_pixels:
-        raise BadInput(413, "too_many_pixels", f"an image is {w}x{h} = {w * h} pixels; the limit is {limits.max_image_pixels}")
-    return img
-
-
-def decode(img: Image.Image) -> Image.Image:
-    """Decode an opened image fully, or a BadInput saying why it cannot be."""
-    try:
-        img.load()
-    except Exception as e:
-        raise BadInput(400, "invalid_image", f"not a decodable image ({type(e).__name__}: {e})") from None
-    return img
-
-
 class Metrics:
     """Request and batch metrics (prometheus_client). With ``--workers N`` every worker writes to the
     shared ``PROMETHEUS_MULTIPROC_DIR`` and ``/metrics``, whichever worker answers, covers them all."""
@@ -151,9 +99,9 @@ class Metrics:
                                 registry=self.registry)
         self.latency = Histogram("ftdeploy_request_duration_seconds", "Request latency.",
                                  buckets=self.LATENCY_BUCKETS, registry=self.registry)
-        self.batch = Histogram("ftdeploy_batch_size", "Images per onnxruntime run.",
+        self.batch = Histogram("ftdeploy_batch_size", "Inputs per onnxruntime run.",
                                buckets=sorted({1, 2, 4, 8, 16, 32, 64, max_batch_size}), registry=self.registry)
-        self.images = Counter("ftdeploy_images", "Images classified.", registry=self.registry)
+        self.images = Counter("ftdeploy_images", "Inputs answered (images, texts).", registry=self.registry)
 
     def observe_request(self, path: str, status: int, seconds: float) -> None:
         self.requests.labels(path, str(status)).inc()
@@ -215,12 +163,13 @@ class RequestMetrics:
 
 
 class MicroBatcher:
-    """Gathers concurrent requests into one onnxruntime run of up to ``max_batch_size`` images,
-    waiting at most ``max_wait_ms`` for a batch to fill; results go back to each caller. At most
+    """Gathers concurrent requests into one onnxruntime run of up to ``max_batch_size`` inputs,
+    waiting at most ``max_wait_ms`` for a batch to fill; each caller gets the raw outputs of its own
+    inputs back. At most
     ``max_queue`` requests wait: beyond that a request is refused at once (503), since a queue
     without a bound only turns overload into timeouts for everyone."""
 
-    def __init__(self, model: OnnxClassifier, metrics: Metrics, max_batch_size: int, max_wait_ms: float,
+    def __init__(self, model: OnnxModel, metrics: Metrics, max_batch_size: int, max_wait_ms: float,
                  process_per_core: bool = False, max_queue: int = 256, lifecycle: Lifecycle | None = None):
         self.model, self.metrics, self.process_per_core = model, metrics, process_per_core
         self.max_batch_size, self.max_wait, self.max_queue = max_batch_size, max_wait_ms / 1000, max_queue
@@ -253,16 +202,16 @@ class MicroBatcher:
         log.error("%s", self.lifecycle.failed)
         for future in list(self.pending):
             if not future.done():
-                future.set_exception(HttpError(503, "unavailable", self.lifecycle.failed))
+                future.set_exception(RequestError(503, "unavailable", self.lifecycle.failed))
 
-    async def infer(self, arrays: np.ndarray, timeout: float | None = None) -> np.ndarray:
-        """Logits for one request's images (possibly run together with other requests'); an
-        HttpError when the queue is full (503), the server cannot serve (503), or the answer takes
-        longer than ``timeout`` seconds (504)."""
+    async def infer(self, arrays, timeout: float | None = None) -> Outputs:
+        """Raw outputs for one request's inputs (possibly run together with other requests'); a
+        RequestError when the queue is full (503), the server cannot serve (503), or the answer
+        takes longer than ``timeout`` seconds (504)."""
         if self.lifecycle.failed:
-            raise HttpError(503, "unavailable", self.lifecycle.failed)
+            raise RequestError(503, "unavailable", self.lifecycle.failed)
         if self.queue.qsize() >= self.max_queue:
-            raise HttpError(503, "overloaded", f"{self.queue.qsize()} requests are waiting (--max-queue "
+            raise RequestError(503, "overloaded", f"{self.queue.qsize()} requests are waiting (--max-queue "
                             f"{self.max_queue}); retry shortly", {"Retry-After": "1"})
         future = asyncio.get_running_loop().create_future()
         self.pending.add(future)
@@ -271,7 +220,7 @@ class MicroBatcher:
         try:
             return await asyncio.wait_for(future, timeout)  # cancels the future, which the batch then skips
         except asyncio.TimeoutError:
-            raise HttpError(504, "timeout", f"no answer within {timeout:g} s (--request-timeout)") from None
+            raise RequestError(504, "timeout", f"no answer within {timeout:g} s (--request-timeout)") from None
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -301,9 +250,9 @@ class MicroBatcher:
         batch = concat([a for a, _ in items])
         try:
             if self._run_inline(len(batch)):
-                logits = self._logits(batch)
+                outputs = self._outputs(batch)
             else:
-                logits = await asyncio.get_running_loop().run_in_executor(None, self._logits, batch)
+                outputs = await asyncio.get_running_loop().run_in_executor(None, self._outputs, batch)
         except Exception as e:  # an inference failure must reach the callers, not kill the loop
             for _, future in items:
                 if not future.done():
@@ -313,10 +262,10 @@ class MicroBatcher:
         start = 0
         for arrays, future in items:
             if not future.done():
-                future.set_result(logits[start:start + len(arrays)])
+                future.set_result(slice_outputs(outputs, start, start + len(arrays)))
             start += len(arrays)
 
-    def _run_inline(self, images: int) -> bool:
+    def _run_inline(self, inputs: int) -> bool:
         """Whether to run this batch on the event loop itself. The hop to a worker thread and back
         (two thread wake-ups) costs ~0.4 ms, an eighth of a small model's request on 2 cores, and buys
         nothing when no other request is in the server to use the loop meanwhile, nor when worker
@@ -325,14 +274,14 @@ class MicroBatcher:
         goes to the thread, so the loop (health checks, new arrivals) is never blocked for long."""
         if self.single_run_s > INLINE_MAX_RUN_S:
             return False
-        return self.process_per_core or (images == 1 and self.active <= 1)
+        return self.process_per_core or (inputs == 1 and self.active <= 1)
 
-    def _logits(self, batch: np.ndarray) -> np.ndarray:
+    def _outputs(self, batch) -> Outputs:
         start = time.perf_counter()
-        logits = self.model.logits(batch)
+        outputs = self.model.outputs(batch)
         if len(batch) == 1:
             self.single_run_s = time.perf_counter() - start
-        return logits
+        return outputs
 
 
 def error_response(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
@@ -353,9 +302,28 @@ def add_docs(app: FastAPI) -> None:
                                    swagger_favicon_url="/docs/assets/favicon-32x32.png")
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.exp(logits - logits.max(-1, keepdims=True))
-    return z / z.sum(-1, keepdims=True)
+def query_parameters(params) -> list[dict]:
+    """The OpenAPI parameters of a codec's query model (shown by /docs)."""
+    if params is None:
+        return []
+    schema = params.model_json_schema()
+    return [{"name": name, "in": "query", "required": name in schema.get("required", []),
+             "description": field.get("description", ""),
+             "schema": {k: v for k, v in field.items() if k not in ("title", "description")}}
+            for name, field in schema.get("properties", {}).items()]
+
+
+def parse_params(params, query) -> Any:
+    """The request's query parameters as the codec's model; 422 ``invalid_parameter`` when they do not fit."""
+    if params is None:
+        return None
+    try:
+        return params.model_validate(dict(query))
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'query'}: {err['msg']}"
+                             + (f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else "")
+                             for err in e.errors())
+        raise RequestError(422, "invalid_parameter", problems) from None
 
 
 def create_app(model_path: str | Path, threads: int | None = None, max_batch_size: int = 16, max_wait_ms: float = 2.0,
@@ -370,10 +338,10 @@ def create_app(model_path: str | Path, threads: int | None = None, max_batch_siz
     from . import __version__
 
     chosen, why = choose_provider(model_path, provider)
-    model = OnnxClassifier(model_path, threads, providers=[PROVIDERS[chosen]])
+    model = OnnxModel(model_path, threads, providers=[PROVIDERS[chosen]])
     agreement = None
     if chosen != "cpu":
-        reference = OnnxClassifier(model_path, threads)  # the CPU provider: the check's reference, the fallback
+        reference = OnnxModel(model_path, threads)  # the CPU provider: the check's reference, the fallback
         try:
             agreement = check_agreement(model, reference)
         except FtdeployError as e:
@@ -381,14 +349,12 @@ def create_app(model_path: str | Path, threads: int | None = None, max_batch_siz
                 raise
             log.warning("--provider auto: %s; serving on cpu", e)
             chosen, why, model = "cpu", str(e), reference
-    print(f"provider: {chosen} ({why})", flush=True)
+    log.info("provider: %s (%s)", chosen, why)
     metrics = Metrics(max_batch_size)
     state = lifecycle or Lifecycle()
     batcher = MicroBatcher(model, metrics, max_batch_size, max_wait_ms, process_per_core, max_queue, state)
-    # Fitted by `ftdeploy report --calibrate` and stored in the file: probabilities that mean what they say.
-    temperature = float(model.metadata.get("temperature") or 1.0)
-    codec = CODECS.get(model.task.codec)(model, limits)
-    info = {"task": model.task.name, "classes": model.classes,
+    task, codec = model.task, model.task.codec
+    info = {"task": task.name, "classes": model.classes,
             "input_size": getattr(model.preprocessing, "input_size", None),
             "preprocessing": {k: v for k, v in model.preprocessing.to_dict().items() if k != "tokenizer"},
             "variant": model.metadata.get("variant"),
@@ -396,11 +362,13 @@ def create_app(model_path: str | Path, threads: int | None = None, max_batch_siz
             "exported_by": model.metadata.get("version"), "server_version": __version__, "file": str(model.path),
             "max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms, "limits": limits.__dict__,
             "max_queue": max_queue, "request_timeout": request_timeout,
-            "temperature": temperature, "provider": chosen, "provider_reason": why, "provider_agreement": agreement,
+            # fitted by `ftdeploy report --calibrate` and stored in the file: probabilities that mean what they say
+            "temperature": float(model.metadata.get("temperature") or 1.0),
+            "provider": chosen, "provider_reason": why, "provider_agreement": agreement,
             "pid": os.getpid()}
 
     async def warm_up() -> None:
-        dummy = codec.warmup_input()
+        dummy = model.preprocess(codec.warmup(model.preprocessing))
         for _ in range(warmup_runs):
             await batcher.infer(dummy)
         state.ready = True
@@ -414,15 +382,15 @@ def create_app(model_path: str | Path, threads: int | None = None, max_batch_siz
         await batcher.stop()
 
     app = FastAPI(title="ftdeploy model server", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
-                  description=f"{model.task.description} with {model.path.name} ({len(model.classes)} classes). "
+                  description=f"{task.description} with {model.path.name} ({len(model.classes)} labels). "
                               f"{codec.accepts}")
 
     app.state.batcher, app.state.lifecycle = batcher, state  # for callers who embed the app
     app.add_middleware(RequestMetrics, metrics=metrics, lifecycle=state)
     add_docs(app)
 
-    @app.exception_handler(HttpError)
-    async def refused(_request: Request, exc: HttpError):
+    @app.exception_handler(RequestError)
+    async def refused(_request: Request, exc: RequestError):
         return error_response(exc.status, exc.code, exc.message, exc.headers)
 
     @app.exception_handler(RequestValidationError)
@@ -460,124 +428,39 @@ def create_app(model_path: str | Path, threads: int | None = None, max_batch_siz
         """Prometheus metrics, of every worker process."""
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.post("/v1/predict", responses=ERRORS, openapi_extra={"requestBody": codec.request_body},
-              description=codec.accepts)
-    async def predict(request: Request, k: int = Query(5, ge=1, description="labels to return per input")):
-        batcher.active += 1
-        try:
-            probs = softmax(await batcher.infer(await codec.inputs(request, batcher), request_timeout) / temperature)
-        finally:
-            batcher.active -= 1
-        k_ = min(k, len(model.classes))
-        top = np.argsort(-probs, axis=-1)[:, :k_]
-        # A plain JSONResponse: FastAPI's encoder walk over the result costs more than the model at this size.
-        return JSONResponse({"predictions": [{"top_k": [{"label": model.classes[i], "index": int(i),
-                                                         "probability": float(p[i])} for i in row]}
-                                             for row, p in zip(top, probs)]})
+    async def inputs(parsed):
+        """Decode and preprocess a parsed request: on the event loop when it is small (a thread hop
+        costs more than decoding a small image), else in a thread, so a huge one never stalls the
+        requests beside it."""
+        def run():
+            return model.preprocess([parsed.decode(item) for item in parsed.raw])
 
-    return app
-
-
-CODECS: Registry[type] = Registry("request codec", FtdeployError)  # a task's ``codec`` names its entry
-
-
-@CODECS.register("image")
-class ImageCodec:
-    """Images in a request -> preprocessed arrays."""
-
-    accepts = ('Send images as a multipart upload (one or more files), JSON {"images": ["<base64>", ...]} '
-               "or a raw image body.")
-    request_body = {"content": {
-        "multipart/form-data": {"schema": {"type": "object", "properties": {
-            "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
-        "application/json": {"schema": {"type": "object", "required": ["images"], "properties": {
-            "images": {"type": "array", "items": {"type": "string", "format": "byte"},
-                       "description": "base64-encoded image files"}}}},
-        "image/png": {"schema": {"type": "string", "format": "binary"}}}}
-
-    def __init__(self, model: OnnxClassifier, limits: Limits):
-        self.model, self.limits = model, limits
-
-    def warmup_input(self) -> np.ndarray:
-        return np.zeros((1, *self.model.preprocessing.input_shape), np.float32)
-
-    async def inputs(self, request: Request, batcher: MicroBatcher) -> np.ndarray:
-        opened = [open_image(b, self.limits) for b in await read_images(request, self.limits)]  # headers only
-        inputs = lambda: self.model.preprocess([decode(img) for img in opened])  # noqa: E731
-        if sum(img.width * img.height for img in opened) <= INLINE_DECODE_PIXELS:
-            return inputs()  # a thread hop costs more than decoding a small image
+        if parsed.work <= INLINE_DECODE_PIXELS:
+            return run()
         batcher.incoming += 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(None, inputs)
+            return await asyncio.get_running_loop().run_in_executor(None, run)
         finally:
             batcher.incoming -= 1
 
-
-TEXT_TYPES = ("application/json", "text/plain")
-
-
-@CODECS.register("text")
-class TextCodec:
-    """Texts in a request -> token ids (the file's tokenizer; a micro-batch pads to its longest).
-    A text longer than the file's max_length is truncated to it, as in training; the body limit
-    (--max-request-bytes) bounds what is read at all."""
-
-    accepts = ('Send JSON {"text": "..."} or {"texts": ["...", ...]}, or one text as a text/plain body (UTF-8). '
-               "Texts longer than the model's max_length tokens are truncated, as in training.")
-    request_body = {"content": {
-        "application/json": {"schema": {"oneOf": [
-            {"type": "object", "required": ["text"], "properties": {"text": {"type": "string", "minLength": 1}}},
-            {"type": "object", "required": ["texts"], "properties": {
-                "texts": {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1}}}]},
-            "example": {"texts": ["A warm, funny and moving film.", "Two hours I will never get back."]}},
-        "text/plain": {"schema": {"type": "string"}, "example": "A warm, funny and moving film."}}}
-
-    def __init__(self, model: OnnxClassifier, limits: Limits):
-        self.model, self.limits = model, limits
-
-    def warmup_input(self):
-        return self.model.preprocess(["warm up"])
-
-    async def inputs(self, request: Request, _batcher: MicroBatcher):
-        return self.model.preprocess(await self.texts(request))
-
-    async def texts(self, request: Request) -> list[str]:
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype not in TEXT_TYPES:
-            raise BadInput(415, "unsupported_media_type", f"content type {ctype or '(none)'!r} is not accepted; send "
-                           'application/json {"text": ...} or {"texts": [...]}, or a text/plain body')
-        body = await read_body(request, self.limits.max_request_bytes)
+    @app.post("/v1/predict", responses={200: {"content": {"application/json": {"schema": codec.response_schema}}},
+                                        **ERRORS},
+              openapi_extra={"requestBody": codec.request_body, "parameters": query_parameters(codec.params)},
+              description=codec.accepts)
+    async def predict(request: Request):
+        params = parse_params(codec.params, request.query_params)
+        batcher.active += 1
         try:
-            decoded = body.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise BadInput(400, "invalid_encoding", f"the body is not UTF-8 ({e.reason} at byte {e.start})") from None
-        if ctype == "text/plain":
-            texts = [decoded]
-        else:
-            try:
-                payload = json.loads(decoded)
-            except ValueError as e:
-                raise BadInput(400, "invalid_body", f"the request body cannot be parsed: {e}") from None
-            if isinstance(payload, dict) and len(payload) == 1 and "text" in payload:
-                texts = [payload["text"]]
-            elif isinstance(payload, dict) and len(payload) == 1 and isinstance(payload.get("texts"), list):
-                texts = payload["texts"]
-            else:
-                raise BadInput(400, "invalid_json", 'JSON bodies must be {"text": "..."} or {"texts": ["...", ...]}')
-        if not texts:
-            raise BadInput(400, "no_texts", "the request holds no text")
-        if len(texts) > self.limits.max_images:
-            raise BadInput(413, "too_many_texts", f"the request holds {len(texts)} texts; the limit is "
-                           f"{self.limits.max_images} (--max-images)")
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise BadInput(400, "invalid_text", f"text {i} is a {type(text).__name__}, not a string")
-            if not text.strip():
-                raise BadInput(400, "empty_text", f"text {i} is empty")
-        return texts
+            body = await read_body(request, limits.max_request_bytes)
+            batch = await inputs(codec.parse(body, request.headers.get("content-type", ""), limits))
+            outputs = await batcher.infer(batch, request_timeout)
+        finally:
+            batcher.active -= 1
+        predictions = task.postprocess(outputs, batch, model.info)
+        # A plain JSONResponse: FastAPI's encoder walk over the result costs more than the model at this size.
+        return JSONResponse(codec.respond(predictions, params, model.info))
 
-
-IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/bmp", "image/gif", "image/tiff", "application/octet-stream")
+    return app
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -596,45 +479,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-async def read_images(request: Request, limits: Limits) -> list[bytes]:
-    """The request's image bytes, whatever the accepted encoding; a BadInput for anything else."""
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype not in ("multipart/form-data", "application/json", *IMAGE_TYPES):
-        raise BadInput(415, "unsupported_media_type",
-                       f"content type {ctype or '(none)'!r} is not accepted; send multipart/form-data, "
-                       "application/json with base64 images, or a raw image body")
-    try:
-        body = await read_body(request, limits.max_request_bytes)
-        if ctype == "multipart/form-data":
-            async def replay():  # the body as read, for Starlette's multipart parser
-                return {"type": "http.request", "body": body, "more_body": False}
-
-            form = await Request(request.scope, replay).form(max_files=limits.max_images + 1)
-            blobs = [await f.read() for _, f in form.multi_items() if hasattr(f, "read")]
-        elif ctype == "application/json":
-            payload = json.loads(body)
-            images = payload.get("images") if isinstance(payload, dict) else None
-            if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
-                raise BadInput(400, "invalid_json", 'JSON bodies must be {"images": ["<base64>", ...]}')
-            blobs = [base64.b64decode(i, validate=True) for i in images]
-        else:
-            blobs = [body]
-    except BadInput:
-        raise
-    except binascii.Error:
-        raise BadInput(400, "invalid_base64", "an image in the JSON body is not valid base64") from None
-    except ValueError as e:  # broken JSON
-        raise BadInput(400, "invalid_body", f"the request body cannot be parsed: {e}") from None
-    except Exception as e:  # a truncated or malformed multipart stream, a client that went away
-        raise BadInput(400, "invalid_body", f"the request body cannot be read ({type(e).__name__}: {e})") from None
-    if not blobs:
-        raise BadInput(400, "no_images", "the request holds no image")
-    if len(blobs) > limits.max_images:
-        raise BadInput(413, "too_many_images", f"the request holds {len(blobs)} images; the limit is {limits.max_images}")
-    return blobs
-
-
-AGREEMENT_MAX_PROB_DIFF = 0.05  # probabilities; top-1 must agree on every sample as well
+AGREEMENT_MAX_PROB_DIFF = 0.05  # served scores (probabilities); the task's decisions must agree on every sample
 
 
 def choose_provider(model_path: str | Path, provider: str) -> tuple[str, str]:
@@ -642,8 +487,6 @@ def choose_provider(model_path: str | Path, provider: str) -> tuple[str, str]:
     installed); ``auto``: the fastest for this file in the measurements of its export directory
     (``report.json``, written by export and quantize where more than one provider is installed),
     else ``cpu``."""
-    import json
-
     installed = installed_providers()
     if provider not in ("auto", *PROVIDERS):
         raise FtdeployError(f"--provider {provider!r} is not known", f"use auto, {', '.join(PROVIDERS)}")
@@ -656,9 +499,9 @@ def choose_provider(model_path: str | Path, provider: str) -> tuple[str, str]:
         return "cpu", "onnxruntime-openvino is not installed, so the CPU provider is the only one"
     path = Path(model_path)
     report = path.parent / "report.json"
-    variants = json.loads(report.read_text()).get("variants", {}) if report.is_file() else {}
-    measured = next((v.get("providers_p50_ms") for v in variants.values()
-                     if isinstance(v, dict) and Path(str(v.get("path", ""))).name == path.name and v.get("providers_p50_ms")), None)
+    variants = load_record(ExportReport, report).variants if report.is_file() else {}
+    measured = next((v.providers_p50_ms for v in variants.values()
+                     if Path(str(v.path or "")).name == path.name and v.providers_p50_ms), None)
     measured = {k: v for k, v in (measured or {}).items() if k in installed}
     if not measured:
         return "cpu", f"no provider measurements for {path.name} in {report}"
@@ -670,23 +513,20 @@ OPENVINO_HINT = ("pip uninstall -y onnxruntime && pip install onnxruntime-openvi
                  "docker build --build-arg PROVIDER=openvino; or serve with --provider cpu")
 
 
-def check_agreement(model: OnnxClassifier, reference: OnnxClassifier) -> dict:
+def check_agreement(model: OnnxModel, reference: OnnxModel) -> dict:
     """The file's own sample inputs through ``model``'s provider and through ``reference`` (the same
-    file on the CPU provider): top-1 must agree on every sample and probabilities within
-    AGREEMENT_MAX_PROB_DIFF, or FtdeployError."""
+    file on the CPU provider), compared by the task: its decisions (a classifier's top-1) must agree
+    on every sample and its served scores within AGREEMENT_MAX_PROB_DIFF, or FtdeployError."""
     samples = model.samples()
     provider = model.session.get_providers()[0]
     if samples is None:
         raise FtdeployError(f"{model.path} carries no sample inputs to check {provider} against the CPU provider",
                             "export it again with this version of ftdeploy, or serve with --provider cpu")
-    expected, logits = reference.logits(samples), model.logits(samples)
-    result = {"samples": len(samples), "top1_agreement": float((logits.argmax(-1) == expected.argmax(-1)).mean()),
-              "max_abs_logit_diff": float(np.abs(logits - expected).max()),
-              "max_prob_diff": float(np.abs(softmax(logits) - softmax(expected)).max())}
-    if result["top1_agreement"] < 1 or result["max_prob_diff"] > AGREEMENT_MAX_PROB_DIFF:
+    result = {"samples": len(samples), **model.task.agreement(reference.outputs(samples), model.outputs(samples), samples)}
+    if result["decision_agreement"] < 1 or result["max_score_diff"] > AGREEMENT_MAX_PROB_DIFF:
         raise FtdeployError(f"{provider} disagrees with the CPU provider on the file's {len(samples)} sample inputs: "
-                            f"top-1 agreement {result['top1_agreement']:.0%}, max probability difference "
-                            f"{result['max_prob_diff']:.3f} (allowed {AGREEMENT_MAX_PROB_DIFF})", "serve with --provider cpu")
+                            f"{model.task.decision} agreement {result['decision_agreement']:.0%}, max score difference "
+                            f"{result['max_score_diff']:.3f} (allowed {AGREEMENT_MAX_PROB_DIFF})", "serve with --provider cpu")
     return result
 
 
@@ -858,7 +698,7 @@ def run_worker(options: ServeOptions, stop=None) -> None:
         options.model_path, options.threads, options.max_batch_size, options.max_wait_ms, options.limits,
         options.warmup_runs, options.provider, lifecycle, per_core, options.max_queue, options.request_timeout)
     if stop_asked():
-        print("stopped during start-up", flush=True)
+        log.info("stopped during start-up")
         return
     sock = listening_socket(options.host, options.port, reuse_port=options.workers > 1)
     sock.listen(2048)
@@ -866,6 +706,13 @@ def run_worker(options: ServeOptions, stop=None) -> None:
     DrainingServer(config, lifecycle, options.drain_seconds, stop_asked).run(sockets=[sock])
     if lifecycle.failed:
         raise ServiceError(lifecycle.failed, "see the log above; the process exits so that it is restarted")
+
+
+def spawned_worker(options: ServeOptions, stop) -> None:
+    """A worker process of ``--workers N``: spawned, it starts with no logging set up, so it shows
+    its lines as the command line does."""
+    with showing_logs():
+        run_worker(options, stop)
 
 
 def serve(options: ServeOptions) -> None:
@@ -890,11 +737,11 @@ def serve(options: ServeOptions) -> None:
     metrics_dir = tempfile.mkdtemp(prefix="ftdeploy-metrics-")
     try:
         # a bad file, --provider or a busy port fails here, once, before any worker starts
-        OnnxClassifier(options.model_path, 1)
+        OnnxModel(options.model_path, 1)
         choose_provider(options.model_path, options.provider)
         listening_socket(options.host, options.port, reuse_port=False).close()
         os.environ[MULTIPROC_ENV] = metrics_dir  # read by prometheus_client when a worker imports it
-        procs += [context.Process(target=run_worker, args=(options, stop), name=f"ftdeploy-worker-{i}")
+        procs += [context.Process(target=spawned_worker, args=(options, stop), name=f"ftdeploy-worker-{i}")
                   for i in range(workers)]
         # Workers inherit an ignored signal across exec: none dies of one while it imports. Here the
         # signals are blocked meanwhile (a blocked signal stays pending even while ignored), and
@@ -909,7 +756,7 @@ def serve(options: ServeOptions) -> None:
             for sig in STOP_SIGNALS:
                 signal.signal(sig, forward)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-        print(f"{workers} workers: pids {', '.join(str(p.pid) for p in procs)}", flush=True)
+        log.info("%d workers: pids %s", workers, ", ".join(str(p.pid) for p in procs))
         while not stopping and all(p.is_alive() for p in procs):
             time.sleep(0.2)
         if not stopping:  # a worker died on its own: stop the others; the orchestrator restarts the whole

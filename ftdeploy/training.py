@@ -28,10 +28,13 @@ from torch.utils.data import DataLoader, TensorDataset
 from .config import PipelineConfig
 from .data import DatasetSplits, build_datasets
 from .errors import ConfigError, DependencyError
-from .models import BuiltModel, build_model, split_parameters
-from .files import atomic_path, write_json, write_text
-from .tasks import get_task
+from .evaluation import split_arrays, torch_predictor
+from .figures import pyplot
+from .files import atomic_path, write_text
+from .models import BuiltModel, build_model, fixed_labels, split_parameters
+from .records import BatchNormRecord, TrainMetrics, write_record
 from .rundir import WEIGHTS, is_run_dir, load_run, write_run_files
+from .tasks import Scores, Task, get_task
 
 log = logging.getLogger(__name__)
 
@@ -49,19 +52,22 @@ class TrainState:
     """What a checkpoint needs besides model/optimizer/scheduler/RNG, registered with Accelerate."""
 
     epoch: int = -1  # last finished epoch
-    best_accuracy: float = -1.0
+    best_metric: float = -1.0  # the task's primary metric on validation, at the best epoch
     best_epoch: int = -1
+    best_scores: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     model: nn.Module | None = None  # the live (unwrapped) model, for callbacks; not checkpointed
     best_weights: dict[str, torch.Tensor] | None = None  # on every process: the file is only on the main one
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "best_accuracy": self.best_accuracy, "best_epoch": self.best_epoch,
-                "history": self.history}
+        return {"epoch": self.epoch, "best_metric": self.best_metric, "best_epoch": self.best_epoch,
+                "best_scores": self.best_scores, "history": self.history}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self.best_accuracy = state["epoch"], state["best_accuracy"]
+        # checkpoints written before the metric was the task's name it best_accuracy
+        self.epoch, self.best_metric = state["epoch"], state.get("best_metric", state.get("best_accuracy"))
         self.best_epoch, self.history = state["best_epoch"], list(state["history"])
+        self.best_scores = dict(state.get("best_scores") or {})
 
 
 @dataclass
@@ -83,7 +89,8 @@ def built_from_run(path: str | Path) -> tuple[BuiltModel, Any]:
     extra = {k: v for k, v in run.architecture.items() if k not in ("num_classes", "head_name")}
     model = run.load_model()
     model.train()
-    return BuiltModel(model, run.architecture["head_name"], {}, architecture=extra), run.preprocessing
+    return (BuiltModel(model, run.architecture["head_name"], {}, architecture=extra,
+                       fit_labels=fixed_labels(len(run.classes))), run.preprocessing)
 
 
 def make_accelerator(cfg: PipelineConfig, out: Path):
@@ -181,50 +188,52 @@ def head_features(built: BuiltModel, dataset, batch_size: int, collate) -> Tenso
     return TensorDataset(torch.cat(captured), torch.cat(labels))
 
 
-def prepare_data(cfg: PipelineConfig, built: BuiltModel, splits: DatasetSplits) -> tuple[nn.Module, Any, Any, Any, Any]:
-    """(module to train, train dataset, val dataset, their collate function, the training order or
-    None for a plain shuffle): cached head features in head mode, else the task's inputs."""
-    collate = get_task(cfg.task).collate
+@dataclass
+class Validation:
+    """The validation split as the numpy path holds it (inputs batched by the task, targets), and how
+    the module being trained is run on it: every epoch is judged by the task's own postprocess and
+    metric, the same code that judges the exported file. Each process of a multi-process launch
+    judges the whole split, so they all pick the same best epoch, through the wrapped model: its
+    forward broadcasts rank 0's buffers (BatchNorm statistics), so every rank ends the epoch alike."""
+
+    inputs: Any
+    targets: Any
+    input_names: list[str]
+    info: dict[str, Any]
+    batch_size: int
+
+    def scores(self, task: Task, accelerator, module: nn.Module) -> Scores:
+        module.eval()
+        predict = torch_predictor(module, self.input_names, accelerator.device, accelerator.autocast)
+        outputs = task.outputs(predict, self.inputs, self.batch_size)
+        return task.evaluate(outputs, self.inputs, self.targets, self.info)
+
+
+def prepare_data(cfg: PipelineConfig, built: BuiltModel, splits: DatasetSplits
+                 ) -> tuple[nn.Module, Any, Any, Any, Validation]:
+    """(module to train, train dataset, its collate function, the training order or None for a plain
+    shuffle, the validation split): cached head features in head mode (where the task's head takes
+    one tensor), else the task's inputs."""
+    task = get_task(cfg.task)
+    collate = task.collate
+    info = {"classes": splits.classes, **built.architecture.get("postprocess", {})}
+    batch_size = max(cfg.data.batch_size, 64)
     if cfg.train.mode == "head":
         for p in built.model.parameters():
             p.requires_grad_(False)
         for p in built.model.get_submodule(built.head_name).parameters():
             p.requires_grad_(True)
-        if cfg.train.cache_features and not cfg.data.augment:
+        if cfg.train.cache_features and not cfg.data.augment and task.head_features_cacheable:
             # The frozen backbone in eval mode gives the same features every epoch: compute them once.
             head = built.model.get_submodule(built.head_name)
-            return (head, head_features(built, splits.train, 256, collate), head_features(built, splits.val, 256, collate),
-                    features_collate, None)
-    task = get_task(cfg.task)
-    return built.model, splits.train, splits.val, collate, task.train_sampler(splits.train, cfg.data.batch_size,
-                                                                              cfg.train.seed)
-
-
-class DistillationLoss(nn.Module):
-    """The usual loss plus soft-target KL divergence from a frozen teacher's logits."""
-
-    def __init__(self, base: nn.Module, teacher: nn.Module, alpha: float, temperature: float):
-        super().__init__()
-        self.base, self.teacher, self.alpha, self.t = base, teacher, alpha, temperature
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        with torch.no_grad():
-            soft = (self.teacher(*inputs) / self.t).softmax(-1)
-        kl = nn.functional.kl_div((logits / self.t).log_softmax(-1), soft, reduction="batchmean") * self.t**2
-        return (1 - self.alpha) * self.base(logits, target) + self.alpha * kl
-
-
-def evaluate(accelerator, model: nn.Module, loader) -> float:
-    model.eval()
-    correct = total = 0
-    with torch.no_grad():
-        for x, y in loader:
-            with accelerator.autocast():
-                logits = model(*x)
-            preds, targets = accelerator.gather_for_metrics((logits.argmax(-1), y))
-            correct += (preds == targets).sum().item()
-            total += targets.numel()
-    return correct / max(1, total)
+            features = head_features(built, splits.val, 256, collate)
+            val = Validation(features.tensors[0].numpy(), task.stack_targets(features.tensors[1].tolist()),
+                             ["features"], info, batch_size)
+            return head, head_features(built, splits.train, 256, collate), features_collate, None, val
+    inputs, targets = split_arrays(splits.val, len(splits.val), task)
+    names = list(built.architecture.get("input_names") or task.input_names)
+    return (built.model, splits.train, collate, task.train_sampler(splits.train, cfg.data.batch_size, cfg.train.seed),
+            Validation(inputs, targets, names, info, batch_size))
 
 
 @torch.no_grad()
@@ -268,8 +277,8 @@ def setup(cfg: PipelineConfig, out: Path, built: BuiltModel, spec: Any, accelera
     """Build the data, fit the head to its classes and write the run's model files (main process)."""
     splits = build_datasets(cfg.data, spec)
     built.set_classes(len(splits.classes))
-    if splits.skipped:
-        accelerator.print(f"skipped {len(splits.skipped)} unreadable image(s), e.g. {splits.skipped[0]}")
+    if splits.skipped and accelerator.is_main_process:
+        log.warning("skipped %d unreadable item(s), e.g. %s", len(splits.skipped), splits.skipped[0])
     if accelerator.is_main_process:
         architecture = {"name": cfg.model.name, "num_classes": len(splits.classes), "head_name": built.head_name,
                         **built.architecture}
@@ -277,7 +286,7 @@ def setup(cfg: PipelineConfig, out: Path, built: BuiltModel, spec: Any, accelera
     return splits
 
 
-def fine_tune(job: Job, accelerator, resume: bool = False, callbacks: Iterable[Callback] = ()) -> dict[str, Any]:
+def fine_tune(job: Job, accelerator, resume: bool = False, callbacks: Iterable[Callback] = ()) -> TrainMetrics:
     """Run the loop of ``job`` and write its weights, history and metrics; returns the metrics. The
     caller seeds (``accelerate.utils.set_seed``) before it builds the model, so that the same config
     gives the same weights."""
@@ -288,7 +297,8 @@ def fine_tune(job: Job, accelerator, resume: bool = False, callbacks: Iterable[C
                           + ("" if cfg.train.checkpoint else " (train.checkpoint=false saves none)"))
     if accelerator.device.type == "cuda":  # metrics.json's peak is this training's, not the process's
         torch.cuda.reset_peak_memory_stats(accelerator.device)
-    trained, train_set, val_set, collate, sampler = prepare_data(cfg, job.built, job.splits)
+    task = get_task(cfg.task)
+    trained, train_set, collate, sampler, val = prepare_data(cfg, job.built, job.splits)
     optimizer = make_optimizer(cfg, job.built)
     bs, workers = cfg.data.batch_size, cfg.data.num_workers
     # Workers that persist across epochs: starting them again every epoch re-imports torch in each
@@ -296,40 +306,39 @@ def fine_tune(job: Job, accelerator, resume: bool = False, callbacks: Iterable[C
     loading = {"num_workers": workers, "persistent_workers": workers > 0, "collate_fn": collate}
     train_loader = DataLoader(train_set, batch_size=bs, shuffle=sampler is None, sampler=sampler,
                               drop_last=len(train_set) > bs, **loading)
-    val_loader = DataLoader(val_set, batch_size=max(bs, 64), **loading)
     steps_per_epoch = math.ceil(len(train_loader) / cfg.train.grad_accum_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(steps_per_epoch * cfg.train.epochs, round(cfg.train.warmup_epochs * steps_per_epoch)))
-    trained, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
-        trained, optimizer, train_loader, val_loader, scheduler)
+    trained, optimizer, train_loader, scheduler = accelerator.prepare(trained, optimizer, train_loader, scheduler)
     state = TrainState(model=job.built.model)
     accelerator.register_for_checkpointing(state)
     if resume:
         accelerator.load_state(str(ckpt))
-        accelerator.print(f"resumed after epoch {state.epoch + 1} (best val accuracy {state.best_accuracy:.4f})")
+        if accelerator.is_main_process:
+            log.info("resumed after epoch %d (best val %s %.4f)", state.epoch + 1, task.metric, state.best_metric)
     if cfg.train.log_with:
         accelerator.init_trackers(cfg.name, config={"lr": cfg.train.lr, "epochs": cfg.train.epochs,
                                                     "batch_size": bs, "mode": cfg.train.mode})
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
-    if job.teacher is not None:
-        criterion = DistillationLoss(criterion, job.teacher.eval().to(accelerator.device), *job.distill)
+    teacher = job.teacher.eval().to(accelerator.device) if job.teacher is not None else None
     for epoch in range(state.epoch + 1, cfg.train.epochs):
-        record = run_epoch(job, accelerator, trained, train_loader, optimizer, scheduler, criterion, epoch, state,
+        record = run_epoch(job, accelerator, trained, train_loader, optimizer, scheduler, task, teacher, epoch, state,
                            callbacks)
-        record["val_accuracy"] = evaluate(accelerator, trained, val_loader)
-        end_epoch(job, accelerator, trained, state, record, ckpt, callbacks)
-    bn = finish_batchnorm(job, accelerator, trained, train_loader, val_loader, state)
-    metrics = {"val_accuracy": state.best_accuracy, "best_epoch": state.best_epoch, "epochs": len(state.history),
-               "final_val_accuracy": state.history[-1]["val_accuracy"] if state.history else None,
-               "train_images_per_second": _median([h["train_images_per_second"] for h in state.history]),
-               "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
-               "mixed_precision_configured": cfg.train.mixed_precision, "device": accelerator.device.type,
-               "peak_device_memory_mb": (torch.cuda.max_memory_allocated(accelerator.device) / 2**20
-                                         if accelerator.device.type == "cuda" else None),
-               "mode": cfg.train.mode, "bn_reestimate": bn}
+        scores = val.scores(task, accelerator, trained)
+        record["val_metric"] = scores.value
+        end_epoch(job, accelerator, trained, state, record, scores, ckpt, callbacks)
+    bn = finish_batchnorm(job, accelerator, trained, train_loader, val, task, state)
+    metrics = TrainMetrics(metric=task.metric, val_metric=state.best_metric, val_scores=state.best_scores,
+                           best_epoch=state.best_epoch, epochs=len(state.history),
+                           final_val_metric=state.history[-1]["val_metric"] if state.history else None,
+                           train_items_per_second=_median([h["train_items_per_second"] for h in state.history]),
+                           unit=task.unit, num_processes=accelerator.num_processes,
+                           mixed_precision=accelerator.mixed_precision, mixed_precision_configured=cfg.train.mixed_precision,
+                           device=accelerator.device.type, mode=cfg.train.mode, bn_reestimate=bn,
+                           peak_device_memory_mb=(torch.cuda.max_memory_allocated(accelerator.device) / 2**20
+                                                  if accelerator.device.type == "cuda" else None))
     if accelerator.is_main_process:
-        write_json(out / "metrics.json", metrics)
-        plot_history(out, state.history)
+        write_record(out / "metrics.json", metrics)
+        plot_history(out, state.history, task.metric_label)
     for tracker in accelerator.trackers:  # not end_training(): that also ends the process group, which later
         tracker.finish()                  # stages of the same launch (pruning's recovery) still need
     return metrics
@@ -347,7 +356,7 @@ def _median(values: list[float]) -> float | None:
     return sorted(values)[len(values) // 2] if values else None
 
 
-def run_epoch(job: Job, accelerator, trained, loader, optimizer, scheduler, criterion, epoch: int,
+def run_epoch(job: Job, accelerator, trained, loader, optimizer, scheduler, task: Task, teacher, epoch: int,
               state: TrainState, callbacks) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
@@ -366,32 +375,41 @@ def run_epoch(job: Job, accelerator, trained, loader, optimizer, scheduler, crit
     for x, y in bar:
         with accelerator.accumulate(trained):
             with accelerator.autocast():
-                logits = trained(*x)
-                loss = criterion(logits, y, x) if job.teacher is not None else criterion(logits, y)
+                outputs = trained(*x)
+                if teacher is None:
+                    loss = task.loss(outputs, y, cfg.train)
+                else:
+                    with torch.no_grad():
+                        taught = teacher(*x)
+                    loss = task.distillation_loss(outputs, taught, y, cfg.train, *job.distill)
             accelerator.backward(loss)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
-        seen += y.shape[0]
-        loss_sum += loss.item() * y.shape[0]
+        n = len(x[0])  # every input's first axis is the batch
+        seen += n
+        loss_sum += loss.item() * n
         bar.set_postfix(loss=f"{loss.item():.3f}")
         for cb in callbacks:
             getattr(cb, "on_train_batch", lambda *a: None)(state, (x, y))
     seconds = time.perf_counter() - t0
     return {"epoch": epoch + 1, "train_loss": loss_sum / max(1, seen), "lr": scheduler.get_last_lr()[0],
-            "train_seconds": seconds, "train_images_per_second": seen * accelerator.num_processes / seconds}
+            "train_seconds": seconds, "train_items_per_second": seen * accelerator.num_processes / seconds}
 
 
-def end_epoch(job: Job, accelerator, trained, state: TrainState, record: dict[str, Any], ckpt: Path, callbacks) -> None:
+def end_epoch(job: Job, accelerator, trained, state: TrainState, record: dict[str, Any], scores: Scores, ckpt: Path,
+              callbacks) -> None:
     """Log the epoch, keep the best weights (in memory on every process, on disk on the main one),
     checkpoint for --resume."""
     state.history.append(record)
     state.epoch = record["epoch"] - 1
     accelerator.log({k: v for k, v in record.items() if k != "epoch"}, step=record["epoch"])
-    accelerator.print(f"epoch {record['epoch']}/{job.cfg.train.epochs}: loss {record['train_loss']:.4f} "
-                      f"val_accuracy {record['val_accuracy']:.4f} ({record['train_images_per_second']:.0f} img/s)")
-    if record["val_accuracy"] > state.best_accuracy:
-        state.best_accuracy, state.best_epoch = record["val_accuracy"], record["epoch"]
+    if accelerator.is_main_process:
+        log.info("epoch %d/%d: loss %.4f val %s %.4f (%.0f %s/s)", record["epoch"], job.cfg.train.epochs,
+                 record["train_loss"], scores.primary, scores.value, record["train_items_per_second"],
+                 get_task(job.cfg.task).unit)
+    if scores.value > state.best_metric:
+        state.best_metric, state.best_epoch, state.best_scores = scores.value, record["epoch"], dict(scores.values)
         weights = accelerator.unwrap_model(trained) if trained is job.built.model else job.built.model
         state.best_weights = {k: v.detach().cpu().clone() for k, v in weights.state_dict().items()}
         if accelerator.is_main_process:
@@ -405,14 +423,15 @@ def end_epoch(job: Job, accelerator, trained, state: TrainState, record: dict[st
         getattr(cb, "on_epoch_end", lambda *a: None)(state)
 
 
-def finish_batchnorm(job: Job, accelerator, trained, train_loader, val_loader, state: TrainState) -> dict[str, Any]:
+def finish_batchnorm(job: Job, accelerator, trained, train_loader, val: Validation, task: Task,
+                     state: TrainState) -> BatchNormRecord:
     """Re-estimate BatchNorm statistics for the best weights (``train.bn_reestimate``). Running
     statistics lag the weights after a short fine-tune (far behind with torchvision MobileNetV3's
-    momentum of 0.01); ``auto`` keeps the re-estimate only where it helps: when validation accuracy
-    does not drop."""
+    momentum of 0.01); ``auto`` keeps the re-estimate only where it helps: when the validation
+    metric does not drop."""
     policy = job.cfg.train.bn_reestimate
     if policy == "never" or job.cfg.train.mode == "head":  # head mode: the frozen backbone keeps its statistics
-        return {"policy": policy, "applied": False}
+        return BatchNormRecord(policy=policy, applied=False)
     model = accelerator.unwrap_model(trained)
     best = state.best_weights
     if best is None and (job.out / WEIGHTS).is_file():  # resumed after the best epoch
@@ -420,19 +439,20 @@ def finish_batchnorm(job: Job, accelerator, trained, train_loader, val_loader, s
 
         best = load_file(str(job.out / WEIGHTS))
     if best is None:
-        return {"policy": policy, "applied": False}
+        return BatchNormRecord(policy=policy, applied=False)
     model.load_state_dict(best)
     before = copy.deepcopy(best)
     if not reestimate_batchnorm(accelerator, model, train_loader, job.cfg.train.bn_reestimate_batches):
-        return {"policy": policy, "applied": False, "reason": "no BatchNorm layers"}
-    after = evaluate(accelerator, trained, val_loader)
-    kept = policy == "always" or after >= state.best_accuracy
-    accelerator.print(f"BatchNorm statistics re-estimated: val_accuracy {state.best_accuracy:.4f} -> {after:.4f}"
-                      f" ({'kept' if kept else 'discarded'})")
-    record = {"policy": policy, "applied": kept, "val_accuracy_before": state.best_accuracy,
-              "val_accuracy_after": after}
+        return BatchNormRecord(policy=policy, applied=False, reason="no BatchNorm layers")
+    after = val.scores(task, accelerator, trained)
+    kept = policy == "always" or after.value >= state.best_metric
+    if accelerator.is_main_process:
+        log.info("BatchNorm statistics re-estimated: val %s %.4f -> %.4f (%s)", task.metric, state.best_metric,
+                 after.value, "kept" if kept else "discarded")
+    record = BatchNormRecord(policy=policy, applied=kept, val_metric_before=state.best_metric,
+                             val_metric_after=after.value)
     if kept:
-        state.best_accuracy = after
+        state.best_metric, state.best_scores = after.value, dict(after.values)
         if accelerator.is_main_process:
             save_weights(model.state_dict(), job.out)
     else:
@@ -456,10 +476,8 @@ def write_history(out: Path, history: list[dict[str, Any]]) -> None:
     write_text(out / "metrics.csv", table.getvalue())
 
 
-def plot_history(out: Path, history: list[dict[str, Any]]) -> None:
-    """training_curves.png: loss and validation accuracy per epoch (skipped without matplotlib)."""
-    from .report import pyplot
-
+def plot_history(out: Path, history: list[dict[str, Any]], metric_label: str) -> None:
+    """training_curves.png: loss and the validation metric per epoch (skipped without matplotlib)."""
     plt = pyplot()
     if plt is None or not history:
         return
@@ -467,8 +485,8 @@ def plot_history(out: Path, history: list[dict[str, Any]]) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
     ax1.plot(epochs, [h["train_loss"] for h in history], marker="o")
     ax1.set(title="training loss", xlabel="epoch")
-    ax2.plot(epochs, [100 * h["val_accuracy"] for h in history], marker="o", color="tab:green")
-    ax2.set(title="validation accuracy (%)", xlabel="epoch")
+    ax2.plot(epochs, [100 * h["val_metric"] for h in history], marker="o", color="tab:green")
+    ax2.set(title=f"validation {metric_label} (%)", xlabel="epoch")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
     fig.tight_layout()

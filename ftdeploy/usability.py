@@ -2,29 +2,29 @@
 still a usable model?
 
 For every variant (the export directory's ``fp32`` and ``int8`` files, the PyTorch model its lineage
-leads to, and the variants of ``--compare`` directories), on the run's validation images:
+leads to, and the variants of ``--compare`` directories), on the run's validation examples, through
+the task's usability suite (:class:`~ftdeploy.tasks.base.UsabilitySuite`):
 
-- **task performance**: accuracy, precision / recall / F1 per class, confusion matrix;
-- **robustness**: accuracy under common corruptions (a registry: Gaussian noise, blur, brightness,
-  contrast, JPEG, rotation, translation, occlusion) at five severities, applied to the image
-  before normalization; the mean corruption accuracy and its drop against FP32;
-- **calibration**: ECE (15 bins), Brier score, NLL, a reliability diagram; temperature scaling
-  fitted on one half of the validation set and evaluated on the other;
-- **interpretability**: occlusion-sensitivity maps computed through each variant's own predictor
+- **task performance**: the task's metric and its own figures (a classifier's per-class F1 and
+  confusion matrix);
+- **robustness**: the metric under the task's corruptions of the raw input (images: Gaussian noise,
+  blur, brightness, contrast, JPEG, rotation, translation, occlusion; text: typos, word dropout, ...)
+  at five severities; the mean corruption metric and its drop against FP32;
+- **calibration**: the task's (a classifier's ECE, Brier score, NLL, reliability diagram and a
+  fitted temperature);
+- **interpretability**: occlusion maps computed through each variant's own predictor
   (model-agnostic: INT8 and pruned files are explained exactly as FP32 is), their Spearman agreement
   with FP32's maps, and integrated gradients for the PyTorch model;
-- **scalability**: p50/p99 latency over batch sizes and threads (variants timed side by side),
-  throughput, the session's peak memory, file size.
+- **scalability**: p50/p99 latency over the task's grid (variants timed side by side), throughput,
+  the session's peak memory, file size.
 
 Budgets turn the figures into a pass/fail verdict; ``--strict`` exits 2 on a failed budget after
 writing both files.
-
->>> round(expected_calibration_error(np.array([[0.9, 0.1], [0.9, 0.1]]), np.array([0, 1])), 3)
-0.4
 """
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -34,91 +34,22 @@ from typing import Any, Callable
 import numpy as np
 
 from .config import ReportConfig
+from .data import build_datasets
 from .errors import FtdeployError, RunDirError
-from .evaluation import Predictor, batched, onnx_predictor, torch_predictor
-from .files import relative, write_json, write_text
+from .evaluation import onnx_predictor, torch_predictor
+from .files import relative, write_text
 from .gates import Gates
 from .latency import compare, session_policy
 from .machine import machine_info, physical_cores
 from .onnx_model import onnx_size, open_session, update_metadata
+from .records import (BudgetCheck, LatencyGrid, Robustness, UsabilityDataset, UsabilityRecord, UsabilityVariant,
+                      write_record)
 from .report import usability_html
 from .rundir import ExportDir, load_export, manifest, write_manifest
-from .tasks.base import softmax
+from .tasks import Outputs, Task, UsabilitySuite
+from .tasks.base import Predictor
 
-# --- task performance and calibration ------------------------------------------------------------
-
-def task_performance(logits: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[str, Any]:
-    pred = logits.argmax(-1)
-    k = len(classes)
-    confusion = np.zeros((k, k), dtype=int)
-    np.add.at(confusion, (labels, pred), 1)
-    per_class = {}
-    for i, name in enumerate(classes):
-        tp = confusion[i, i]
-        precision = tp / max(1, confusion[:, i].sum())
-        recall = tp / max(1, confusion[i].sum())
-        f1 = 2 * precision * recall / max(1e-12, precision + recall)
-        per_class[name] = {"precision": float(precision), "recall": float(recall), "f1": float(f1),
-                           "support": int(confusion[i].sum())}
-    return {"accuracy": float((pred == labels).mean()), "per_class": per_class,
-            "macro_f1": float(np.mean([c["f1"] for c in per_class.values()])),
-            "confusion_matrix": confusion.tolist()}
-
-
-def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
-    """Sum over equal-width confidence bins of |accuracy - mean confidence|, weighted by the bin's share."""
-    confidence, pred = probs.max(-1), probs.argmax(-1)
-    correct = (pred == labels).astype(np.float64)
-    edges = np.linspace(0, 1, bins + 1)
-    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
-    ece = 0.0
-    for b in range(bins):
-        mask = which == b
-        if mask.any():
-            ece += mask.mean() * abs(correct[mask].mean() - confidence[mask].mean())
-    return float(ece)
-
-
-def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> list[dict[str, float]]:
-    confidence, correct = probs.max(-1), (probs.argmax(-1) == labels)
-    edges = np.linspace(0, 1, bins + 1)
-    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
-    return [{"low": float(edges[b]), "high": float(edges[b + 1]), "count": int((which == b).sum()),
-             "accuracy": float(correct[which == b].mean()) if (which == b).any() else None,
-             "confidence": float(confidence[which == b].mean()) if (which == b).any() else None} for b in range(bins)]
-
-
-def brier(probs: np.ndarray, labels: np.ndarray) -> float:
-    onehot = np.eye(probs.shape[1])[labels]
-    return float(((probs - onehot) ** 2).sum(-1).mean())
-
-
-def nll(probs: np.ndarray, labels: np.ndarray) -> float:
-    return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1)).mean())
-
-
-def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """The temperature that minimizes NLL, by golden-section search over log T in [-3, 3]."""
-    lo, hi = -3.0, 3.0
-    g = (5 ** 0.5 - 1) / 2
-    f = lambda t: nll(softmax(logits, float(np.exp(t))), labels)  # noqa: E731
-    for _ in range(60):
-        a, b = hi - g * (hi - lo), lo + g * (hi - lo)
-        lo, hi = (lo, b) if f(a) < f(b) else (a, hi)
-    return float(np.exp((lo + hi) / 2))
-
-
-def calibration(logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
-    """Calibration at T=1 on all images; temperature fitted on the even-indexed half, evaluated on the odd."""
-    probs = softmax(logits)
-    fit, held = np.arange(0, len(labels), 2), np.arange(1, len(labels), 2)
-    t = fit_temperature(logits[fit], labels[fit])
-    before, after = softmax(logits[held]), softmax(logits[held], t)
-    return {"ece": expected_calibration_error(probs, labels), "brier": brier(probs, labels), "nll": nll(probs, labels),
-            "temperature": t, "ece_held_out": expected_calibration_error(before, labels[held]),
-            "ece_after_temperature": expected_calibration_error(after, labels[held]),
-            "nll_held_out": nll(before, labels[held]), "nll_after_temperature": nll(after, labels[held]),
-            "reliability": reliability(probs, labels)}
+log = logging.getLogger(__name__)
 
 
 # --- interpretability ----------------------------------------------------------------------------
@@ -131,13 +62,6 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     if np.ptp(a) == 0 or np.ptp(b) == 0:
         return 1.0 if np.ptp(a) == np.ptp(b) == 0 else 0.0
     return float(spearmanr(a, b).statistic)
-
-
-def saliency_samples(labels: np.ndarray, fp32_pred: np.ndarray, n: int) -> list[int]:
-    """``n`` fixed validation images, in dataset order: misclassified ones (up to half), then correct ones."""
-    wrong = [int(i) for i in np.flatnonzero(fp32_pred != labels)][: n // 2]
-    right = [int(i) for i in np.flatnonzero(fp32_pred == labels)]
-    return sorted(wrong + right[: n - len(wrong)])
 
 
 # --- scalability ---------------------------------------------------------------------------------
@@ -209,7 +133,7 @@ def gather_variants(export_dirs: list[ExportDir]) -> tuple[list[Variant], str | 
         no_torch = str(e)
     for i, src in enumerate(export_dirs):
         prefix = "" if i == 0 else f"{_label(src.path)}/"
-        if i and (src.classes, src.preprocessing) != (first.classes, first.preprocessing):
+        if i and (src.classes, src.report.source.preprocessing) != (first.classes, first.report.source.preprocessing):
             raise FtdeployError(f"--compare {src.path}: its model was trained on other classes or preprocessing than "
                                 f"{first.path}'s", "compare export directories of runs on the same data "
                                 "(e.g. a run and its pruned run)")
@@ -262,164 +186,170 @@ def report(export_dir: str | Path, cfg: ReportConfig | None = None) -> Path:
 
     cfg = cfg or ReportConfig()
     source = load_export(export_dir)
-    cfg = cfg.model_copy(update={"corruptions": cfg.corruptions or source.task.default_corruptions})
-    images = source.task.usability_suite(source.data, source.preprocessing, cfg.val_limit)  # or texts
+    task = source.task
+    cfg = cfg.model_copy(update={"corruptions": cfg.corruptions or task.default_corruptions})
+    splits = build_datasets(source.data.model_copy(update={"augment": False, "max_train_samples": None}),
+                            source.preprocessing)
+    suite = task.usability_suite(splits, source.preprocessing, cfg.val_limit, source.info)
     for name in cfg.corruptions:  # a misspelt one fails now, naming the known ones
-        images.corruptions.get(name)
+        suite.corruptions.get(name)
     out = Path(cfg.output or source.path / "report.html")
     variants, no_torch = gather_variants([source, *(load_export(d) for d in cfg.compare)])
     threads = physical_cores()
-    clean = images.inputs()
+    clean = suite.inputs()
     steps = len(variants) * (1 + len(cfg.corruptions) * len(cfg.severities)) + len(variants) * 2
     bar = tqdm(total=steps, desc="usability report", unit="step", disable=None, mininterval=0.5)
-    results: dict[str, dict[str, Any]] = {}
-    logits: dict[str, np.ndarray] = {}
+    results: dict[str, UsabilityVariant] = {}
+    outputs: dict[str, Outputs] = {}
     out.parent.mkdir(parents=True, exist_ok=True)
     for v in variants:
-        predict = v.make(threads)
-        logits[v.name] = batched(predict, clean, 64)
-        results[v.name] = {"kind": v.kind, "path": relative(v.path, out.parent),
-                           **task_performance(logits[v.name], images.labels, images.classes),
-                           "calibration": calibration(logits[v.name], images.labels),
-                           "size_bytes": onnx_size(v.path) if v.kind == "onnx" else None}
+        outputs[v.name] = task.outputs(v.make(threads), clean, 64)
+        results[v.name] = UsabilityVariant(kind=v.kind, path=relative(v.path, out.parent),
+                                           scores=suite.score(outputs[v.name]).values,
+                                           performance=suite.performance(outputs[v.name]),
+                                           calibration=suite.calibration(outputs[v.name]),
+                                           size_bytes=onnx_size(v.path) if v.kind == "onnx" else None)
         bar.update()
-    robustness(variants, images, cfg, threads, results, bar)
-    explained = saliency(variants, images, clean, logits, cfg, threads, results, bar)
-    scalability(variants, images, clean, cfg, results, bar)
+    robustness(variants, task, suite, cfg, threads, results, bar)
+    explained = saliency(variants, suite, clean, outputs, cfg, threads, results, bar)
+    scalability(variants, suite, clean, cfg, results, bar)
     bar.close()
     if cfg.calibrate:
         store_temperatures(variants, results)
-    data = {"source": relative(source.path, out.parent), "source_run": relative(source.source_run, out.parent),
-            "torch_variant_missing": no_torch,
-            "dataset": {"name": source.data.name, "split": "val", "num_samples": len(images.labels),
-                        "unit": source.task.unit, "corrupted": images.corrupted},
-            "machine": machine_info(threads), "latency_session": session_policy(threads),
-            "settings": cfg.model_dump(mode="json"), "classes": images.classes, "variants": results,
-            "saliency_inputs": explained}
-    gates = budgets(data, cfg)
-    write_json(out.with_name("usability.json"), data)
-    write_text(out, usability_html(data))
+    record = UsabilityRecord(
+        source=relative(source.path, out.parent), source_run=relative(source.source_run, out.parent),
+        torch_variant_missing=no_torch, metric=cfg.metric or task.metric, metric_label=task.metric_label,
+        dataset=UsabilityDataset(name=source.data.name, split="val", num_samples=len(clean), unit=task.unit,
+                              corrupted=suite.corrupted),
+        machine=machine_info(threads), latency_session=session_policy(threads), settings=cfg.model_dump(mode="json"),
+        classes=source.classes, variants=results, saliency_inputs=explained)
+    gates = budgets(record, cfg)
+    write_record(out.with_name("usability.json"), record)
+    write_text(out, usability_html(record, suite.sections(record.model_dump(mode="json")),
+                                   source.source_run.resolve().name))
     if cfg.calibrate or out.parent.resolve() == source.path.resolve():  # its files changed: hashes again
         write_manifest(source.path, manifest("report", source.path, config=cfg))
-    print(f"usability report: {out} ({'budgets passed' if gates.passed else f'{len(gates.failures)} budget(s) failed'})")
+    log.info("usability report: %s (%s)", out, "budgets passed" if gates.passed else f"{len(gates.failures)} budget(s) failed")
     if no_torch:
-        print(f"note: the PyTorch variant is left out: {no_torch}")
+        log.warning("the PyTorch variant is left out: %s", no_torch)
     if cfg.strict:
         gates.raise_if_failed(str(out.with_name("usability.json")))
     return out
 
 
-def robustness(variants: list[Variant], images, cfg: ReportConfig, threads: int,
-               results: dict[str, dict[str, Any]], bar) -> None:
+def robustness(variants: list[Variant], task: Task, suite: UsabilitySuite, cfg: ReportConfig, threads: int,
+               results: dict[str, UsabilityVariant], bar) -> None:
+    """The metric of every variant under every corruption and severity (the same seeded inputs for all)."""
+    metric = cfg.metric or task.metric
     by_variant: dict[str, dict[str, dict[str, float]]] = {v.name: {} for v in variants}
     predictors = {v.name: v.make(threads) for v in variants}
     for corruption in cfg.corruptions:
         for severity in cfg.severities:
-            inputs = images.inputs(corruption, severity)
+            inputs = suite.inputs(corruption, severity)
             for v in variants:
-                acc = float((batched(predictors[v.name], inputs, 64).argmax(-1) == images.labels).mean())
-                by_variant[v.name].setdefault(corruption, {})[str(severity)] = acc
+                value = suite.score(task.outputs(predictors[v.name], inputs, 64)).get(metric)
+                by_variant[v.name].setdefault(corruption, {})[str(severity)] = value
                 bar.update()
-    reference = by_variant.get("fp32")
     for v in variants:
         mean = float(np.mean([a for sev in by_variant[v.name].values() for a in sev.values()]))
-        results[v.name]["robustness"] = {"mean_corruption_accuracy": mean, "by_corruption": by_variant[v.name]}
-    ref_mean = results["fp32"]["robustness"]["mean_corruption_accuracy"] if reference else None
+        results[v.name].robustness = Robustness(mean_corruption_metric=mean, by_corruption=by_variant[v.name])
+    reference = results.get("fp32")
     for v in variants:
-        r = results[v.name]["robustness"]
-        r["drop_vs_fp32_points"] = None if ref_mean is None else 100 * (ref_mean - r["mean_corruption_accuracy"])
-        r["clean_minus_corrupted_points"] = 100 * (results[v.name]["accuracy"] - r["mean_corruption_accuracy"])
+        r = results[v.name].robustness
+        r.drop_vs_fp32_points = (None if reference is None
+                                 else 100 * (reference.robustness.mean_corruption_metric - r.mean_corruption_metric))
+        r.clean_minus_corrupted_points = 100 * (results[v.name].scores[metric] - r.mean_corruption_metric)
 
 
-def saliency(variants: list[Variant], images, clean, logits: dict[str, np.ndarray],
-             cfg: ReportConfig, threads: int, results: dict[str, dict[str, Any]], bar) -> dict[str, Any]:
-    """Occlusion maps of every variant on the same images, and their agreement with FP32's; returns
-    the explained images."""
-    reference = "fp32" if "fp32" in logits else variants[0].name
-    fp32_pred = logits[reference].argmax(-1)
-    samples = saliency_samples(images.labels, fp32_pred, cfg.samples)
+def saliency(variants: list[Variant], suite: UsabilitySuite, clean, outputs: dict[str, Outputs],
+             cfg: ReportConfig, threads: int, results: dict[str, UsabilityVariant], bar) -> dict[str, Any]:
+    """Occlusion maps of every variant on the same examples (explaining what FP32 answers there), and
+    their agreement with FP32's; returns the explained examples."""
+    reference = "fp32" if "fp32" in outputs else variants[0].name
+    samples = suite.saliency_samples(outputs[reference], cfg.samples)
+    targets = [suite.target(outputs[reference], i) for i in samples]
     maps: dict[str, list[np.ndarray]] = {}
     for v in variants:
         predict = v.make(threads)
-        maps[v.name] = [images.occlusion(predict, clean, i, int(fp32_pred[i])) for i in samples]
+        maps[v.name] = [suite.occlusion(predict, clean, i, t) for i, t in zip(samples, targets)]
         bar.update()
     for v in variants:
         agreement = [spearman(a, b) for a, b in zip(maps[v.name], maps[reference])]
-        results[v.name]["saliency"] = {**images.saliency_method(clean), "target": "fp32 prediction",
-                                       "samples": samples, "agreement_with_fp32": float(np.mean(agreement)),
-                                       "agreement_per_sample": agreement,
-                                       "maps": [m.round(5).tolist() for m in maps[v.name]]}
+        record = {**suite.saliency_method(clean), "target": "fp32 prediction", "samples": samples,
+                  "agreement_with_fp32": float(np.mean(agreement)), "agreement_per_sample": agreement,
+                  "maps": [m.round(5).tolist() for m in maps[v.name]]}
         if v.kind == "torch":
-            results[v.name]["saliency"]["integrated_gradients"] = [
-                images.integrated_gradients(v.model, clean, i, int(fp32_pred[i])).round(6).tolist() for i in samples]
-    return {"samples": samples, "labels": [images.classes[images.labels[i]] for i in samples],
-            "fp32_predictions": [images.classes[fp32_pred[i]] for i in samples], **images.explained(samples)}
+            record["integrated_gradients"] = [suite.integrated_gradients(v.model, clean, i, t).round(6).tolist()
+                                              for i, t in zip(samples, targets)]
+        results[v.name].saliency = record
+    return {"samples": samples, **suite.explained(samples, outputs[reference])}
 
 
-def scalability(variants: list[Variant], images, clean, cfg: ReportConfig,
-                results: dict[str, dict[str, Any]], bar) -> None:
+def scalability(variants: list[Variant], suite: UsabilitySuite, clean, cfg: ReportConfig,
+                results: dict[str, UsabilityVariant], bar) -> None:
     """Every variant timed side by side in each cell of the task's grid (batch size x threads for
     images, batch size x sequence length for text)."""
     table: dict[str, list[dict[str, Any]]] = {v.name: [] for v in variants}
-    for cell, batch, threads in images.grid(clean, cfg, physical_cores()):
+    for cell, batch, threads in suite.grid(clean, cfg, physical_cores()):
         runners = {v.name: (lambda p=v.make(threads), b=batch: p(b)) for v in variants}
         result = compare(runners, cell["batch_size"], rounds=3, seconds=cfg.latency_seconds)
         for name, st in result.stats.items():
             table[name].append({**cell, "p50_ms": st.p50, "p99_ms": st.p99, "throughput": st.throughput})
     top = max(r["threads"] for r in next(iter(table.values())))
     for v in variants:
-        shape = images.probe_shape(clean, cfg)
-        results[v.name]["latency"] = {"grid": table[v.name],
-                                      "peak_memory_mb": peak_memory_mb(v.kind, v.path, physical_cores(), shape)
-                                      if cfg.peak_memory else None,
-                                      "p99_ms_bs1": next((r["p99_ms"] for r in table[v.name] if r["batch_size"] == 1
-                                                          and r["threads"] == top), None)}
+        shape = suite.probe_shape(clean, cfg)
+        results[v.name].latency = LatencyGrid(
+            grid=table[v.name], peak_memory_mb=peak_memory_mb(v.kind, v.path, physical_cores(), shape)
+            if cfg.peak_memory else None,
+            p99_ms_bs1=next((r["p99_ms"] for r in table[v.name] if r["batch_size"] == 1 and r["threads"] == top), None))
         bar.update()
 
 
-def store_temperatures(variants: list[Variant], results: dict[str, dict[str, Any]]) -> None:
-    """Write each ONNX variant's fitted temperature into its metadata (atomically); ftdeploy serve
-    applies it. Only the reported directory's files: a --compare directory is read, never written."""
+def store_temperatures(variants: list[Variant], results: dict[str, UsabilityVariant]) -> None:
+    """Write each ONNX variant's fitted temperature (where the task fits one) into its metadata
+    (atomically); ftdeploy serve applies it. Only the reported directory's files: a --compare
+    directory is read, never written."""
     for v in variants:
-        if v.kind == "onnx" and v.own:
-            update_metadata(v.path, {"temperature": results[v.name]["calibration"]["temperature"]})
-            results[v.name]["calibration"]["temperature_stored"] = True
+        temperature = results[v.name].calibration.get("temperature")
+        if v.kind == "onnx" and v.own and temperature is not None:
+            update_metadata(v.path, {"temperature": temperature})
+            results[v.name].calibration["temperature_stored"] = True
 
 
-def budgets(data: dict[str, Any], cfg: ReportConfig) -> Gates:
-    """Check every budget for every variant it applies to; records each in ``data['budgets']``."""
+def budgets(record: UsabilityRecord, cfg: ReportConfig) -> Gates:
+    """Check every budget for every variant it applies to; records each in ``record.budgets``."""
     gates, checks = Gates(), {}
-    variants = data["variants"]
+    variants, metric = record.variants, record.metric
 
     def check(name: str, variant: str, limit: float, value: float | None, ok: bool) -> None:
         if value is None:
             return
-        checks[f"{name}:{variant}"] = {"limit": limit, "value": value, "passed": bool(ok)}
-        gates.check(ok, f"{variant}: {name.replace('_', ' ')} {value:.4g} against a limit of {limit:g}")
+        checks[f"{name}:{variant}"] = BudgetCheck(limit=limit, value=value, passed=bool(ok))
+        gates.check(ok, f"{variant}: {name.replace('_', ' ')} ({metric}) {value:.4g} against a limit of {limit:g}")
 
     fp32 = variants.get("fp32")
     for name, v in variants.items():
-        rob, cal = v["robustness"], v["calibration"]
-        if cfg.min_accuracy is not None:
-            check("min_accuracy", name, cfg.min_accuracy, v["accuracy"], v["accuracy"] >= cfg.min_accuracy)
-        if cfg.max_accuracy_drop is not None and fp32 is not None and name != "fp32":
-            drop = 100 * (fp32["accuracy"] - v["accuracy"])
-            check("max_accuracy_drop", name, cfg.max_accuracy_drop, drop, drop <= cfg.max_accuracy_drop)
-        if cfg.min_mean_corruption_accuracy is not None:
-            mca = rob["mean_corruption_accuracy"]
-            check("min_mean_corruption_accuracy", name, cfg.min_mean_corruption_accuracy, mca,
-                  mca >= cfg.min_mean_corruption_accuracy)
-        if cfg.max_robustness_drop is not None and name != "fp32" and rob["drop_vs_fp32_points"] is not None:
-            check("max_robustness_drop", name, cfg.max_robustness_drop, rob["drop_vs_fp32_points"],
-                  rob["drop_vs_fp32_points"] <= cfg.max_robustness_drop)
+        rob, ece, value = v.robustness, v.calibration.get("ece"), v.scores.get(metric)
+        if cfg.min_metric is not None:
+            check("min_metric", name, cfg.min_metric, value, value is not None and value >= cfg.min_metric)
+        if cfg.max_metric_drop is not None and fp32 is not None and name != "fp32":
+            drop = 100 * (fp32.scores[metric] - value)
+            check("max_metric_drop", name, cfg.max_metric_drop, drop, drop <= cfg.max_metric_drop)
+        if cfg.min_mean_corruption_metric is not None:
+            mcm = rob.mean_corruption_metric
+            check("min_mean_corruption_metric", name, cfg.min_mean_corruption_metric, mcm,
+                  mcm >= cfg.min_mean_corruption_metric)
+        if cfg.max_robustness_drop is not None and name != "fp32" and rob.drop_vs_fp32_points is not None:
+            check("max_robustness_drop", name, cfg.max_robustness_drop, rob.drop_vs_fp32_points,
+                  rob.drop_vs_fp32_points <= cfg.max_robustness_drop)
         if cfg.max_ece is not None:
-            check("max_ece", name, cfg.max_ece, cal["ece"], cal["ece"] <= cfg.max_ece)
+            check("max_ece", name, cfg.max_ece, ece, ece is not None and ece <= cfg.max_ece)
         if cfg.min_saliency_agreement is not None and name != "fp32":
-            agreement = v["saliency"]["agreement_with_fp32"]
+            agreement = v.saliency["agreement_with_fp32"]
             check("min_saliency_agreement", name, cfg.min_saliency_agreement, agreement,
                   agreement >= cfg.min_saliency_agreement)
         if cfg.max_p99_ms is not None:
-            p99 = v["latency"]["p99_ms_bs1"]
+            p99 = v.latency.p99_ms_bs1
             check("max_p99_ms", name, cfg.max_p99_ms, p99, p99 is not None and p99 <= cfg.max_p99_ms)
-    data["budgets"], data["passed"], data["failures"] = checks, gates.passed, gates.failures
+    record.budgets, record.passed, record.failures = checks, gates.passed, gates.failures
     return gates

@@ -19,11 +19,22 @@ def module_name(path: Path) -> str:
     return ".".join(parts)
 
 
+def type_checking_only(tree: ast.AST) -> set[int]:
+    """ids of the nodes under ``if TYPE_CHECKING:``: names for type hints, never imported at run time."""
+    return {id(n) for block in ast.walk(tree) if isinstance(block, ast.If) and getattr(block.test, "id", "") == "TYPE_CHECKING"
+            for stmt in block.body for n in ast.walk(stmt)}
+
+
 def imported(path: Path, name: str) -> set[str]:
-    """ftdeploy modules that ``path`` imports, anywhere in the file (function-level imports too)."""
+    """ftdeploy modules that ``path`` imports, anywhere in the file (function-level imports too; type
+    hints under ``if TYPE_CHECKING:`` are not imports)."""
     package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    hints = type_checking_only(tree)
+    for node in ast.walk(tree):
+        if id(node) in hints:
+            continue
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package[: len(package) - node.level + 1] if node.level > 1 else package
@@ -87,13 +98,31 @@ def test_the_import_graph_has_the_shape_of_the_architecture():
     assert not problems, "\n".join(problems)
 
 
+def test_tasks_never_import_the_server_nor_a_stage():
+    """A task's codec is HTTP-free: bytes and a content type in, a batch out. Its errors and limits
+    live on the base floor (errors, codecs), so tasks/ imports nothing of the server (which imports
+    the tasks): no circle through tasks/, onnx_model and serve."""
+    graph = import_graph()
+
+    def reached(module: str, seen: set[str]) -> set[str]:
+        for nxt in graph[module] - seen:
+            seen.add(nxt)
+            reached(nxt, seen)
+        return seen
+
+    for module in [m for m in graph if m == "tasks" or m.startswith("tasks.")]:
+        below = reached(module, set())  # everything it imports, directly or not
+        assert not below & ({"serve", "cli", "pipeline", "optimize"} | STAGES), (module, below)
+
+
 def test_the_checker_sees_a_cycle_and_a_stage_to_stage_import(tmp_path):
     """The test above would fail on a reintroduced knot: shown on a graph with one."""
     knotted = import_graph()
     knotted["rundir"] = knotted["rundir"] | {"prune"}
     assert find_cycle(knotted) is not None
     assert "export" in imported(PACKAGE / "pipeline.py", "pipeline")  # function-level imports are read too
-    (tmp_path / "x.py").write_text("from .export import export\nfrom ..cli import main\nimport ftdeploy.quantize\n")
+    (tmp_path / "x.py").write_text("from .export import export\nfrom ..cli import main\nimport ftdeploy.quantize\n"
+                                   "if TYPE_CHECKING:\n    from .serve import app\n")
     assert imported(tmp_path / "x.py", "train.x") == {"train.export", "cli", "quantize"}
 
 

@@ -24,8 +24,9 @@ def check_report(out, run):
     parity = fp32["parity"]
     assert parity["error_reference"] == "torch float64" and 0 < parity["torch_fp32_error"] < 1e-3
     assert parity["onnx_error"] <= 4 * parity["torch_fp32_error"] + 1e-5 and parity["worst_tolerance_fraction"] <= 1
-    assert parity["top1_disagreements_counted"] == 0 and parity["batch_sizes"] == [1, 7]
-    assert fp32["accuracy"] == report["variants"]["torch"]["accuracy"]
+    assert parity["decision"] == "top-1" and parity["disagreements_counted"] == 0 and parity["batch_sizes"] == [1, 7]
+    assert fp32["scores"] == report["variants"]["torch"]["scores"] and "accuracy" in fp32["scores"]
+    assert report["schema_version"] == 1 and report["metric"] == "accuracy"
     assert fp32["exporter"] in ("dynamo", "torchscript") and fp32["size_bytes"] > 0 and fp32["path"] == "model.onnx"
     return report
 
@@ -89,19 +90,24 @@ class NearTie(torch.nn.Module):
 def test_a_near_tie_inside_float32_noise_passes_the_gate():
     """The situation of a correct file on a user's own data: the two float32 answers differ far
     beyond a fixed bound and disagree on near-ties, yet the file is as exact as PyTorch itself."""
-    from ftdeploy.evaluation import reference_logits
+    from ftdeploy.evaluation import reference_outputs
     from ftdeploy.export import parity_check
+    from ftdeploy.tasks import get_task
+
+    class Run:  # what parity_check reads of a run
+        task, input_names = get_task("image_classification"), ["input"]
 
     model = NearTie().eval()
     inputs = np.random.default_rng(0).standard_normal((64, 3, 4, 4)).astype(np.float32)
     with temporary_onnx(model, [torch.zeros(2, 3, 4, 4)]) as path:
-        record, torch_logits, onnx_logits = parity_check(model, open_session(path, 1), {"validation": inputs}, ExportConfig(), ["input"])
-    top2 = np.sort(reference_logits(model, inputs), -1)[:, -2:]
+        record = parity_check(model, open_session(path, 1), {"validation": inputs}, ExportConfig(), Run())
+    (reference,) = reference_outputs(model, inputs, Run.task)
+    top2 = np.sort(reference, -1)[:, -2:]
     assert np.allclose(top2[:, 1] - top2[:, 0], 5e-6, rtol=1e-3)  # in float64, class 1 wins by 5e-6 everywhere
-    assert record["max_abs_diff"] > 1e-4 + 1e-4 * np.abs(torch_logits[0]).max()  # a fixed bound fails it
-    assert record["top1_agreement"] < 1 and record["near_ties"] > 0  # and so does exact top-1 agreement
-    assert record["torch_fp32_error"] > 1e-4 and record["passed"], record
-    assert record["top1_disagreements_counted"] == 0
+    assert record.max_abs_diff > 1e-4 + 1e-4 * np.abs(reference).max()  # a fixed bound fails it
+    assert record.decision_agreement < 1 and record.near_ties > 0  # and so does exact top-1 agreement
+    assert record.torch_fp32_error > 1e-4 and record.passed, record
+    assert record.disagreements_counted == 0
 
 
 def test_perturbed_weights_fail_the_gate(resnet_run, resnet_export, tmp_path):
@@ -144,7 +150,7 @@ def test_a_file_that_fails_its_gate_never_carries_the_shipping_name(tiny_run, tm
     out = export(run, tmp_path / "export", ExportConfig(**FAST_EXPORT))
     assert (out / "model.onnx").is_file() and not (out / "model.rejected.onnx").exists()
     predictor = stage.onnx_predictor
-    monkeypatch.setattr(stage, "onnx_predictor", lambda session: lambda x: predictor(session)(x) + 1.0)
+    monkeypatch.setattr(stage, "onnx_predictor", lambda session: lambda x: [o + 1.0 for o in predictor(session)(x)])
     with pytest.raises(GateError, match="fp32 parity"):
         export(run, out, ExportConfig(**FAST_EXPORT))
     monkeypatch.setattr(stage, "onnx_predictor", predictor)
@@ -204,20 +210,20 @@ import numpy as np
 from PIL import Image
 from sklearn.datasets import load_digits
 from ftdeploy.data import stratified_split
-from ftdeploy.onnx_model import OnnxClassifier
-clf = OnnxClassifier({str(tmp_path / 'onnx' / 'model.onnx')!r})
+from ftdeploy.onnx_model import OnnxModel
+clf = OnnxModel({str(tmp_path / 'onnx' / 'model.onnx')!r})
 d = load_digits()
 _, val = stratified_split(d.target.tolist(), 0.2, 0)
 images = [Image.fromarray((d.images[i] * 255 / 16).round().astype(np.uint8)) for i in val]
-pred = np.concatenate([clf.predict(images[i:i + 50]) for i in range(0, len(images), 50)])
+pred = np.concatenate([clf.predict(images[i:i + 50]).argmax(-1) for i in range(0, len(images), 50)])
 names = [clf.classes[p] for p in pred]
 print((np.array(names) == np.array([str(d.target[i]) for i in val])).mean())
 print(clf.metadata["source_run"], clf.metadata["variant"], clf.preprocessing.input_size)
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     acc, meta = result.stdout.strip().splitlines()
-    assert float(acc) == pytest.approx(report["variants"]["fp32"]["accuracy"], abs=1e-9)
-    assert report["variants"]["fp32"]["accuracy"] > 0.5
+    assert float(acc) == pytest.approx(report["variants"]["fp32"]["scores"]["accuracy"], abs=1e-9)
+    assert report["variants"]["fp32"]["scores"]["accuracy"] > 0.5
     assert meta == "../digits fp32 16"
 
 

@@ -51,7 +51,7 @@ def test_large_models_keep_their_weights_outside_the_protobuf(tiny_export, tmp_p
 
 
 def test_a_file_from_a_newer_version_loads_and_keeps_what_it_does_not_know(tiny_export, tmp_path, caplog):
-    from ftdeploy.onnx_model import OnnxClassifier, model_metadata, write_metadata
+    from ftdeploy.onnx_model import OnnxModel, model_metadata, write_metadata
 
     newer = tmp_path / "model.onnx"
     model = onnx.load(str(tiny_export / "model.onnx"))
@@ -59,7 +59,7 @@ def test_a_file_from_a_newer_version_loads_and_keeps_what_it_does_not_know(tiny_
     write_metadata(model, {**meta, "preprocessing": {**meta["preprocessing"], "antialias": True}, "tokenizer_v9": "x"})
     onnx.save(model, str(newer))
     with caplog.at_level(logging.WARNING):
-        clf = OnnxClassifier(newer, threads=1)
+        clf = OnnxModel(newer, threads=1)
     assert "antialias" in caplog.text and clf.preprocessing.input_size == 16
     from ftdeploy.onnx_model import update_metadata
 

@@ -55,13 +55,14 @@ def test_a_killed_search_resumes_to_the_same_front_and_choice(split_run, tmp_pat
     assert [p for p in result["points"] if p["level"] == 1.0] == [p for p in reference["points"] if p["level"] == 1.0]
 
     def key(points):
-        return sorted((p["level"], p["variant"], p["accuracy"], p["p50_ms"]) for p in points)
+        return sorted((p["level"], p["variant"], p["metric_value"], p["p50_ms"]) for p in points)
 
     assert key(result["front"]) == key(reference["front"]) and key(result["points"]) == key(reference["points"])
     chosen = result["chosen"]
     assert (chosen["level"], chosen["variant"]) == (reference["chosen"]["level"], reference["chosen"]["variant"])
     assert (chosen["level"], chosen["variant"]) == (0.5, "fp32")  # the fastest (set figures) within the budget
-    assert result["test"]["samples"] == 6 and 0 <= result["test"]["accuracy"] <= 1  # a quarter of 26 validation images
+    assert result["test"]["samples"] == 6 and 0 <= result["test"]["metric_value"] <= 1  # a quarter of 26 validation images
+    assert result["schema_version"] == 1 and result["metric"] == "accuracy"
     best = json.loads((tmp_path / "resumed" / "best" / "manifest.json").read_text())
     assert best["stage"] == "optimize" and [e["stage"] for e in best["lineage"]][:3] == ["data", "train", "prune"]
     assert (tmp_path / "resumed" / "pareto.png").stat().st_size > 10_000
@@ -79,20 +80,21 @@ def test_a_run_without_a_test_split_is_refused_with_the_fix(tiny_run, tmp_path):
 def test_the_choice_rule_on_set_figures():
     from ftdeploy.config import OptimizeConfig
     from ftdeploy.optimize import choose, pareto_front
+    from ftdeploy.records import Point
 
     def point(level, variant, drop, speedup):
-        return {"level": level, "variant": variant, "provider": "cpu", "accuracy_drop_points": drop,
-                "accuracy": 0.9 - drop / 100, "speedup": {"median": speedup}, "p50_ms": 10 / speedup, "noise_floor": 0.05}
+        return Point(level=level, variant=variant, provider="cpu", path="x", metric_drop_points=drop,
+                     metric_value=0.9 - drop / 100, speedup={"median": speedup}, p50_ms=10 / speedup, noise_floor=0.05)
 
     points = [point(1.0, "fp32", 0.0, 1.0), point(1.0, "int8", 0.3, 2.0), point(0.5, "fp32", 0.5, 1.8),
               point(0.5, "int8", 0.9, 3.5), point(0.35, "int8", 2.5, 5.0)]
-    pick = lambda **kw: (lambda c: c and (c["level"], c["variant"]))(choose(points, OptimizeConfig(**kw)))  # noqa: E731
+    pick = lambda **kw: (lambda c: c and (c.level, c.variant))(choose(points, OptimizeConfig(**kw)))  # noqa: E731
     assert pick() == (0.5, "int8")  # the fastest within 1 point; 0.35 loses 2.5
-    assert pick(max_accuracy_drop=3.0) == (0.35, "int8")
+    assert pick(max_metric_drop=3.0) == (0.35, "int8") and pick(max_accuracy_drop=3.0) == (0.35, "int8")  # old name
     assert pick(target_speedup=1.9) == (1.0, "int8")  # the least compressed reaching the target
     assert pick(target_latency_ms=5.2) == (1.0, "int8") and pick(target_latency_ms=3.0) == (0.5, "int8")
     assert pick(target_speedup=10.0) is None
-    assert {(p["level"], p["variant"]) for p in pareto_front(points)} == {
+    assert {(p.level, p.variant) for p in pareto_front(points)} == {
         (1.0, "fp32"), (1.0, "int8"), (0.5, "int8"), (0.35, "int8")}  # 0.5 fp32: slower and less accurate than 1.0 int8
 
 
@@ -101,16 +103,17 @@ def test_points_that_tie_on_measurements_taken_apart_are_timed_again_together(mo
     INT8's 3.96x (±0.03), so the least compressed won. Timed again together, the faster one wins."""
     import ftdeploy.optimize as stage
     from ftdeploy.config import OptimizeConfig
+    from ftdeploy.records import Point
 
     def point(level, variant, speedup, noise, drop=0.0):
-        return {"level": level, "variant": variant, "provider": "cpu", "path": f"levels/{level}/{variant}.onnx",
-                "accuracy_drop_points": drop, "accuracy": 0.8, "p50_ms": 18 / speedup, "p90_ms": 20 / speedup,
-                "reference_p50_ms": 18.0, "speedup": {"median": speedup}, "noise_floor": noise}
+        return Point(level=level, variant=variant, provider="cpu", path=f"levels/{level}/{variant}.onnx",
+                     metric_drop_points=drop, metric_value=0.8, p50_ms=18 / speedup, p90_ms=20 / speedup,
+                     reference_p50_ms=18.0, speedup={"median": speedup}, noise_floor=noise)
 
     points = [point(1.0, "fp32", 1.0, 0.06), point(0.5, "int8", 3.28, 0.29), point(0.4, "int8", 3.96, 0.03),
               point(0.35, "int8", 5.0, 0.03, drop=2.0)]  # outside the budget: never timed again
-    cfg = OptimizeConfig(max_accuracy_drop=1.0)
-    assert (stage.choose(points, cfg)["level"], stage.choose(points, cfg)["variant"]) == (0.5, "int8")
+    cfg = OptimizeConfig(max_metric_drop=1.0)
+    assert (stage.choose(points, cfg).level, stage.choose(points, cfg).variant) == (0.5, "int8")
     timed, rounds = [], iter([(0.3, (3.3, 3.5)), (0.02, (3.9, 3.3))])  # a busy round first: taken again
 
     def together(files, reference, bench, threads, seconds):
@@ -123,5 +126,5 @@ def test_points_that_tie_on_measurements_taken_apart_are_timed_again_together(mo
     assert stage.final_round(points, cfg, tmp_path, tmp_path / "ref.onnx", None, 2) == ["0.50 int8 cpu", "0.40 int8 cpu"]
     assert timed == [(["0.40 int8 cpu", "0.50 int8 cpu"], 2 * cfg.latency_seconds)] * 2
     chosen = stage.choose(points, cfg)
-    assert (chosen["level"], chosen["speedup"]["median"], chosen["first"]["speedup"]["median"]) == (0.4, 3.9, 3.96)
-    assert stage.final_round([p for p in points if p["level"] != 0.5], cfg, tmp_path, tmp_path, None, 2) == []
+    assert (chosen.level, chosen.speedup["median"], chosen.first["speedup"]["median"]) == (0.4, 3.9, 3.96)
+    assert stage.final_round([p for p in points if p.level != 0.5], cfg, tmp_path, tmp_path, None, 2) == []

@@ -77,7 +77,7 @@ def test_stages_by_hand_give_what_ftdeploy_run_gives(tmp_path):
             assert manifest_a["files"]["model.safetensors"] == manifest_b["files"]["model.safetensors"]
     reports = [json.loads((Path(f"{d}-pruned/export") / "report.json").read_text()) for d in (auto, hand)]
     assert shape(reports[0]) == shape(reports[1])
-    assert reports[0]["variants"]["fp32"]["accuracy"] == reports[1]["variants"]["fp32"]["accuracy"]
+    assert reports[0]["variants"]["fp32"]["scores"] == reports[1]["variants"]["fp32"]["scores"]
     last = json.loads((Path(f"{hand}-pruned/export") / "manifest.json").read_text())
     assert [e["stage"] for e in last["lineage"]] + [last["stage"]] == ["data", "train", "prune", "export", "quantize"]
     assert last["lineage"][0]["name"] == "synthetic" and last["lineage"][1]["path"] == "../../run"

@@ -67,12 +67,13 @@ class SetFigures:
                  final: dict[str, tuple[float, float, float]] | None = None):
         self.figures, self.noise, self.final, self.rounds = figures, noise or {}, final or {}, []
         self.latest = None  # the last measurement, as the real evaluator keeps it: FP32 at 2 ms
-        self.logits = {}  # set accuracies have no logits: confirm runs the files
+        self.outputs = {}  # set figures have no outputs: confirm runs the files
+        self.metric = "accuracy"
 
     def noise_floor(self, reference):
         return 0.02
 
-    def accuracy(self, name, path):
+    def score(self, name, path):
         return 0.90 if name == "fp32" else self.figures[name][0]
 
     def speedups(self, candidates, reference, longer=1.0):
@@ -238,16 +239,16 @@ def test_refuses_int8_that_breaks_the_accuracy_budget(quantizable, tmp_path):
     """A calibration set of blank images gives useless activation ranges: with a zero budget the
     INT8 model must be refused, and no file written, whatever its speed."""
     run, out, data = quantizable
-    evaluator = Evaluator(data.inputs, data.labels, 1, 0.1)
+    evaluator = Evaluator(data, None, 1, 0.1)
     int8 = tmp_path / "model.int8.onnx"
-    record, reason = ship(out / "model.unoptimized.onnx", out / "model.onnx", int8,
+    record, reason = ship(out / "model.unoptimized.onnx", out / "model.onnx", int8,  # the budget's old name
                           QuantizeConfig(max_accuracy_drop=0.0, search=False, latency_seconds=0.1),
                           np.zeros((8, 3, 16, 16), np.float32), evaluator, {"classes": run.classes})
-    assert not int8.exists() and "no configuration was both faster" in reason
-    (only,) = record["tried"]
-    assert only["accuracy_drop_points"] > 0 and only["passed"] is False
-    assert record["chosen"] is None and record["calibration_samples"] == 8
-    assert record["noise_floor"] == max(record["noise_floor_before_search"], only["noise_floor"])
+    assert not int8.exists() and "no configuration was both faster" in reason and "points of its accuracy" in reason
+    (only,) = record.tried
+    assert only.metric_drop_points > 0 and only.passed is False and record.max_metric_drop == 0.0
+    assert record.chosen is None and record.calibration_samples == 8
+    assert record.noise_floor == max(record.noise_floor_before_search, only.noise_floor)
 
 
 def measured_as(int8_ms: float):
@@ -285,7 +286,8 @@ def test_quantize_ships_a_file_measured_faster_and_within_budget(quantizable, tm
     assert q["shipped"] and q["chosen"] == "all ops" and q["file"] == "model.int8.onnx"
     assert q["final_speedup"]["median"] == pytest.approx(2.0) and q["final_speedup"]["verdict"] == "faster"
     int8 = report["variants"]["int8"]
-    assert int8["path"] == "model.int8.onnx" and int8["parity"]["reference"] == "fp32"
+    assert int8["path"] == "model.int8.onnx" and int8["agreement"]["reference"] == "fp32"
+    assert int8["agreement"]["decision_agreement"] >= 0.9 and int8["parity"] is None
     assert int8["size_bytes"] < report["variants"]["fp32"]["size_bytes"]
     meta = model_metadata(onnx.load(str(out / "model.int8.onnx")))
     assert meta["variant"] == "int8" and meta["classes"] == run.classes
@@ -337,15 +339,16 @@ def test_int8_is_judged_on_eval_samples_not_on_the_exports_few_parity_examples(q
     run, _, data = quantizable  # data: every validation image (fewer than 100)
     export_dir = export(run.path, tmp_path / "export", ExportConfig(**{**FAST_EXPORT, "parity_samples": 4}))
     given = []
-    monkeypatch.setattr(stage, "Evaluator", lambda inputs, labels, *a: given.append(len(labels)) or SetFigures(
+    monkeypatch.setattr(stage, "Evaluator", lambda data, metric, *a: given.append(len(data.targets)) or SetFigures(
         {"all ops": (0.90, 1.6, 1.5, 1.7)}))
     monkeypatch.setattr(stage, "profile", measured_as(1.0))
     report = json.loads((stage.quantize(export_dir, None, QuantizeConfig(search="off", latency_seconds=0.05)
                          ) / "report.json").read_text())
-    val = len(data.labels)
-    assert report["dataset"]["num_samples"] == 4 and given == [val] and val > 4
-    assert [report["variants"][v]["accuracy_samples"] for v in ("fp32", "int8")] == [val, val]
-    assert f"Accuracy of fp32, int8 on {val} validation images" in (export_dir / "report.md").read_text()
+    val = len(data.targets)
+    assert report["dataset"]["num_samples"] == val and given == [val] and val > 4  # export scores them all too
+    assert report["variants"]["fp32"]["parity"]["input_sets"] == {"validation": 4}  # and compares 4
+    assert [report["variants"][v]["metric_samples"] for v in ("fp32", "int8")] == [val, val]
+    assert "Accuracy of" not in (export_dir / "report.md").read_text()  # every variant on the same examples
 
 
 def test_confirm_reuses_the_searchs_logits_of_files_that_answer_alike_at_any_batch(quantizable, tmp_path, monkeypatch):
@@ -360,19 +363,21 @@ def test_confirm_reuses_the_searchs_logits_of_files_that_answer_alike_at_any_bat
             self.latest = fake.latest
             return measured
 
-    batch_sizes, real = [], stage.batched
-    monkeypatch.setattr(stage, "batched", lambda predict, x, bs: batch_sizes.append(bs) or real(predict, x, bs))
+    from ftdeploy.evaluation import EvalData
+
+    batch_sizes, real = [], EvalData.outputs
+    monkeypatch.setattr(EvalData, "outputs", lambda self, predict, bs=32: batch_sizes.append(bs) or real(self, predict, bs))
     monkeypatch.setattr(stage, "Evaluator", SetSpeed)
     monkeypatch.setattr(stage, "profile", measured_as(1.0))
     _, export_dir, _ = quantizable
     report = json.loads((stage.quantize(export_dir, tmp_path / "q", QuantizeConfig(search="off", mode="static"))
                          / "report.json").read_text())
     int8, tried = report["variants"]["int8"], report["quantization"]["tried"]
-    assert batch_sizes == [32, 32] and int8["parity"]["batch_sizes"] == [32]  # fp32 and int8, once each
-    assert int8["accuracy"] == tried[0]["accuracy"]
+    assert batch_sizes == [32, 32] and int8["agreement"]["batch_size"] == 32  # fp32 and int8, once each
+    assert int8["scores"]["accuracy"] == tried[0]["metric_value"]
 
 
-def test_a_file_the_final_measurement_refuses_keeps_no_shipping_name(quantizable, tmp_path, monkeypatch, capsys):
+def test_a_file_the_final_measurement_refuses_keeps_no_shipping_name(quantizable, tmp_path, monkeypatch, caplog):
     """Faster in the search, slower in the final measurement: INT8 is not shipped, the file is kept as
     model.int8.rejected.onnx for inspection, and the report says why."""
     _, export_dir, _ = quantizable
@@ -382,7 +387,7 @@ def test_a_file_the_final_measurement_refuses_keeps_no_shipping_name(quantizable
     q = report["quantization"]
     assert not q["shipped"] and "the final measurement did not confirm" in q["not_shipped_reason"]
     assert q["file"] == "model.int8.rejected.onnx" and "int8" not in report["variants"]
-    assert "INT8 not shipped: the final measurement did not confirm" in capsys.readouterr().out
+    assert "INT8 not shipped: the final measurement did not confirm" in caplog.text  # logged: the CLI shows it
 
 
 def test_a_noisy_measurement_of_another_configuration_does_not_refuse_the_chosen_one(quantizable, tmp_path,

@@ -98,10 +98,10 @@ def served(model_file):
 
 
 def offline(model_file, blobs):
-    from ftdeploy.onnx_model import OnnxClassifier
+    from ftdeploy.onnx_model import OnnxModel
 
-    clf = OnnxClassifier(model_file, threads=1)
-    return [clf.classes[i] for i in clf.predict([Image.open(io.BytesIO(b)) for b in blobs])]
+    clf = OnnxModel(model_file, threads=1)
+    return [clf.classes[i] for i in clf.predict([Image.open(io.BytesIO(b)) for b in blobs]).argmax(-1)]
 
 
 def test_predict_multipart_and_json_match_offline(served, model_file):
@@ -243,8 +243,8 @@ def test_metrics_count_requests_images_and_the_batches_run(model_file):
     server = InProcess(app_for(model_file, max_batch_size=8, max_wait_ms=20))
     runs = []
     model = server.app.state.batcher.model
-    logits = model.logits
-    model.logits = lambda batch: runs.append(len(batch)) or logits(batch)
+    outputs = model.outputs
+    model.outputs = lambda batch: runs.append(len(batch)) or outputs(batch)
     try:
         blobs = [png(100 + i) for i in range(24)]
         responses = server.gather([{"files": {"f": ("a.png", b, "image/png")}} for b in blobs])
@@ -279,7 +279,7 @@ def test_a_temperature_in_the_file_scales_the_probabilities_served(model_file, t
     """`ftdeploy report --calibrate` stores a temperature; the server divides the logits by it."""
     import shutil
 
-    from ftdeploy.onnx_model import OnnxClassifier, update_metadata
+    from ftdeploy.onnx_model import OnnxModel, update_metadata
 
     calibrated = tmp_path / "calibrated.onnx"
     shutil.copy(model_file, calibrated)
@@ -291,8 +291,8 @@ def test_a_temperature_in_the_file_scales_the_probabilities_served(model_file, t
         served = server.post("/v1/predict?k=3", files={"f": ("a.png", body, "image/png")}).json()
     finally:
         server.close()
-    clf = OnnxClassifier(calibrated, threads=1)
-    logits = clf.logits(clf.preprocess([Image.open(io.BytesIO(body))]))[0] / 3.0
+    clf = OnnxModel(calibrated, threads=1)
+    logits = clf.outputs(clf.preprocess([Image.open(io.BytesIO(body))]))[0][0] / 3.0
     expected = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
     got = {p["index"]: p["probability"] for p in served["predictions"][0]["top_k"]}
     assert got == pytest.approx({i: float(expected[i]) for i in range(3)}, rel=1e-5)
@@ -305,11 +305,11 @@ class RecordingModel:
     def __init__(self, delay: float):
         self.delay, self.threads, self.sizes = delay, [], []
 
-    def logits(self, batch):
+    def outputs(self, batch):
         time.sleep(self.delay)
         self.threads.append(threading.current_thread())
         self.sizes.append(len(batch))
-        return batch.reshape(len(batch), -1)[:, :2]
+        return [batch.reshape(len(batch), -1)[:, :2]]
 
 
 def batcher(model, **kwargs):
@@ -332,7 +332,7 @@ def test_requests_waiting_together_share_runs_under_the_cap_and_each_gets_its_ow
 
     answers = asyncio.run(scenario())
     assert model.sizes == [8, 6, 3]  # 6 + 3 would pass the cap of 8: the 3-image request starts a run
-    for r, logits in zip(requests, answers):
+    for r, (logits,) in zip(requests, answers):
         np.testing.assert_array_equal(logits, r.reshape(len(r), -1)[:, :2])
 
 
@@ -355,14 +355,14 @@ def test_only_a_lone_request_to_a_fast_model_runs_on_the_event_loop(delay, lone_
     results = asyncio.run(scenario())
     loop_thread = threading.main_thread()
     assert [t is loop_thread for t in model.threads] == [False, lone_inline, False]
-    for i, logits in enumerate(results):  # same answers on either path
+    for i, (logits,) in enumerate(results):  # same answers on either path
         np.testing.assert_array_equal(logits, (x + i).reshape(1, -1)[:, :2])
 
 
 def test_a_full_queue_answers_503_with_retry_after_and_a_late_answer_504():
     """max_queue=2: while one batch runs, two requests wait and the next is refused at once. A request
     that waits longer than its timeout gets 504, and is not run when its turn comes."""
-    from ftdeploy.serve import HttpError
+    from ftdeploy.errors import RequestError
 
     model = RecordingModel(0.3)
     x = np.zeros((1, 3, 2, 2), np.float32)
@@ -374,12 +374,12 @@ def test_a_full_queue_answers_503_with_retry_after_and_a_late_answer_504():
         await asyncio.sleep(0.05)  # the batcher took it and runs it in a thread for 0.3 s
         waiting = [asyncio.ensure_future(b.infer(x + i)) for i in (1, 2)]
         await asyncio.sleep(0)
-        with pytest.raises(HttpError) as refused:
+        with pytest.raises(RequestError) as refused:
             await b.infer(x + 3)
         await asyncio.gather(running, *waiting)
         slow = asyncio.ensure_future(b.infer(x + 4))
         await asyncio.sleep(0.05)
-        with pytest.raises(HttpError) as late:
+        with pytest.raises(RequestError) as late:
             await b.infer(x + 5, timeout=0.05)  # queued behind a 0.3 s run
         await slow
         await asyncio.sleep(0.05)  # the batcher reaches the abandoned request
@@ -417,9 +417,10 @@ def test_auto_takes_the_provider_measured_fastest_for_this_file(model_file, tmp_
     from ftdeploy import serve
 
     shutil.copy(model_file, tmp_path / "model.int8.onnx")
-    (tmp_path / "report.json").write_text(json.dumps({"variants": {
-        "fp32": {"path": "model.onnx", "providers_p50_ms": {"cpu": 1.0, "openvino": 2.0}},
-        "int8": {"path": "model.int8.onnx", "providers_p50_ms": {"cpu": 0.9, "openvino": 0.6}}}}))
+    report = json.loads((model_file.parent / "report.json").read_text())
+    report["variants"] = {"fp32": {"path": "model.onnx", "providers_p50_ms": {"cpu": 1.0, "openvino": 2.0}},
+                          "int8": {"path": "model.int8.onnx", "providers_p50_ms": {"cpu": 0.9, "openvino": 0.6}}}
+    (tmp_path / "report.json").write_text(json.dumps(report))
     monkeypatch.setattr(serve, "installed_providers", lambda: ["cpu", "openvino"])
     assert serve.choose_provider(tmp_path / "model.int8.onnx", "auto")[0] == "openvino"
     shutil.copy(model_file, tmp_path / "other.onnx")  # no measurements for this file
@@ -433,16 +434,16 @@ def test_a_provider_that_disagrees_on_the_files_samples_is_refused(model_file):
     """The agreement check runs the file's own sample inputs (validation images stored at export)
     through the provider and through the CPU provider."""
     from ftdeploy.errors import FtdeployError
-    from ftdeploy.onnx_model import OnnxClassifier
+    from ftdeploy.onnx_model import OnnxModel
     from ftdeploy.serve import check_agreement
 
-    model = OnnxClassifier(model_file, threads=1)
+    model = OnnxModel(model_file, threads=1)
     assert model.samples() is not None and len(model.samples()) == 8
-    assert check_agreement(model, OnnxClassifier(model_file, threads=1))["top1_agreement"] == 1.0
+    assert check_agreement(model, OnnxModel(model_file, threads=1))["decision_agreement"] == 1.0
 
-    class Swapped(OnnxClassifier):  # a provider whose outputs come out in the wrong order
-        def logits(self, batch):
-            return super().logits(batch)[:, ::-1]
+    class Swapped(OnnxModel):  # a provider whose outputs come out in the wrong order
+        def outputs(self, batch):
+            return [o[:, ::-1] for o in super().outputs(batch)]
 
     with pytest.raises(FtdeployError, match="disagrees with the CPU provider"):
         check_agreement(Swapped(model_file, threads=1), model)
@@ -564,12 +565,14 @@ def test_sigterm_in_the_middle_of_the_load_loses_no_accepted_request(model_file,
     """Keep-alive connections, and a client that opens a connection per request (urllib), send at
     c=8 while SIGTERM comes early and the load goes on past the close: no connection is reset,
     every answer is 200 and right, the rest are refused, /readyz says 503 during the drain, exit 0."""
+    from ftdeploy.onnx_model import OnnxModel
+
     lt = load_test_module()
-    blobs = [png(300 + i) for i in range(20)]
-    expected = offline(model_file, blobs)
+    model = OnnxModel(model_file, threads=1)
+    images = [Image.open(io.BytesIO(png(300 + i))) for i in range(20)]
+    bodies, expected = [model.task.codec.encode([i]) for i in images], [model.task.codec.answer(model, [i]) for i in images]
     n = 2000
-    result = lt.drain_scenario(model_file, ["--threads", "1"], [lt.multipart(b) for b in blobs], expected, n, 8,
-                               0.3, client, signal_at=0.1)
+    result = lt.drain_scenario(model_file, ["--threads", "1"], bodies, expected, n, 8, 0.3, client, signal_at=0.1)
     assert result["reset"] == 0 and result["answered_other"] == 0 and result["mismatched_predictions"] == 0, \
         {k: result[k] for k in ("reset", "answered_other", "mismatched_predictions", "refused", "answered_200")}
     assert result["answered_200"] + result["refused"] == n and result["answered_200"] > result["signal_at_answered"]

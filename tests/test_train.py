@@ -16,11 +16,11 @@ from ftdeploy.train import train
 
 def fresh_accuracy(run_dir) -> float:
     """The saved model's accuracy on its run's validation split, computed here and now."""
-    from ftdeploy.evaluation import EvalData, accuracy, batched, torch_predictor
+    from ftdeploy.evaluation import EvalData, torch_predictor
 
     run = load_run(run_dir)
     data = EvalData.from_run(run, 2000, 1)
-    return accuracy(batched(torch_predictor(run.load_model()), data.inputs, 64), data.labels)
+    return data.score(data.outputs(torch_predictor(run.load_model()), 64)).get("accuracy")
 
 
 def test_training_learns_and_writes_the_run_directory(tiny_run):
@@ -30,9 +30,10 @@ def test_training_learns_and_writes_the_run_directory(tiny_run):
     assert not (tiny_run / "checkpoints").exists()  # train.checkpoint=false: nothing to resume from
     metrics = json.loads((tiny_run / "metrics.json").read_text())
     assert metrics["epochs"] == 2
-    assert metrics["val_accuracy"] >= 0.9  # 3 well separated classes; chance is 0.33
-    assert metrics["val_accuracy"] == fresh_accuracy(tiny_run)  # the weights saved are the ones reported
-    assert metrics["train_images_per_second"] > 0
+    assert metrics["schema_version"] == 1 and metrics["metric"] == "accuracy" and metrics["unit"] == "images"
+    assert metrics["val_metric"] >= 0.9  # 3 well separated classes; chance is 0.33
+    assert metrics["val_metric"] == fresh_accuracy(tiny_run)  # the weights saved are the ones reported
+    assert metrics["train_items_per_second"] > 0
     assert len((tiny_run / "metrics.jsonl").read_text().splitlines()) == 2
     assert (tiny_run / "metrics.csv").read_text().splitlines()[0].startswith("epoch,train_loss")
     manifest = json.loads((tiny_run / "manifest.json").read_text())
@@ -102,7 +103,7 @@ def test_head_mode_trains_only_the_head(tmp_path, cache):
     changed = {k for k in after if k in before and before[k].shape == after[k].shape and not torch.equal(before[k], after[k])}
     assert changed == set()  # backbone weights and BatchNorm statistics untouched
     assert not torch.equal(after["fc.weight"], build_model(cfg.model, 3).model.state_dict()["fc.weight"])
-    assert json.loads((out / "metrics.json").read_text())["val_accuracy"] >= 0.9
+    assert json.loads((out / "metrics.json").read_text())["val_metric"] >= 0.9
 
 
 def test_a_dataloader_with_spawned_workers_trains(tmp_path):
@@ -174,9 +175,9 @@ def test_briefly_trained_mobilenet_v3_evaluates_with_its_re_estimated_statistics
     never = train(tiny_config(tmp_path / "never", *extra, "train.bn_reestimate=never"))
     auto = train(tiny_config(tmp_path / "auto", *extra))
     never_metrics, auto_metrics = (json.loads((d / "metrics.json").read_text()) for d in (never, auto))
-    assert never_metrics["bn_reestimate"] == {"policy": "never", "applied": False}
-    assert auto_metrics["bn_reestimate"]["val_accuracy_before"] == never_metrics["val_accuracy"]  # same training
-    assert fresh_accuracy(auto) == auto_metrics["val_accuracy"] >= fresh_accuracy(never)
+    assert (never_metrics["bn_reestimate"]["policy"], never_metrics["bn_reestimate"]["applied"]) == ("never", False)
+    assert auto_metrics["bn_reestimate"]["val_metric_before"] == never_metrics["val_metric"]  # same training
+    assert fresh_accuracy(auto) == auto_metrics["val_metric"] >= fresh_accuracy(never)
     bn = lambda run: next(m for m in load_run(run).load_model().modules() if isinstance(m, torch.nn.BatchNorm2d))  # noqa: E731
     assert bn(auto).momentum == 0.01  # the architecture's own momentum is back for further training
     stats_differ = not np.allclose(bn(auto).running_mean.numpy(), bn(never).running_mean.numpy())

@@ -8,7 +8,7 @@ import torch
 from conftest import FAST_EXPORT, cli, copy_of
 from test_cli import assert_one_line_error
 from ftdeploy.tasks.image import occlusion_map, validation_images
-from ftdeploy.usability import calibration, expected_calibration_error
+from ftdeploy.tasks.classification import calibration, expected_calibration_error
 
 QUICK = ["--set", "report.severities=[1,5]", "--set", "report.batch_sizes=[1,4]", "--set", "report.threads=[1]",
          "--set", "report.latency_seconds=0.05", "--samples", "3"]
@@ -20,18 +20,19 @@ def export_dir(tiny_export):
 
 
 def test_the_identity_corruption_gives_exactly_the_clean_inputs_and_accuracy(export_dir):
-    from ftdeploy.evaluation import EvalData, accuracy, batched, onnx_predictor
+    from ftdeploy.data import build_datasets
+    from ftdeploy.evaluation import EvalData, onnx_predictor
     from ftdeploy.onnx_model import open_session
     from ftdeploy.rundir import load_export, load_run
 
     source = load_export(export_dir)
     run = load_run(source.source_run)
-    images = validation_images(source.data, source.preprocessing, 2000)
+    images = validation_images(source.task, build_datasets(source.data, source.preprocessing), source.preprocessing, 2000)
     clean = EvalData.from_run(run, 2000, 1)
     assert np.array_equal(images.inputs("identity"), clean.inputs)  # the corruption path adds nothing
     predict = onnx_predictor(open_session(export_dir / "model.onnx", 1))
-    assert accuracy(batched(predict, images.inputs("identity"), 8), images.labels) == \
-        json.loads((export_dir / "report.json").read_text())["variants"]["fp32"]["accuracy"]
+    assert images.score(source.task.outputs(predict, images.inputs("identity"), 8)).value == \
+        json.loads((export_dir / "report.json").read_text())["variants"]["fp32"]["scores"]["accuracy"]
     noisy = images.inputs("gaussian_noise", 5)
     assert noisy.shape == clean.inputs.shape and not np.array_equal(noisy, clean.inputs)
     assert np.array_equal(noisy, images.inputs("gaussian_noise", 5))  # seeded: every variant sees the same images
@@ -100,13 +101,14 @@ def test_report_fills_every_section_for_every_variant(export_dir, tmp_path):
     data = json.loads((tmp_path / "usability.json").read_text())
     assert set(data["variants"]) == {"torch", "fp32"} and data["passed"] is True and data["budgets"] == {}
     for name, v in data["variants"].items():
-        assert 0 <= v["accuracy"] <= 1 and set(v["per_class"]["class_0"]) >= {"precision", "recall", "f1"}
-        assert np.asarray(v["confusion_matrix"]).sum() == data["dataset"]["num_samples"]
+        assert 0 <= v["scores"]["accuracy"] <= 1
+        assert set(v["performance"]["per_class"]["class_0"]) >= {"precision", "recall", "f1"}
+        assert np.asarray(v["performance"]["confusion_matrix"]).sum() == data["dataset"]["num_samples"]
         rob = v["robustness"]
         assert set(rob["by_corruption"]) == {"gaussian_noise", "blur", "brightness", "contrast", "jpeg", "rotation",
                                              "translation", "occlusion"}
         assert all(set(s) == {"1", "5"} for s in rob["by_corruption"].values())
-        assert rob["drop_vs_fp32_points"] is not None and 0 <= rob["mean_corruption_accuracy"] <= 1
+        assert rob["drop_vs_fp32_points"] is not None and 0 <= rob["mean_corruption_metric"] <= 1
         assert set(v["calibration"]) >= {"ece", "brier", "nll", "ece_after_temperature", "temperature"}
         assert v["saliency"]["method"] == "occlusion" and len(v["saliency"]["maps"]) == 3
         assert {(r["threads"], r["batch_size"]) for r in v["latency"]["grid"]} == {(1, 1), (1, 4)}
@@ -145,7 +147,7 @@ def test_compare_adds_the_variants_of_another_export_directory_and_never_writes_
                                     peak_memory=False))
     data = json.loads(out.with_name("usability.json").read_text())
     assert list(data["variants"]) == ["torch", "fp32", "again/fp32"]
-    assert data["variants"]["again/fp32"]["accuracy"] == data["variants"]["fp32"]["accuracy"]  # the same model
+    assert data["variants"]["again/fp32"]["scores"] == data["variants"]["fp32"]["scores"]  # the same model
     assert data["variants"]["fp32"]["calibration"]["temperature_stored"]
     assert "temperature_stored" not in data["variants"]["again/fp32"]["calibration"]
     assert {p.name: sha256(p) for p in other.iterdir()} == before
@@ -163,7 +165,8 @@ def test_strict_with_an_impossible_budget_exits_2_and_writes_both_files(export_d
     assert (tmp_path / "r.html").is_file()
     data = json.loads((tmp_path / "usability.json").read_text())
     assert data["passed"] is False
-    assert data["budgets"]["max_p99_ms:fp32"]["passed"] is False and data["budgets"]["min_accuracy:fp32"]["passed"]
+    # min_accuracy is the old name of min_metric: still accepted
+    assert data["budgets"]["max_p99_ms:fp32"]["passed"] is False and data["budgets"]["min_metric:fp32"]["passed"]
     assert "max p99 ms" in result.stderr and "Traceback" not in result.stderr
 
 

@@ -2,8 +2,10 @@
 
 A task owns its input spec (names, dtypes, dynamic axes, dummy and bench inputs), its preprocessor
 and how that is stored in a run directory and an ONNX file, batch collation, the parity inputs, and
-the server's request codec. Stages never branch on a task's name: they ask the task. Adding a task
-is one module here and one ``register`` line.
+what the model gives out: output names and axes, postprocessing, the metric, the losses, the parity
+comparison, the server's codec and the usability suite. Stages never branch on a task's name: they
+ask the task. Adding a task is one module here and one ``register`` line (or a ``register`` call
+from the user's own code).
 
 >>> get_task("image_classification").input_names
 ('input',)
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 from ..registry import Registry
-from .base import Task, feeds, tile
+from .base import Decisions, Outputs, Scores, Task, UsabilitySuite, feeds, tile
 from .image import ImageClassification
 from .text import TextClassification
 
@@ -35,4 +37,4 @@ def get_task(name: str | None) -> Task:
     return tasks.get(DEFAULT_TASK if name is None else name)
 
 
-__all__ = ["Task", "feeds", "get_task", "tasks", "tile"]
+__all__ = ["Decisions", "Outputs", "Scores", "Task", "UsabilitySuite", "feeds", "get_task", "tasks", "tile"]

@@ -1,7 +1,8 @@
 """Image classification: one float input ``input`` (N x C x H x W), preprocessed by
-:mod:`ftdeploy.preprocessing` (numpy + Pillow, the same function in training and serving). For the
-usability report: corruptions of the image before normalization (a registry), occlusion maps and
-integrated gradients on pixels, and latency over batch size x threads."""
+:mod:`ftdeploy.preprocessing` (numpy + Pillow, the same function in training and serving), and a
+classifier's outputs (:mod:`ftdeploy.tasks.classification`). For the usability report: corruptions
+of the image before normalization (a registry), occlusion maps and integrated gradients on pixels,
+and latency over batch size x threads. Requests: multipart uploads, base64 JSON or a raw image body."""
 
 from __future__ import annotations
 
@@ -13,24 +14,55 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image, ImageFilter
 
+from ..codecs import Parsed, decode_image, image_blobs, open_image
 from ..errors import FtdeployError
 from ..preprocessing import Preprocessing, normalize, prepare, preprocess, resolve_preprocessing
 from ..registry import Registry
-from .base import Task, batched, softmax, tile
+from .base import Outputs, Task, softmax, tile
+from ..figures import fmt, inline_png, pyplot, table
+from .classification import ClassifierOutputs, ClassifierSuite, classifier_codec, logits_of
 
 IMAGE_CORRUPTIONS = ["gaussian_noise", "blur", "brightness", "contrast", "jpeg", "rotation", "translation", "occlusion"]
 
 
-class ImageClassification(Task):
-    name = "image_classification"
-    input_names = ("input",)
-    codec = "image"
-    unit = "images"
-    description = "Image classification"
-    default_corruptions = IMAGE_CORRUPTIONS
+class ImageRequests:
+    """Images in a request -> opened images (headers checked); decoded on demand."""
 
-    def usability_suite(self, data, spec: Preprocessing, limit: int) -> "Images":
-        return validation_images(data, spec, limit)
+    accepts = ('Send images as a multipart upload (one or more files), JSON {"images": ["<base64>", ...]} '
+               "or a raw image body.")
+    request_body = {"content": {
+        "multipart/form-data": {"schema": {"type": "object", "properties": {
+            "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+        "application/json": {"schema": {"type": "object", "required": ["images"], "properties": {
+            "images": {"type": "array", "items": {"type": "string", "format": "byte"},
+                       "description": "base64-encoded image files"}}}},
+        "image/png": {"schema": {"type": "string", "format": "binary"}}}}
+
+    def parse(self, body: bytes, content_type: str, limits) -> Parsed:
+        opened = [open_image(b, limits) for b in image_blobs(body, content_type, limits)]  # headers only
+        return Parsed(opened, decode_image, sum(img.width * img.height for img in opened))
+
+    def warmup(self, spec: Preprocessing) -> list:
+        return [Image.new("RGB", (spec.input_size, spec.input_size))]
+
+    def encode(self, raw: list) -> tuple[bytes, str]:
+        """The client's side: images as a multipart upload of PNG files."""
+        boundary = "ftdeploy-images"
+        parts = []
+        for i, img in enumerate(raw):
+            buf = io.BytesIO()
+            img.save(buf, format="PNG")
+            parts.append(f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{i}.png\"\r\n"
+                         f"Content-Type: image/png\r\n\r\n".encode() + buf.getvalue() + b"\r\n")
+        return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+class ImageInputs:
+    """The input side of an image model: one float input, the image preprocessing, image requests."""
+
+    input_names = ("input",)
+    unit = "images"
+    default_corruptions = IMAGE_CORRUPTIONS
 
     def resolve_preprocessor(self, cfg, defaults: dict[str, Any]) -> Preprocessing:
         return resolve_preprocessing(cfg, defaults)
@@ -44,12 +76,6 @@ class ImageClassification(Task):
     def stack(self, items: list) -> np.ndarray:
         return np.stack([np.asarray(x) for x in items]).astype(np.float32)
 
-    def collate(self, items: list) -> tuple[tuple, Any]:
-        import torch
-
-        xs, ys = zip(*items)
-        return (torch.stack([torch.as_tensor(x) for x in xs]),), torch.as_tensor(ys)
-
     def dynamic_axes(self, names: Sequence[str]) -> dict[str, dict[int, str]]:
         return {names[0]: {0: "batch"}}
 
@@ -58,8 +84,6 @@ class ImageClassification(Task):
 
     def encode_samples(self, inputs: np.ndarray, spec: Preprocessing) -> list[str]:
         """Preprocessed inputs back to the images they were made from (PNG, base64)."""
-        from PIL import Image
-
         mean = np.asarray(spec.mean, np.float32)[:, None, None]
         std = np.asarray(spec.std, np.float32)[:, None, None]
         out = []
@@ -71,9 +95,22 @@ class ImageClassification(Task):
         return out
 
     def decode_samples(self, samples: list[str], spec: Preprocessing) -> np.ndarray:
-        from PIL import Image
-
         return self.preprocess([Image.open(io.BytesIO(base64.b64decode(b))) for b in samples], spec)
+
+
+class ImageClassification(ImageInputs, ClassifierOutputs, Task):
+    name = "image_classification"
+    description = "Image classification"
+    codec = classifier_codec(ImageRequests())
+
+    def collate(self, items: list) -> tuple[tuple, Any]:
+        import torch
+
+        xs, ys = zip(*items)
+        return (torch.stack([torch.as_tensor(x) for x in xs]),), torch.as_tensor(ys)
+
+    def usability_suite(self, splits, spec: Preprocessing, limit: int, info: dict[str, Any]) -> "Images":
+        return validation_images(self, splits, spec, limit)
 
 
 Corruption = Callable[[np.ndarray, int, np.random.Generator], np.ndarray]  # HxWxC in [0, 1] -> same
@@ -153,10 +190,11 @@ def _occlusion(x, severity, rng):
 
 
 @dataclass
-class Images:
-    """The image task's usability suite: the validation images prepared to the network's input size
-    (before normalization), labels, class names and the preprocessing that normalizes them."""
+class Images(ClassifierSuite):
+    """The image classifier's usability suite: the validation images prepared to the network's input
+    size (before normalization), labels, class names and the preprocessing that normalizes them."""
 
+    task: Any
     pixels: list[np.ndarray]  # HxWxC in [0, 1]
     labels: np.ndarray
     classes: list[str]
@@ -182,8 +220,8 @@ class Images:
     def integrated_gradients(self, model, clean: np.ndarray, i: int, target: int) -> np.ndarray:
         return integrated_gradients(model, clean[i], target)
 
-    def explained(self, samples: list[int]) -> dict[str, Any]:
-        return {"images": [self.pixels[i].round(4).tolist() for i in samples]}
+    def explained(self, samples: list[int], reference: Outputs) -> dict[str, Any]:
+        return {**self.described(samples, reference), "images": [self.pixels[i].round(4).tolist() for i in samples]}
 
     def grid(self, clean: np.ndarray, cfg, cores: int):
         """Scalability cells: (their fields, batch, threads) over batch size x threads."""
@@ -195,22 +233,22 @@ class Images:
         """The largest batch's shape, for the memory probe."""
         return (max(cfg.batch_sizes), *clean.shape[1:])
 
+    def sections(self, data: dict[str, Any]) -> list[str]:
+        return [*super().sections(data), saliency_section(data)]
+
 
 def _as_channels(x: np.ndarray, like: np.ndarray) -> np.ndarray:
     return x[:, :, None] if x.ndim == 2 and like.ndim == 3 else x
 
 
-def validation_images(data, spec: Preprocessing, limit: int) -> Images:
-    from ..data import build_datasets
-
-    splits = build_datasets(data.model_copy(update={"augment": False}), spec)
+def validation_images(task, splits, spec: Preprocessing, limit: int) -> Images:
     val = splits.val
     n = min(limit, len(val))
     pixels = []
     for i in range(n):
         p = _array(prepare(val.load(i), spec))
         pixels.append(p[:, :, None] if p.ndim == 2 else p)
-    return Images(pixels, np.asarray(val.labels[:n]), splits.classes, spec)
+    return Images(task, pixels, np.asarray(val.labels[:n]), splits.classes, spec)
 
 
 def occlusion_map(predict, x: np.ndarray, target: int, patch: int, stride: int) -> np.ndarray:
@@ -221,8 +259,8 @@ def occlusion_map(predict, x: np.ndarray, target: int, patch: int, stride: int) 
     batch = np.repeat(x[None], len(tops) * len(lefts), axis=0)
     for i, (t, l) in enumerate((t, l) for t in tops for l in lefts):
         batch[i, :, t:t + patch, l:l + patch] = 0
-    base = softmax(predict(x[None]))[0, target]
-    probs = softmax(batched(predict, batch, 64))[:, target]
+    base = softmax(logits_of(predict(x[None])))[0, target]
+    probs = softmax(np.concatenate([logits_of(predict(batch[i:i + 64])) for i in range(0, len(batch), 64)]))[:, target]
     return (base - probs).reshape(len(tops), len(lefts))
 
 
@@ -236,3 +274,40 @@ def integrated_gradients(model, x: np.ndarray, target: int, steps: int = 32) -> 
     path = (alphas * inputs).requires_grad_(True)
     model(path)[:, target].sum().backward()
     return (inputs[0] * path.grad.mean(0)).abs().sum(0).numpy()
+
+
+def saliency_section(data: dict[str, Any]) -> str:
+    """Occlusion maps of every variant beside each explained image (and integrated gradients for PyTorch)."""
+    v, inputs = data["variants"], data["saliency_inputs"]
+    rows = [[n, fmt(x["saliency"]["agreement_with_fp32"], ".3f"),
+             " ".join(fmt(a, ".2f") for a in x["saliency"]["agreement_per_sample"])] for n, x in v.items()]
+    method = next(iter(v.values()))["saliency"]
+    out = [f"<h2>Interpretability</h2><p>Occlusion sensitivity through each variant's own predictor (a "
+           f"{method['patch']}-pixel gray square, stride {method['stride']}): how much the probability of FP32's "
+           f"predicted class drops when each region is hidden. Agreement is the Spearman rank correlation with "
+           f"FP32's map, averaged over the {len(inputs['samples'])} images (misclassified ones among them, when "
+           f"there are any). The last column for the PyTorch model shows integrated gradients.</p>",
+           table(["variant", "agreement with fp32", "per image"], rows)]
+    plt = pyplot()
+    if plt is not None:
+        ig = "integrated_gradients" in v.get("torch", {}).get("saliency", {})
+        cols = 1 + len(v) + (1 if ig else 0)
+        n = len(inputs["samples"])
+        fig, axes = plt.subplots(n, cols, figsize=(1.6 * cols, 1.6 * n), squeeze=False)
+        for r in range(n):
+            image = np.asarray(inputs["images"][r])
+            axes[r][0].imshow(image.squeeze(), cmap="gray" if image.shape[-1] == 1 else None)
+            axes[r][0].set_title(f"{inputs['labels'][r]} → {inputs['fp32_predictions'][r]}", fontsize=7)
+            for c, (name, x) in enumerate(v.items(), start=1):
+                axes[r][c].imshow(np.asarray(x["saliency"]["maps"][r]), cmap="magma")
+                if r == 0:
+                    axes[r][c].set_title(name, fontsize=7)
+            if ig:
+                axes[r][-1].imshow(np.asarray(v["torch"]["saliency"]["integrated_gradients"][r]), cmap="magma")
+                if r == 0:
+                    axes[r][-1].set_title("torch: IG", fontsize=7)
+        for ax in axes.ravel():
+            ax.set_xticks([])
+            ax.set_yticks([])
+        out.append(inline_png(fig))
+    return "\n".join(out)

@@ -1,9 +1,11 @@
 """Text classification: int64 ``input_ids``, ``attention_mask`` (and ``token_type_ids`` where the
-model has them), batch and sequence axes dynamic. The preprocessor is a Hugging Face ``tokenizers``
-tokenizer (``tokenizer.json``) with a ``max_length``; it travels in the run directory and in the
-ONNX file, so the file alone serves (``tokenizers`` only: no torch, no transformers). For the
-usability report: text corruptions (typos, word dropout, casing, punctuation, truncation), token
-occlusion and integrated gradients on the word embeddings, latency over batch size x sequence length."""
+model has them), batch and sequence axes dynamic, and a classifier's outputs
+(:mod:`ftdeploy.tasks.classification`). The preprocessor is a Hugging Face ``tokenizers`` tokenizer
+(``tokenizer.json``) with a ``max_length``; it travels in the run directory and in the ONNX file, so
+the file alone serves (``tokenizers`` only: no torch, no transformers). For the usability report:
+text corruptions (typos, word dropout, casing, punctuation, truncation), token occlusion and
+integrated gradients on the word embeddings, latency over batch size x sequence length. Requests:
+JSON ``{"text"}`` / ``{"texts"}`` or a text/plain body."""
 
 from __future__ import annotations
 
@@ -13,9 +15,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from ..codecs import Parsed, texts_of
 from ..errors import ConfigError, DependencyError, FtdeployError
+from ..figures import escape, fmt, table
 from ..registry import Registry
-from .base import Task, batched, softmax, tile
+from .base import Outputs, Task, softmax, tile
+from .classification import ClassifierOutputs, ClassifierSuite, classifier_codec, logits_of
 
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 PARITY_LENGTHS = (8, 16, 32, 64, 128)  # sequence lengths the FP32 gate checks besides the sentences' own
@@ -198,9 +203,10 @@ def _truncation(text, severity, rng):
 
 
 @dataclass
-class Texts:
-    """The text task's usability suite: validation texts, labels, classes and the tokenizer."""
+class Texts(ClassifierSuite):
+    """The text classifier's usability suite: validation texts, labels, classes and the tokenizer."""
 
+    task: Any
     texts: list[str]
     labels: np.ndarray
     classes: list[str]
@@ -232,10 +238,11 @@ class Texts:
             occluded = ids.copy()
             occluded[j] = mask_id
             variants.append(occluded)
-        base = softmax(predict(clean[[i]]))[0, target]
+        base = softmax(logits_of(predict(clean[[i]])))[0, target]
         if not variants:
             return np.zeros(len(ids))
-        probs = softmax(batched(predict, Tokens(variants, [clean.type_ids[i]] * len(variants), clean.pad_id), 32))
+        occluded = Tokens(variants, [clean.type_ids[i]] * len(variants), clean.pad_id)
+        probs = softmax(np.concatenate([logits_of(predict(occluded[j:j + 32])) for j in range(0, len(occluded), 32)]))
         return np.concatenate([[0.0], base - probs[:, target], [0.0]])
 
     def integrated_gradients(self, model, clean: Tokens, i: int, target: int, steps: int = 32) -> np.ndarray:
@@ -265,9 +272,10 @@ class Texts:
         grads = captured["path"].grad.mean(0)
         return (captured["embedded"] * grads).sum(-1).abs().numpy()
 
-    def explained(self, samples: list[int]) -> dict[str, Any]:
+    def explained(self, samples: list[int], reference: Outputs) -> dict[str, Any]:
         tokens = self.spec.encode([self.texts[i] for i in samples])  # only the explained ones
-        return {"tokens": [[self.spec.compiled.id_to_token(int(t)) for t in ids] for ids in tokens.ids]}
+        return {**self.described(samples, reference),
+                "tokens": [[self.spec.compiled.id_to_token(int(t)) for t in ids] for ids in tokens.ids]}
 
     def grid(self, clean: Tokens, cfg, cores: int):
         """Scalability cells: (their fields, batch, threads) over batch size x sequence length, at
@@ -280,6 +288,39 @@ class Texts:
     def probe_shape(self, clean: Tokens, cfg) -> tuple[int, ...]:
         return (max(cfg.batch_sizes), self.spec.max_length)
 
+    def sections(self, data: dict[str, Any]) -> list[str]:
+        return [*super().sections(data), token_saliency_section(data)]
+
+
+def token_saliency_section(data: dict[str, Any]) -> str:
+    """Each explained sentence once per variant, its tokens shaded by how much hiding them lowers the
+    probability of FP32's prediction (and, for PyTorch, by integrated gradients)."""
+    v, inputs = data["variants"], data["saliency_inputs"]
+    method = next(iter(v.values()))["saliency"]
+    rows = [[n, fmt(x["saliency"]["agreement_with_fp32"], ".3f"),
+             " ".join(fmt(a, ".2f") for a in x["saliency"]["agreement_per_sample"])] for n, x in v.items()]
+    out = [f"<h2>Interpretability</h2><p>Token occlusion through each variant's own predictor: each token in turn "
+           f"replaced by <code>{escape(method['mask_token'])}</code>; the shade is how much the probability of "
+           f"FP32's predicted class drops (red: the token supports it). Agreement is the Spearman rank correlation "
+           f"with FP32's scores, averaged over the {len(inputs['samples'])} sentences (misclassified ones among "
+           f"them, when there are any). The PyTorch model's last row shows integrated gradients on the word "
+           f"embeddings.</p>", table(["variant", "agreement with fp32", "per sentence"], rows)]
+
+    def shaded(tokens: list[str], scores: list[float]) -> str:
+        top = max((abs(x) for x in scores), default=0.0) or 1.0
+        return " ".join(f'<span class="tok" style="background:rgba({"220,50,47" if x >= 0 else "38,139,210"},'
+                        f'{abs(x) / top:.2f})">{escape(t)}</span>' for t, x in zip(tokens, scores))
+
+    for r, tokens in enumerate(inputs["tokens"]):
+        lines = [f"<p class='meta'>{escape(inputs['labels'][r])} → {escape(inputs['fp32_predictions'][r])}</p>"]
+        for name, x in v.items():
+            lines.append(f"<div class='toks'><b>{escape(name)}</b> {shaded(tokens, x['saliency']['maps'][r])}</div>")
+        ig = v.get("torch", {}).get("saliency", {}).get("integrated_gradients")
+        if ig:
+            lines.append(f"<div class='toks'><b>torch: IG</b> {shaded(tokens, ig[r])}</div>")
+        out.append("<div class='sentence'>" + "".join(lines) + "</div>")
+    return "\n".join(out)
+
 
 def _attentions(model) -> list:
     """The self-attention modules of a Hugging Face encoder (query/key/value projections and a head count)."""
@@ -287,29 +328,47 @@ def _attentions(model) -> list:
             and hasattr(m, "key") and hasattr(m, "value")]
 
 
-def validation_texts(data, spec: TextPreprocessing, limit: int) -> Texts:
-    from ..data import build_datasets
-
-    splits = build_datasets(data.model_copy(update={"max_train_samples": None}), spec)
+def validation_texts(task, splits, spec: TextPreprocessing, limit: int) -> Texts:
     n = min(limit, len(splits.val))
-    return Texts(splits.val.texts[:n], np.asarray(splits.val.labels[:n]), splits.classes, spec)
+    return Texts(task, splits.val.texts[:n], np.asarray(splits.val.labels[:n]), splits.classes, spec)
 
 
-class TextClassification(Task):
-    name = "text_classification"
+class TextRequests:
+    """Texts in a request (JSON or text/plain); tokenized by the task's preprocess. A text longer than
+    the file's max_length is truncated to it, as in training; the body limit bounds what is read."""
+
+    accepts = ('Send JSON {"text": "..."} or {"texts": ["...", ...]}, or one text as a text/plain body (UTF-8). '
+               "Texts longer than the model's max_length tokens are truncated, as in training.")
+    request_body = {"content": {
+        "application/json": {"schema": {"oneOf": [
+            {"type": "object", "required": ["text"], "properties": {"text": {"type": "string", "minLength": 1}}},
+            {"type": "object", "required": ["texts"], "properties": {
+                "texts": {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1}}}]},
+            "example": {"texts": ["A warm, funny and moving film.", "Two hours I will never get back."]}},
+        "text/plain": {"schema": {"type": "string"}, "example": "A warm, funny and moving film."}}}
+
+    def parse(self, body: bytes, content_type: str, limits) -> Parsed:
+        return Parsed(texts_of(body, content_type, limits), lambda text: text)
+
+    def warmup(self, spec) -> list:
+        return ["warm up"]
+
+    def encode(self, raw: list[str]) -> tuple[bytes, str]:
+        """The client's side: texts as JSON."""
+        import json
+
+        return json.dumps({"texts": list(raw)}).encode(), "application/json"
+
+
+class TextInputs:
+    """The input side of a text model: token ids from the file's tokenizer, text requests."""
+
     input_names = TEXT_INPUTS
-    codec = "text"
     unit = "texts"
-    description = "Text classification"
-    # Magnitude ranks heads poorly: MiniLM at 0.47x MACs, the same recovery, 81.55 % (l2) against 83.85 %
-    pruning_importance = "taylor"
     # onnxruntime's transformer fusions (Attention, EmbedLayerNormalization) recognize the TorchScript
     # exporter's BERT graphs, not the dynamo exporter's (checked with transformers 5 and onnxruntime 1.32)
     exporter_order = ("torchscript", "dynamo")
     default_corruptions = TEXT_CORRUPTIONS
-
-    def usability_suite(self, data, spec: TextPreprocessing, limit: int) -> Texts:
-        return validation_texts(data, spec, limit)
 
     def resolve_preprocessor(self, cfg, defaults: dict[str, Any]) -> TextPreprocessing:
         tokenizer = defaults.get("tokenizer")
@@ -326,13 +385,6 @@ class TextClassification(Task):
 
     def stack(self, items: list) -> Tokens:
         return Tokens([np.asarray(ids) for ids, _ in items], [np.asarray(t) for _, t in items])
-
-    def collate(self, items: list) -> tuple[tuple, Any]:
-        import torch
-
-        inputs, labels = zip(*items)
-        arrays = self.stack(list(inputs)).feeds(TEXT_INPUTS)
-        return tuple(torch.from_numpy(arrays[n]) for n in TEXT_INPUTS), torch.as_tensor(labels)
 
     def train_sampler(self, dataset, batch_size: int, seed: int):
         """Batches of texts of similar length: each batch pads to its longest text, and random
@@ -390,3 +442,21 @@ class TextClassification(Task):
 
     def decode_samples(self, samples: list, spec: TextPreprocessing) -> Tokens:
         return Tokens([np.asarray(s, np.int64) for s in samples], None, spec.pad_id)
+
+
+class TextClassification(TextInputs, ClassifierOutputs, Task):
+    name = "text_classification"
+    description = "Text classification"
+    # Magnitude ranks heads poorly: MiniLM at 0.47x MACs, the same recovery, 81.55 % (l2) against 83.85 %
+    pruning_importance = "taylor"
+    codec = classifier_codec(TextRequests())
+
+    def collate(self, items: list) -> tuple[tuple, Any]:
+        import torch
+
+        inputs, labels = zip(*items)
+        arrays = self.stack(list(inputs)).feeds(TEXT_INPUTS)
+        return tuple(torch.from_numpy(arrays[n]) for n in TEXT_INPUTS), torch.as_tensor(labels)
+
+    def usability_suite(self, splits, spec: TextPreprocessing, limit: int, info: dict[str, Any]) -> Texts:
+        return validation_texts(self, splits, spec, limit)
