@@ -101,7 +101,7 @@ class TrainConfig(Section):
     progress: bool = True
     bn_reestimate: Literal["auto", "always", "never"] = Field(
         "auto", description="after training, re-estimate BatchNorm running statistics on training batches: "
-        "auto keeps them when validation accuracy does not drop (running statistics lag the weights after a "
+        "auto keeps them when the validation metric does not drop (running statistics lag the weights after a "
         "short run, far behind with a small momentum such as torchvision MobileNetV3's 0.01)")
     bn_reestimate_batches: int = Field(50, ge=1, description="training batches the statistics are averaged over")
     checkpoint: bool = Field(True, description="save the resumable state (checkpoints/last: model, optimizer, "
@@ -156,7 +156,7 @@ class QuantizeConfig(Section):
         "measured search (exclusions, schemes, sensitive nodes in FP32, a final round); off: the preset alone")
     latency_seconds: float = Field(2.0, gt=0, description="timed seconds per candidate's batch-1 latency (half of "
                                    "it at the report's larger batch sizes, where nothing is decided)")
-    eval_samples: int = Field(2000, ge=1, description="validation examples every candidate's accuracy is judged on "
+    eval_samples: int = Field(2000, ge=1, description="validation examples every candidate's metric is judged on "
                               "(at most): one example of 2,000 is 0.05 points, one of the 256 a text export "
                               "compares is 0.4, enough to flip a 1-point budget")
     required: bool = Field(False, description="refusing INT8 fails the command (exit 2) instead of shipping FP32 only")
@@ -211,7 +211,7 @@ class PruneConfig(Section):
 
 class ReportConfig(Section):
     """The usability report (``ftdeploy report``; in ``ftdeploy run`` when present): every variant's
-    accuracy, robustness to corrupted input, calibration, saliency and scalability, against budgets."""
+    metric, robustness to corrupted input, calibration, saliency and scalability, against budgets."""
 
     output: Path | None = Field(None, description="the HTML file (default: <export dir>/report.html); "
                                 "usability.json goes beside it")
@@ -241,7 +241,7 @@ class ReportConfig(Section):
     min_mean_corruption_metric: float | None = Field(
         None, ge=0, le=1, validation_alias=AliasChoices("min_mean_corruption_metric", "min_mean_corruption_accuracy"),
         description="budget: the metric's mean over corruptions (alias min_mean_corruption_accuracy)")
-    max_robustness_drop: float | None = Field(None, description="budget: points of mean corruption accuracy below fp32")
+    max_robustness_drop: float | None = Field(None, description="budget: points of the mean corruption metric below fp32")
     max_ece: float | None = Field(None, ge=0, le=1, description="budget: expected calibration error (15 bins)")
     min_saliency_agreement: float | None = Field(None, ge=-1, le=1, description="budget: Spearman agreement with fp32's maps")
     max_p99_ms: float | None = Field(None, gt=0, description="budget: p99 latency at batch 1, physical cores")

@@ -28,7 +28,7 @@ from .files import relative
 from .onnx_model import TWO_GB, save_onnx, write_metadata
 from .rundir import Run
 
-OUTPUTS = ("logits",)  # a model exported without a task (pruning's timing files): one output
+OUTPUTS = ("output",)  # a model exported without a task's output names: one output
 
 
 def export_onnx(model: torch.nn.Module, args: list[torch.Tensor], path: Path, opset: int = 18,

@@ -8,7 +8,7 @@ side. ``report.json``, ``report.md``, ``latency.png`` and ``manifest.json`` are 
 gate fails; the file then never carries the shipping name: it is kept as ``model.rejected.onnx``
 for inspection, and one :class:`~ftdeploy.errors.GateError` lists every failure.
 
-The parity gate is grounded in float64: PyTorch's float32 logits and the file's are both compared
+The parity gate is grounded in float64: PyTorch's float32 outputs and the file's are both compared
 with the same model run in float64, and the file passes when it is within
 ``export.parity_error_ratio`` times PyTorch float32's own error (plus ``export.atol``). Two float32
 answers differ by their summation order; neither is the truth, and a fixed bound on their

@@ -23,12 +23,14 @@ def showing_logs(level: int = logging.INFO) -> Iterator[None]:
     """Show the ``ftdeploy`` loggers' records at ``level`` and above on standard output while the
     block runs; the logging set-up is as it was afterwards (``main`` may be called in-process)."""
     logger = logging.getLogger("ftdeploy")
-    handler, before = _Stdout(), logger.level
+    handler, before = _Stdout(), (logger.level, logger.propagate)
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(handler)
+    # shown here, not again by a root handler a dependency may set up (onnxruntime's tools call basicConfig)
     logger.setLevel(level)
+    logger.propagate = False
     try:
         yield
     finally:
         logger.removeHandler(handler)
-        logger.setLevel(before)
+        logger.level, logger.propagate = before

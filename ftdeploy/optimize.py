@@ -39,7 +39,7 @@ from .latency import PROVIDERS, beside_reference, installed_providers, ort_runne
 from .machine import machine_info, physical_cores
 from .prune import prune
 from .quantize import quantize
-from .records import ExportReport, ParetoRecord, Point, PointsRecord, TestRecord, load_record, write_record
+from .records import ExportReport, HeldOutRecord, ParetoRecord, Point, PointsRecord, load_record, write_record
 from .rundir import load_export, load_run, manifest, write_manifest
 from .tasks import Task
 
@@ -254,14 +254,14 @@ def optimize(run_dir: str | Path, output_dir: str | Path, cfg: OptimizeConfig | 
     return out
 
 
-def chosen_on_test(run, out: Path, chosen: Point, reference: Path, metric: str) -> TestRecord:
+def chosen_on_test(run, out: Path, chosen: Point, reference: Path, metric: str) -> HeldOutRecord:
     """The chosen file and the unpruned FP32 file on the test split no stage saw."""
     src = load_export(out / "levels" / level_name(chosen.level) / "export")
     inputs, targets = held_out_test(src.data, src.preprocessing, src.task)
     figures = {name: file_metric(path, provider, src.task, inputs, targets, src.info, physical_cores(), metric)
                for name, path, provider in (("chosen", out / chosen.path, chosen.provider),
                                             ("unpruned_fp32", reference, "cpu"))}
-    return TestRecord(samples=len(inputs), metric_value=figures["chosen"], unpruned_fp32_metric=figures["unpruned_fp32"],
+    return HeldOutRecord(samples=len(inputs), metric_value=figures["chosen"], unpruned_fp32_metric=figures["unpruned_fp32"],
                       metric_drop_points=100 * (figures["unpruned_fp32"] - figures["chosen"]))
 
 

@@ -17,7 +17,7 @@ per-class table, its calibration figures, its saliency method) are plain JSON ob
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -31,6 +31,16 @@ Json = dict[str, Any]
 
 class Record(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    schema0_names: ClassVar[dict[str, str]] = {}  # a field's name in schema-0 files -> its name now
+    # what schema-0 files leave unsaid: they were all written by classifiers, whose metric is accuracy
+    schema0_defaults: ClassVar[dict[str, Any]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _schema0_names(cls, data: Any) -> Any:
+        if isinstance(data, dict) and any(k in data for k in cls.schema0_names):
+            data = {**cls.schema0_defaults, **_renamed(data, cls.schema0_names)}
+        return data
 
 
 class Versioned(Record):
@@ -54,7 +64,7 @@ class Versioned(Record):
 
     @classmethod
     def from_schema0(cls, data: Json) -> Json:
-        return data
+        return {**{k: v for k, v in CLASSIFIER.items() if k in cls.model_fields}, **data}
 
     @classmethod
     def read(cls: type[R], data: Json) -> R:
@@ -82,6 +92,9 @@ def write_record(path: str | Path, record: Versioned) -> None:
     write_json(Path(path), record.model_dump(mode="json"))
 
 
+CLASSIFIER = {"metric": "accuracy"}  # what a schema-0 record leaves unsaid: every one was written by a classifier
+
+
 def _renamed(data: Json, names: dict[str, str]) -> Json:
     return {names.get(k, k): v for k, v in data.items()}
 
@@ -107,14 +120,14 @@ class BatchNormRecord(Record):
 class TrainMetrics(Versioned):
     """What a training run (or a pruning recovery) reached: the best epoch by the task's metric."""
 
-    metric: str = "accuracy"
+    metric: str  # the task's primary metric: what the best epoch was judged on
     val_metric: float | None = None  # the best epoch's validation figure of ``metric``
     val_scores: dict[str, float] = Field(default_factory=dict)
     best_epoch: int = -1
     epochs: int = 0
     final_val_metric: float | None = None
     train_items_per_second: float | None = None
-    unit: str = "images"
+    unit: str  # what the items are: images, texts
     num_processes: int = 1
     mixed_precision: str | None = None  # what ran
     mixed_precision_configured: str | None = None  # what the config said (None: the launcher's)
@@ -126,8 +139,9 @@ class TrainMetrics(Versioned):
 
     @classmethod
     def from_schema0(cls, data: Json) -> Json:
-        data = _renamed(data, {"val_accuracy": "val_metric", "final_val_accuracy": "final_val_metric",
-                               "train_images_per_second": "train_items_per_second"})
+        data = _renamed({**CLASSIFIER, "unit": "images", **data},
+                        {"val_accuracy": "val_metric", "final_val_accuracy": "final_val_metric",
+                         "train_images_per_second": "train_items_per_second"})
         if data.get("val_metric") is not None:
             data["val_scores"] = {"accuracy": data["val_metric"]}
         if isinstance(data.get("bn_reestimate"), dict):
@@ -226,6 +240,8 @@ def latency_fields(figures: Json) -> Json:
 class Attempt(Record):
     """One INT8 configuration the search measured."""
 
+    schema0_names = {"accuracy": "metric_value", "accuracy_drop_points": "metric_drop_points"}
+
     name: str
     mode: str
     excluded_nodes: list[str]
@@ -244,16 +260,12 @@ class Attempt(Record):
     passed: bool = False
     note: str = ""
 
-    @model_validator(mode="before")
-    @classmethod
-    def _schema0(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "accuracy" in data:
-            data = _renamed(data, {"accuracy": "metric_value", "accuracy_drop_points": "metric_drop_points"})
-        return data
-
 
 class QuantizationRecord(Record):
     """The INT8 search: what was tried, what was chosen and measured again, and whether it shipped."""
+
+    schema0_names = {"max_accuracy_drop": "max_metric_drop"}
+    schema0_defaults = CLASSIFIER
 
     mode: str
     activation_type: str
@@ -263,7 +275,7 @@ class QuantizationRecord(Record):
     per_channel: bool
     reduce_range: bool
     preflight: Json
-    metric: str = "accuracy"
+    metric: str
     noise_floor: float
     noise_floor_before_search: float
     min_speedup: float
@@ -285,16 +297,12 @@ class QuantizationRecord(Record):
     not_shipped_reason: str | None = None
     file: str | None = None
 
-    @model_validator(mode="before")
-    @classmethod
-    def _schema0(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "max_accuracy_drop" in data:
-            data = _renamed(data, {"max_accuracy_drop": "max_metric_drop"})
-        return data
-
 
 class SourceRecord(Record):
     """What later stages need of the run an export came from, so the directory works on its own."""
+
+    schema0_names = {"val_accuracy": "val_metric"}
+    schema0_defaults = CLASSIFIER
 
     task: str | None = None
     input_names: list[str] | None = None
@@ -302,16 +310,9 @@ class SourceRecord(Record):
     classes: list[str]
     preprocessing: Json
     model: str
-    metric: str = "accuracy"
+    metric: str
     val_metric: float | None = None
     info: Json = Field(default_factory=dict)  # what the task's postprocess needs besides the classes
-
-    @model_validator(mode="before")
-    @classmethod
-    def _schema0(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "val_accuracy" in data:
-            data = _renamed(data, {"val_accuracy": "val_metric"})
-        return data
 
 
 class DatasetRecord(Record):
@@ -336,7 +337,7 @@ class ExportReport(Versioned):
     source_run: str
     source: SourceRecord
     dataset: DatasetRecord
-    metric: str = "accuracy"
+    metric: str
     machine: Json
     latency_session: Json = Field(default_factory=dict)
     variants: dict[str, VariantRecord]
@@ -364,7 +365,7 @@ class PruneRecord(Versioned):
     source_run: str
     method: str
     importance: str | None = None
-    metric: str = "accuracy"
+    metric: str
     before: ModelMeasure | None = None
     after: ModelMeasure | None = None
     ratio: float | None = None
@@ -379,23 +380,18 @@ class PruneRecord(Versioned):
 
     @classmethod
     def from_schema0(cls, data: Json) -> Json:
-        return _renamed(data, {"accuracy_drop_points": "metric_drop_points"})
+        return _renamed({**CLASSIFIER, **data}, {"accuracy_drop_points": "metric_drop_points"})
 
 
 # --- usability.json --------------------------------------------------------------------------------
 
 class Robustness(Record):
+
+    schema0_names = {"mean_corruption_accuracy": "mean_corruption_metric"}
     mean_corruption_metric: float
     by_corruption: dict[str, dict[str, float]]
     drop_vs_fp32_points: float | None = None
     clean_minus_corrupted_points: float | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _schema0(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "mean_corruption_accuracy" in data:
-            data = _renamed(data, {"mean_corruption_accuracy": "mean_corruption_metric"})
-        return data
 
 
 class LatencyGrid(Record):
@@ -439,8 +435,8 @@ class UsabilityRecord(Versioned):
     source_run: str
     torch_variant_missing: str | None = None
     dataset: UsabilityDataset
-    metric: str = "accuracy"
-    metric_label: str = "accuracy"
+    metric: str
+    metric_label: str
     machine: Json
     latency_session: Json
     settings: Json
@@ -451,11 +447,17 @@ class UsabilityRecord(Versioned):
     passed: bool = True
     failures: list[str] = Field(default_factory=list)
 
+    @classmethod
+    def from_schema0(cls, data: Json) -> Json:
+        return {**CLASSIFIER, "metric_label": "accuracy", **data}
+
 
 # --- points.json, pareto.json (optimize) -------------------------------------------------------------
 
 class Point(Record):
     """One file on one provider at one pruning level, timed beside the unpruned FP32 file."""
+
+    schema0_names = {"accuracy": "metric_value", "accuracy_drop_points": "metric_drop_points"}
 
     level: float
     variant: str
@@ -470,44 +472,32 @@ class Point(Record):
     noise_floor: float
     first: Json | None = None  # the first measurement, when the final round measured it again
 
-    @model_validator(mode="before")
-    @classmethod
-    def _schema0(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "accuracy" in data:
-            data = _renamed(data, {"accuracy": "metric_value", "accuracy_drop_points": "metric_drop_points"})
-        return data
-
 
 class PointsRecord(Versioned):
     points: list[Point] = Field(default_factory=list)
     seconds: float = 0.0
 
 
-class TestRecord(Record):
+class HeldOutRecord(Record):
+
+    schema0_names = {"accuracy": "metric_value", "unpruned_fp32_accuracy": "unpruned_fp32_metric",
+                     "accuracy_drop_points": "metric_drop_points"}
     samples: int
     metric_value: float
     unpruned_fp32_metric: float
     metric_drop_points: float
-
-    @model_validator(mode="before")
-    @classmethod
-    def _schema0(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "accuracy" in data:
-            data = _renamed(data, {"accuracy": "metric_value", "unpruned_fp32_accuracy": "unpruned_fp32_metric",
-                                   "accuracy_drop_points": "metric_drop_points"})
-        return data
 
 
 class ParetoRecord(Versioned):
     run: str
     machine: Json
     settings: Json
-    metric: str = "accuracy"
+    metric: str
     points: list[Point]
     front: list[Point]
     final_round: list[str] = Field(default_factory=list)
     chosen: Point | None = None
-    test: TestRecord | None = None
+    test: HeldOutRecord | None = None
     stopped: str | None = None
     providers_not_installed: list[str] = Field(default_factory=list)
     seconds: float = 0.0
