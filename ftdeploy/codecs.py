@@ -250,3 +250,27 @@ class Codec:
 
     def respond(self, predictions: Any, params: Any, info: dict[str, Any]) -> dict[str, Any]:
         return self.responses.respond(predictions, params, info)
+
+    def compare(self, got: Any, expected: Any) -> tuple[bool, int]:
+        """Whether a served answer is the one computed offline (:meth:`answer`, default parameters):
+        (the same, differences excused as near-ties). The task's responses say what "the same" is
+        (a detector's boxes at IoU 0.99); by default, the same structure and strings, numbers within 1e-4."""
+        compare = getattr(self.responses, "compare", None)
+        return compare(got, expected) if compare is not None else (same_structure(got, expected), 0)
+
+
+def same_structure(got: Any, expected: Any, tol: float = 1e-4) -> bool:
+    """Two JSON answers alike: the same structure and strings, numbers within ``tol``.
+
+    >>> same_structure({"a": [1.0, "x"]}, {"a": [1.00001, "x"]}), same_structure([1], [1, 2])
+    (True, False)
+    """
+    if isinstance(expected, dict):
+        return isinstance(got, dict) and got.keys() == expected.keys() and all(
+            same_structure(got[k], expected[k], tol) for k in expected)
+    if isinstance(expected, list):
+        return isinstance(got, list) and len(got) == len(expected) and all(
+            same_structure(g, e, tol) for g, e in zip(got, expected))
+    if isinstance(expected, float) and isinstance(got, (int, float)):
+        return abs(got - expected) <= tol
+    return got == expected

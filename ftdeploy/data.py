@@ -158,7 +158,7 @@ class DatasetSplits:
     classes: list[str]
     name: str
     skipped: list[str] = field(default_factory=list)  # unreadable files left out (on_corrupt=skip)
-    test: ImageDataset | TextDataset | None = None  # held out of val by data.test_fraction
+    test: ImageDataset | TextDataset | None = None  # the dataset's own, or held out of val by data.test_fraction
 
 
 def build_datasets(cfg: DataConfig, spec: Preprocessing) -> DatasetSplits:
@@ -172,7 +172,7 @@ def build_datasets(cfg: DataConfig, spec: Preprocessing) -> DatasetSplits:
     """
     builder = datasets.get("torchvision" if cfg.name.startswith("torchvision:") else cfg.name)
     splits = builder(cfg, spec)
-    if cfg.test_fraction > 0:  # a seeded share of the validation split, which no stage sees
+    if cfg.test_fraction > 0 and splits.test is None:  # a seeded share of validation, which no stage sees
         order = np.random.default_rng(cfg.split_seed + 1).permutation(len(splits.val))
         n = max(1, round(cfg.test_fraction * len(splits.val)))
         splits.test = splits.val.subset(sorted(order[:n].tolist()))

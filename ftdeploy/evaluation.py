@@ -149,7 +149,8 @@ class ParitySet:
     onnx32: list[Outputs]
 
 
-def fp32_parity(task: Task, sets: list[ParitySet], error_ratio: float, atol: float) -> ParityRecord:
+def fp32_parity(task: Task, sets: list[ParitySet], error_ratio: float, atol: float,
+                info: dict[str, Any] | None = None) -> ParityRecord:
     """Is the ONNX file as exact as PyTorch itself? Both float32 answers are measured against the
     float64 reference: the file passes when its largest error is at most ``error_ratio`` x PyTorch
     float32's own plus ``atol``, and the task's decisions (top-1, detections, tags) differ only where
@@ -165,7 +166,7 @@ def fp32_parity(task: Task, sets: list[ParitySet], error_ratio: float, atol: flo
     torch_error = max(output_errors(s.reference, t)[0] for s in sets for t in s.torch32)
     onnx_error = max(output_errors(s.reference, o)[0] for s in sets for o in s.onnx32)
     between = [output_errors(t, o) for s in sets for t, o in zip(s.torch32, s.onnx32)]
-    decisions: Decisions = sum((task.decisions(s.reference, t, o, s.inputs) for s in sets
+    decisions: Decisions = sum((task.decisions(s.reference, t, o, s.inputs, info or {}) for s in sets
                                 for t, o in zip(s.torch32, s.onnx32)), Decisions(task.decision, 0, 1.0, 0, 0))
     bound = error_ratio * torch_error + atol
     return ParityRecord(torch_fp32_error=torch_error, onnx_error=onnx_error,

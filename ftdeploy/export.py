@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ import onnx
 import torch
 
 from .config import ExportConfig
-from .conversion import export_onnx, finalize, onnx_metadata
+from .conversion import export_onnx, finalize, onnx_metadata, outputs_of
 from .evaluation import EvalData, ParitySet, fp32_parity, onnx_predictor, reference_outputs, torch_predictor
 from .files import relative
 from .gates import Gates
@@ -68,7 +67,7 @@ def export(run_dir: str | Path, output_dir: str | Path | None = None, cfg: Expor
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "model.onnx"
         exporter, reason = export_onnx(model, args, raw, cfg.opset, cfg.exporter, names, task.dynamic_axes(names),
-                                       task.exporter_order, task.output_names, task.output_axes())
+                                       task.exporter_order, *outputs_of(task, run.info))
         # one load for all (building an image folder decodes every file): the samples stored in the
         # file, the parity examples and the examples every variant is scored on
         data = EvalData.from_run(run, max(cfg.eval_samples, cfg.parity_samples, SAMPLES), calibration_samples=1)
@@ -164,7 +163,7 @@ def parity_check(model, session, sets: dict[str, Any], cfg: ExportConfig, run: R
         # PyTorch's own error is unknown: allow float32 rounding of the largest output instead
         atol += FLOAT32_ONLY_RTOL * max(float(np.abs(o).max()) for ref in references for o in ref)
     record = fp32_parity(task, [ParitySet(inputs, ref, t, o) for (inputs, t, o), ref in zip(runs, references)],
-                         cfg.parity_error_ratio, atol)
+                         cfg.parity_error_ratio, atol, run.info)
     record.batch_sizes, record.parity_error_ratio, record.atol = cfg.parity_batch_sizes, cfg.parity_error_ratio, cfg.atol
     record.input_sets = {name: len(inputs) for name, inputs in sets.items()}
     if note:

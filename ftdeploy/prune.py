@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .config import PruneConfig
-from .conversion import temporary_onnx
+from .conversion import outputs_of, temporary_onnx
 from .data import build_datasets
 from .errors import ConfigError, DependencyError
 from .evaluation import split_arrays, torch_predictor
@@ -152,8 +152,7 @@ class Probe:
     @contextlib.contextmanager
     def onnx(self, model: nn.Module):
         traced = [t.repeat(2, *[1] * (t.dim() - 1)) for t in self.example]  # batch 2: not specialized to 1
-        with temporary_onnx(model, traced, self.names, self.axes, self.task.output_names,
-                            self.task.output_axes()) as path:
+        with temporary_onnx(model, traced, self.names, self.axes, *outputs_of(self.task, self.info or {})) as path:
             yield path
 
 

@@ -18,7 +18,6 @@ and that is not a failure unless ``quantize.required`` (``--strict``) asks for o
 
 from __future__ import annotations
 
-import copy
 import importlib
 import logging
 import os
@@ -638,7 +637,7 @@ def confirm(report: ExportReport, fp32: Path, int8: Path, data: EvalData, metric
         "scores": data.score(fp32_outputs).values})
     report.variants["int8"] = VariantRecord(
         path=int8.name, size_bytes=onnx_size(int8), metric_samples=samples, scores=data.score(int8_outputs).values,
-        agreement={**data.task.agreement(fp32_outputs, int8_outputs, data.inputs), "reference": "fp32",
+        agreement={**data.task.agreement(fp32_outputs, int8_outputs, data.inputs, data.info), "reference": "fp32",
                    "batch_size": 32 if "int8" in reused else 1},
         **latency_fields(figures["int8"]), latency_measured_by="quantize",
         providers_p50_ms=provider_latency(int8, data.bench, threads, cfg.latency_seconds))

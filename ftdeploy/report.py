@@ -174,6 +174,7 @@ def usability_html(record: UsabilityRecord, task_sections: list[str], run: str) 
     directory the variants came from."""
     data = record.model_dump(mode="json")
     v, m, metric = data["variants"], data["machine"], data["metric"]
+    label = data.get("metric_label") or metric
     status = ('<span class="badge pass">budgets passed</span>' if data["passed"]
               else '<span class="badge fail">budgets failed</span>')
     parts = [f"<h1>Usability report</h1><p class='meta'>{escape(data['source'])} (run "
@@ -183,7 +184,7 @@ def usability_html(record: UsabilityRecord, task_sections: list[str], run: str) 
     if data.get("torch_variant_missing"):
         parts.append(f"<p class='meta'>The PyTorch variant is left out: {escape(data['torch_variant_missing'])}.</p>")
     parts.append("<h2>Summary</h2>" + table(
-        ["variant", f"{metric} %", f"mean corruption {metric} %", "robustness drop vs fp32 (pts)", "ECE",
+        ["variant", f"{label} %", f"mean corruption {label} %", "robustness drop vs fp32 (pts)", "ECE",
          "saliency agreement", "p50 ms @1", "p99 ms @1", "peak MB", "size MB"],
         [[n, fmt(x["scores"].get(metric), ".2f", 100), fmt(x["robustness"]["mean_corruption_metric"], ".2f", 100),
           fmt(x["robustness"]["drop_vs_fp32_points"], "+.2f"), fmt(x["calibration"].get("ece"), ".3f"),
@@ -212,13 +213,14 @@ def _bs1(x: dict[str, Any], key: str) -> float | None:
 
 def _robustness_section(data: dict[str, Any]) -> str:
     v, metric = data["variants"], data["metric"]
+    label = data.get("metric_label") or metric
     corruptions = list(next(iter(v.values()))["robustness"]["by_corruption"])
     rows = [[n] + [fmt(np.mean(list(x["robustness"]["by_corruption"][c].values())), ".1f", 100) for c in corruptions]
             + [fmt(x["robustness"]["drop_vs_fp32_points"], "+.2f"), fmt(x["robustness"]["clean_minus_corrupted_points"], ".1f")]
             for n, x in v.items()]
-    out = [f"<h2>Robustness</h2><p>{metric.capitalize()} (%) under each corruption, averaged over severities; "
+    out = [f"<h2>Robustness</h2><p>{label[0].upper() + label[1:]} (%) under each corruption, averaged over severities; "
            f"corruptions are applied {data['dataset']['corrupted']}, with the same seeds for every variant. "
-           f"<em>drop vs fp32</em>: points of mean corruption {metric} lost against FP32; <em>clean − corrupted</em>: "
+           f"<em>drop vs fp32</em>: points of mean corruption {label} lost against FP32; <em>clean − corrupted</em>: "
            "how much the variant loses under corruption compared with its own clean figure.</p>",
            table(["variant"] + corruptions + ["drop vs fp32 (pts)", "clean − corrupted (pts)"], rows)]
     plt = pyplot()
@@ -230,7 +232,7 @@ def _robustness_section(data: dict[str, Any]) -> str:
             for n, x in v.items():
                 sev = x["robustness"]["by_corruption"][c]
                 ax.plot([int(s) for s in sev], [100 * a for a in sev.values()], marker="o", label=n)
-            ax.set(title=c, xlabel="severity", ylabel=f"{metric} %", ylim=(0, 102))
+            ax.set(title=c, xlabel="severity", ylabel=f"{label} %", ylim=(0, 102))
             ax.grid(alpha=0.3)
         for ax in axes.ravel()[len(corruptions):]:
             ax.axis("off")

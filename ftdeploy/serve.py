@@ -43,7 +43,7 @@ from .records import ExportReport, load_record
 from .tasks.base import Outputs, concat, slice_outputs
 
 try:
-    from fastapi import FastAPI, Query, Request
+    from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.openapi.docs import get_swagger_ui_html
     from fastapi.responses import JSONResponse, PlainTextResponse
@@ -522,7 +522,8 @@ def check_agreement(model: OnnxModel, reference: OnnxModel) -> dict:
     if samples is None:
         raise FtdeployError(f"{model.path} carries no sample inputs to check {provider} against the CPU provider",
                             "export it again with this version of ftdeploy, or serve with --provider cpu")
-    result = {"samples": len(samples), **model.task.agreement(reference.outputs(samples), model.outputs(samples), samples)}
+    result = {"samples": len(samples),
+              **model.task.agreement(reference.outputs(samples), model.outputs(samples), samples, model.info)}
     if result["decision_agreement"] < 1 or result["max_score_diff"] > AGREEMENT_MAX_PROB_DIFF:
         raise FtdeployError(f"{provider} disagrees with the CPU provider on the file's {len(samples)} sample inputs: "
                             f"{model.task.decision} agreement {result['decision_agreement']:.0%}, max score difference "

@@ -241,14 +241,16 @@ def reestimate_batchnorm(accelerator, model: nn.Module, loader, batches: int) ->
     """Recompute every BatchNorm's running statistics as a plain average over ``batches`` training
     batches with the final weights (as ``torch.optim.swa_utils.update_bn`` does, for a bounded number
     of batches). False when the model has no BatchNorm."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    model.train()  # a BatchNorm its model keeps frozen stays in eval mode: its statistics are kept
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+             and m.training]
     if not norms:
+        model.eval()
         return False
     momenta = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # cumulative average instead of an exponential one
-    model.train()
     for i, (x, _) in enumerate(loader):
         if i >= batches:
             break

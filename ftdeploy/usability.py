@@ -218,7 +218,8 @@ def report(export_dir: str | Path, cfg: ReportConfig | None = None) -> Path:
         store_temperatures(variants, results)
     record = UsabilityRecord(
         source=relative(source.path, out.parent), source_run=relative(source.source_run, out.parent),
-        torch_variant_missing=no_torch, metric=cfg.metric or task.metric, metric_label=task.metric_label,
+        torch_variant_missing=no_torch, metric=cfg.metric or task.metric,
+        metric_label=task.metric_label if (cfg.metric or task.metric) == task.metric else cfg.metric,
         dataset=UsabilityDataset(name=source.data.name, split="val", num_samples=len(clean), unit=task.unit,
                               corrupted=suite.corrupted),
         machine=machine_info(threads), latency_session=session_policy(threads), settings=cfg.model_dump(mode="json"),

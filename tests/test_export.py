@@ -95,7 +95,7 @@ def test_a_near_tie_inside_float32_noise_passes_the_gate():
     from ftdeploy.tasks import get_task
 
     class Run:  # what parity_check reads of a run
-        task, input_names = get_task("image_classification"), ["input"]
+        task, input_names, info = get_task("image_classification"), ["input"], {}
 
     model = NearTie().eval()
     inputs = np.random.default_rng(0).standard_normal((64, 3, 4, 4)).astype(np.float32)

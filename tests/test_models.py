@@ -19,7 +19,7 @@ def test_head_is_replaced_for_the_class_count(name, head):
 def test_unknown_model_names_suggest_the_right_one():
     with pytest.raises(ModelError, match="unknown torchvision classification model 'resnet181'.*did you mean 'resnet18'"):
         build_model(ModelConfig(name="torchvision:resnet181"), 2)
-    with pytest.raises(ModelError, match="unknown model family .tv.*known: hf, timm, tiny, torchvision"):
+    with pytest.raises(ModelError, match="unknown model family .tv.*known: det, hf, timm, tiny, torchvision"):
         build_model(ModelConfig(name="tv:resnet18"), 2)
     with pytest.raises(ModelError, match="lacks a family prefix"):
         build_model(ModelConfig(name="resnet18"), 2)

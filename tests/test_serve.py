@@ -570,7 +570,8 @@ def test_sigterm_in_the_middle_of_the_load_loses_no_accepted_request(model_file,
     lt = load_test_module()
     model = OnnxModel(model_file, threads=1)
     images = [Image.open(io.BytesIO(png(300 + i))) for i in range(20)]
-    bodies, expected = [model.task.codec.encode([i]) for i in images], [model.task.codec.answer(model, [i]) for i in images]
+    codec = model.task.codec
+    bodies, expected = [codec.encode([i]) for i in images], [lt.Expected(codec, codec.answer(model, [i])) for i in images]
     n = 2000
     result = lt.drain_scenario(model_file, ["--threads", "1"], bodies, expected, n, 8, 0.3, client, signal_at=0.1)
     assert result["reset"] == 0 and result["answered_other"] == 0 and result["mismatched_predictions"] == 0, \

@@ -102,7 +102,7 @@ def dataset(cfg, spec):
     return DatasetSplits(everything.subset(order[n_val:]), everything.subset(order[:n_val]), ["peak"], cfg.name)
 
 
-def model_family(arch: str, weights: str, _recorded: dict):
+def model_family(arch: str, weights: str, _recorded: dict, _options: dict):
     import torch
     from torch import nn
 
@@ -277,7 +277,7 @@ class PeakTask(Task):
     def score(self, predictions: np.ndarray, targets: list[list[int]]) -> Scores:
         return Scores(self.metric, point_f1(peaks(predictions, 0.5), targets))
 
-    def decisions(self, reference, torch32, onnx32, inputs) -> Decisions:
+    def decisions(self, reference, torch32, onnx32, inputs, info) -> Decisions:
         """Above or below the threshold (logit 0), per sample; a flip where the float64 logit lies
         within both errors of 0 is a near-tie."""
         ref = reference[0]
@@ -288,7 +288,7 @@ class PeakTask(Task):
         return Decisions(self.decision, flipped.size, float(1 - flipped.mean()), int(counted.sum()),
                          int((flipped & ~counted).sum()))
 
-    def agreement(self, reference, candidate, inputs) -> dict[str, float]:
+    def agreement(self, reference, candidate, inputs, info) -> dict[str, float]:
         a, b = sigmoid(reference[0]), sigmoid(candidate[0])
         return {"decision_agreement": float(((a > 0.5) == (b > 0.5)).mean()), "max_score_diff": float(np.abs(a - b).max()),
                 "max_abs_diff": output_errors(reference, candidate)[0]}

@@ -12,7 +12,7 @@ from the user's own code).
 >>> get_task("text")
 Traceback (most recent call last):
 ...
-ftdeploy.errors.ConfigError: unknown task 'text' (known: image_classification, text_classification)
+ftdeploy.errors.ConfigError: unknown task 'text' (known: image_classification, object_detection, text_classification)
 """
 
 from __future__ import annotations
@@ -20,12 +20,14 @@ from __future__ import annotations
 from ..errors import ConfigError
 from ..registry import Registry
 from .base import Decisions, Outputs, Scores, Task, UsabilitySuite, feeds, tile
+from .detection import ObjectDetection
 from .image import ImageClassification
 from .text import TextClassification
 
 tasks: Registry[Task] = Registry("task", ConfigError)
 tasks.register(ImageClassification.name)(ImageClassification())
 tasks.register(TextClassification.name)(TextClassification())
+tasks.register(ObjectDetection.name)(ObjectDetection())
 
 
 # what files and directories written before tasks existed hold

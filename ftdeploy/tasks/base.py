@@ -252,14 +252,21 @@ class Task:
         """The scores of raw outputs: postprocessed, then judged."""
         return self.score(self.postprocess(outputs, inputs, info or {}), targets)
 
-    def decisions(self, reference: Outputs, torch32: Outputs, onnx32: Outputs, inputs: Any) -> Decisions:
-        """Where PyTorch float32 and the file decide differently, against the float64 ``reference``."""
+    def decisions(self, reference: Outputs, torch32: Outputs, onnx32: Outputs, inputs: Any,
+                  info: dict[str, Any]) -> Decisions:
+        """Where PyTorch float32 and the file decide differently, against the float64 ``reference``;
+        ``info``: what the file says (as for :meth:`postprocess`)."""
         raise NotImplementedError
 
-    def agreement(self, reference: Outputs, candidate: Outputs, inputs: Any) -> dict[str, float]:
+    def agreement(self, reference: Outputs, candidate: Outputs, inputs: Any, info: dict[str, Any]) -> dict[str, float]:
         """How closely a variant (INT8, another provider) answers as its reference: ``decision_agreement``
         (0..1), ``max_score_diff`` (the largest difference of a served score) and task figures."""
         raise NotImplementedError
+
+    def outputs_for(self, info: dict[str, Any]) -> dict[str, dict[int, str]]:
+        """The model's outputs (name -> dynamic axes) for what the run records (``info``): a task whose
+        models answer with as many outputs as their architecture has (a detector's head) says which."""
+        return self.output_axes()
 
     # --- export ---------------------------------------------------------------------------------
     def dynamic_axes(self, names: Sequence[str]) -> dict[str, dict[int, str]]:

@@ -151,13 +151,14 @@ class ClassifierOutputs:
     def score(self, probs: np.ndarray, labels: np.ndarray) -> Scores:
         return Scores(self.metric, {"accuracy": accuracy(probs, labels)})
 
-    def decisions(self, reference: Outputs, torch32: Outputs, onnx32: Outputs, inputs: Any) -> Decisions:
+    def decisions(self, reference: Outputs, torch32: Outputs, onnx32: Outputs, inputs: Any,
+                  info: dict[str, Any] | None = None) -> Decisions:
         """Top-1 of PyTorch float32 against the file's; a disagreement counts only where the float64
         top-2 margin exceeds both errors on that input.
 
         >>> ref = [np.array([[1.0, 0.999999], [3.0, 0.0]])]
         >>> t, o = [ref[0] + [[2e-6, 0.0], [1e-6, 0.0]]], [ref[0] + [[-2e-6, 0.0], [2e-6, 0.0]]]
-        >>> d = ClassifierOutputs().decisions(ref, t, o, None); (d.agreement, d.counted, d.excused)
+        >>> d = ClassifierOutputs().decisions(ref, t, o, None, {}); (d.agreement, d.counted, d.excused)
         (0.5, 0, 1)
         """
         logits = logits_of(reference).astype(np.float64)
@@ -168,7 +169,8 @@ class ClassifierOutputs:
         return Decisions(self.decision, len(logits), float(1 - disagree.mean()), int(counted.sum()),
                          int((disagree & ~counted).sum()))
 
-    def agreement(self, reference: Outputs, candidate: Outputs, inputs: Any) -> dict[str, float]:
+    def agreement(self, reference: Outputs, candidate: Outputs, inputs: Any,
+                  info: dict[str, Any] | None = None) -> dict[str, float]:
         a, b = logits_of(reference), logits_of(candidate)
         cosine = (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
         largest, mean = output_errors(reference, candidate)

@@ -19,7 +19,7 @@ from ..errors import FtdeployError
 from ..preprocessing import Preprocessing, normalize, prepare, preprocess, resolve_preprocessing
 from ..registry import Registry
 from .base import Outputs, Task, softmax, tile
-from ..figures import fmt, inline_png, pyplot, table
+from ..figures import inline_png, pyplot, saliency_agreement_table
 from .classification import ClassifierOutputs, ClassifierSuite, classifier_codec, logits_of
 
 IMAGE_CORRUPTIONS = ["gaussian_noise", "blur", "brightness", "contrast", "jpeg", "rotation", "translation", "occlusion"]
@@ -279,15 +279,13 @@ def integrated_gradients(model, x: np.ndarray, target: int, steps: int = 32) -> 
 def saliency_section(data: dict[str, Any]) -> str:
     """Occlusion maps of every variant beside each explained image (and integrated gradients for PyTorch)."""
     v, inputs = data["variants"], data["saliency_inputs"]
-    rows = [[n, fmt(x["saliency"]["agreement_with_fp32"], ".3f"),
-             " ".join(fmt(a, ".2f") for a in x["saliency"]["agreement_per_sample"])] for n, x in v.items()]
     method = next(iter(v.values()))["saliency"]
     out = [f"<h2>Interpretability</h2><p>Occlusion sensitivity through each variant's own predictor (a "
            f"{method['patch']}-pixel gray square, stride {method['stride']}): how much the probability of FP32's "
            f"predicted class drops when each region is hidden. Agreement is the Spearman rank correlation with "
            f"FP32's map, averaged over the {len(inputs['samples'])} images (misclassified ones among them, when "
            f"there are any). The last column for the PyTorch model shows integrated gradients.</p>",
-           table(["variant", "agreement with fp32", "per image"], rows)]
+           saliency_agreement_table(v, "image")]
     plt = pyplot()
     if plt is not None:
         ig = "integrated_gradients" in v.get("torch", {}).get("saliency", {})

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..codecs import Parsed, texts_of
 from ..errors import ConfigError, DependencyError, FtdeployError
-from ..figures import escape, fmt, table
+from ..figures import escape, saliency_agreement_table
 from ..registry import Registry
 from .base import Outputs, Task, softmax, tile
 from .classification import ClassifierOutputs, ClassifierSuite, classifier_codec, logits_of
@@ -297,14 +297,12 @@ def token_saliency_section(data: dict[str, Any]) -> str:
     probability of FP32's prediction (and, for PyTorch, by integrated gradients)."""
     v, inputs = data["variants"], data["saliency_inputs"]
     method = next(iter(v.values()))["saliency"]
-    rows = [[n, fmt(x["saliency"]["agreement_with_fp32"], ".3f"),
-             " ".join(fmt(a, ".2f") for a in x["saliency"]["agreement_per_sample"])] for n, x in v.items()]
     out = [f"<h2>Interpretability</h2><p>Token occlusion through each variant's own predictor: each token in turn "
            f"replaced by <code>{escape(method['mask_token'])}</code>; the shade is how much the probability of "
            f"FP32's predicted class drops (red: the token supports it). Agreement is the Spearman rank correlation "
            f"with FP32's scores, averaged over the {len(inputs['samples'])} sentences (misclassified ones among "
            f"them, when there are any). The PyTorch model's last row shows integrated gradients on the word "
-           f"embeddings.</p>", table(["variant", "agreement with fp32", "per sentence"], rows)]
+           f"embeddings.</p>", saliency_agreement_table(v, "sentence")]
 
     def shaded(tokens: list[str], scores: list[float]) -> str:
         top = max((abs(x) for x in scores), default=0.0) or 1.0
