@@ -195,8 +195,9 @@ def choose_ratio(model: nn.Module, head_name: str, probe: Probe, cfg: PruneConfi
         if hi is None:
             best = min(trials, key=lambda t: t["macs_fraction"])
             raise ConfigError(f"target unreachable: best {best['macs_fraction']:.3f}x MACs at ratio {best['ratio']} "
-                              f"(target_macs {cfg.target_macs})", "raise --target-macs (the classifier and layers "
-                              "Torch-Pruning cannot prune keep their MACs), or try --global")
+                              f"(target_macs {cfg.target_macs})", "raise --target-macs (what pruning leaves whole, such as "
+                              "a classifier or a detector's FPN and heads, and the layers Torch-Pruning cannot prune "
+                              "keep their MACs), or try --global")
         for _ in range(8):
             mid = (lo + hi) / 2
             lo, hi = (lo, mid) if fraction(mid) <= cfg.target_macs else (mid, hi)

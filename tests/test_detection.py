@@ -496,7 +496,7 @@ def test_parity_excuses_a_lattice_of_equal_boxes_that_nms_shifts_but_counts_a_re
     scores = (0.1289 - 5e-6 * np.arange(len(x))).astype(np.float32)  # apart by more than the noise ...
     first, second = scores.copy(), scores.copy()
     first[1], second[1] = scores[0] - 1e-7, scores[0] + 1e-7  # ... but the two at the top, which float32 noise orders
-    decoder = {"score_thresh": 0.05, "nms_thresh": 0.5}
+    decoder = {"score_thresh": 0.05, "nms_thresh": 0.5, "detections_per_img": 300}
 
     def answer(scores, extra=()):
         boxes, scores = np.concatenate([lattice, np.array(extra, np.float32).reshape(-1, 4)]), np.concatenate(
@@ -511,3 +511,16 @@ def test_parity_excuses_a_lattice_of_equal_boxes_that_nms_shifts_but_counts_a_re
     c = answer(second, extra=[[300, 300, 340, 340]])  # a crown only one answer finds
     explained, lacking = near_ties(a, c, match(a, c, 0.9), decoder, 1e-6, 1e-6)
     assert lacking - explained == 1
+    # an answer full at detections_per_img has no room for what scores about its last: explained; a
+    # detection scoring well above that is not
+    decoder = {**decoder, "detections_per_img": 2}
+
+    def full(*scored):
+        return Detections(np.asarray([box for box, _ in scored], np.float32), np.asarray([s for _, s in scored], np.float32),
+                          np.zeros(len(scored), np.int64))
+
+    a = full(([0, 0, 10, 10], 0.9), ([50, 50, 60, 60], 0.5))
+    for c, unexplained in ((full(([0, 0, 10, 10], 0.9), ([90, 90, 99, 99], 0.5000001)), 0),
+                           (full(([0, 0, 10, 10], 0.9), ([90, 90, 99, 99], 0.8)), 1)):
+        explained, lacking = near_ties(a, c, match(a, c, 0.9), decoder, 1e-6, 1e-6)
+        assert (lacking, lacking - explained) == (2, unexplained)

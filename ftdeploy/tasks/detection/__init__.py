@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ...codecs import Codec
 from ..base import Decisions, Outputs, Scores, Task
 from . import data  # noqa: F401  (registers the deepforest, coco, voc and yolo datasets)
-from .boxes import OUTPUTS, Detections, batched_nms, box_iou, decode
+from .boxes import OUTPUTS, Detections, batched_nms, box_iou, decode, topk_cuts
 from .preprocessing import STRIDE, DetectionBatch, DetectionPreprocessing, preprocess_images, resolve
 
 # Corruptions of the image that leave the boxes where they are (rotation and translation would move
@@ -270,10 +270,11 @@ class ObjectDetection(Task):
         error = max([_score_error(r, c) for r, a, b in zip(ref, mine, theirs) for c in (a, b)]
                     + [_score_error(a, b) for a, b in zip(mine, theirs)] + [0.0])
         iou_error = max([1 - _iou(a, i, b, j) for found, a, b in pairs for i, j in found] + [0.0])
+        cuts = [m + t for m, t in zip(topk_cuts(decoder, torch32, h, w), topk_cuts(decoder, onnx32, h, w))]
         compared = counted = excused = 0
-        for found, a, b in pairs:
+        for (found, a, b), image_cuts in zip(pairs, cuts):
             compared += max(len(a), len(b))
-            near, lacking = near_ties(a, b, found, decoder, 2 * error, 2 * iou_error)
+            near, lacking = near_ties(a, b, found, decoder, 2 * error, 2 * iou_error, image_cuts)
             excused += near
             counted += lacking - near
         return Decisions(self.decision, compared, 1 - (counted + excused) / max(1, compared), counted, excused)
@@ -319,20 +320,25 @@ def _iou(a: Detections, i: int, b: Detections, j: int) -> float:
 
 
 def near_ties(a: Detections, b: Detections, found: list[tuple[int, int]], decoder: dict[str, Any],
-              score_margin: float, iou_margin: float) -> tuple[int, int]:
+              score_margin: float, iou_margin: float, cuts: Sequence[float] = ()) -> tuple[int, int]:
     """(the detections one answer has and the other lacks that float32 noise explains, all those it lacks).
 
-    Explained: a score within ``score_margin`` of the threshold; a detection that overlaps one of the other
-    answer whose score is within ``score_margin`` of its own, or whose IoU with it is within ``iou_margin`` of
-    NMS's threshold (which of the two NMS keeps is a coin toss); and, in turn, a detection that the other
-    answer suppressed with an explained one (a different toss changes what NMS keeps after it: in a uniform
-    region, such as an image's padding, a whole lattice of equal boxes shifts)."""
+    Explained: a score within ``score_margin`` of the threshold or of a cut of ``topk_candidates``
+    (``cuts``); a detection that overlaps one of the other answer whose score is within ``score_margin`` of
+    its own, or whose IoU with it is within ``iou_margin`` of NMS's threshold (which of the two NMS keeps is
+    a coin toss); in turn, a detection that the other answer suppressed with an explained one (a different
+    toss changes what NMS keeps after it: in a uniform region, such as an image's padding, a whole lattice
+    of equal boxes shifts); and one that the other answer, full at ``detections_per_img``, had no room
+    for (its score not above that answer's last)."""
     sides = ((a, b, set(range(len(a))) - {i for i, _ in found}), (b, a, set(range(len(b))) - {j for _, j in found}))
-    thresh, nms = decoder["score_thresh"], decoder["nms_thresh"]
+    nms, cap = decoder["nms_thresh"], decoder["detections_per_img"]
+    lines = np.asarray([decoder["score_thresh"], *cuts])
     explained: list[set[int]] = []
     for side, other, lacking in sides:
         overlap = box_iou(side.boxes, other.boxes) * (side.labels[:, None] == other.labels[None, :])
-        explained.append({k for k in lacking if abs(float(side.scores[k]) - thresh) <= score_margin or any(
+        last = float(other.scores.min()) if len(other) >= cap else -1.0
+        explained.append({k for k in lacking if (np.abs(lines - side.scores[k]) <= score_margin).any()
+                          or side.scores[k] <= last + score_margin or any(
             (overlap[k] > 0.3) & ((np.abs(other.scores - side.scores[k]) <= score_margin)
                                   | (np.abs(overlap[k] - nms) <= iou_margin)))})
     while True:  # what an explained detection suppressed in its own answer is explained too

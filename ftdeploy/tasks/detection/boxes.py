@@ -205,13 +205,35 @@ def _topk(scores: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-scores, kind="stable")
 
 
-def _decode_level(decoder: dict, outputs: list[np.ndarray], anchors: np.ndarray, thresh: float) -> Detections:
+def _level_scores(decoder: dict, outputs: list[np.ndarray]) -> np.ndarray:
+    """Every (point or anchor, class) score of one level of one image, flattened."""
     logits = outputs[0].astype(np.float64)
-    num_classes = logits.shape[-1]
     if decoder["kind"] == "fcos":
-        scores = np.sqrt(sigmoid(logits) * sigmoid(outputs[2].astype(np.float64))).ravel()
-    else:
-        scores = sigmoid(logits).ravel()
+        return np.sqrt(sigmoid(logits) * sigmoid(outputs[2].astype(np.float64))).ravel()
+    return sigmoid(logits).ravel()
+
+
+def topk_cuts(decoder: dict, outputs: list[np.ndarray], height: int, width: int) -> list[list[float]]:
+    """Per image, the scores at which ``topk_candidates`` cut a level (where more candidates passed the
+    threshold): like the threshold, a candidate scoring about that is kept or not by float32 noise."""
+    if decoder["kind"] == "ssd":
+        return [[] for _ in outputs[0]]  # one cut per class over every box; SSD files are compared at one size
+    starts = np.cumsum([0] + [len(a) for a in anchors_for(decoder, height, width)])
+    k, out = decoder["topk_candidates"], []
+    for i in range(len(outputs[0])):
+        cuts = []
+        for a, b in zip(starts[:-1], starts[1:]):
+            scores = _level_scores(decoder, [o[i, a:b] for o in outputs])
+            scores = scores[scores > decoder["score_thresh"]]
+            if len(scores) > k:
+                cuts.append(float(np.partition(scores, len(scores) - k)[len(scores) - k]))
+        out.append(cuts)
+    return out
+
+
+def _decode_level(decoder: dict, outputs: list[np.ndarray], anchors: np.ndarray, thresh: float) -> Detections:
+    num_classes = outputs[0].shape[-1]
+    scores = _level_scores(decoder, outputs)
     candidates = np.flatnonzero(scores > thresh)
     candidates = candidates[_topk(scores[candidates], decoder["topk_candidates"])]
     index, labels = candidates // num_classes, candidates % num_classes
