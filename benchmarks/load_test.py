@@ -9,6 +9,15 @@ them. Reports throughput, p50/p99 latency, errors and the batch sizes the server
     python benchmarks/load_test.py runs/digits/export/model.onnx --requests 2000 --concurrency 16 \
         --json benchmarks/results/load_test.json
 
+``--protocol oip`` speaks the Open Inference Protocol instead, through tritonclient (the client users
+have): the overhead of ``/v2`` with binary and with JSON tensors beside ``/v1`` and the raw in-process
+call at concurrency 1 (one minimal HTTP client for all three), then, per ``--concurrency-levels``, what
+perf_analyzer reports: throughput, p50/p90/p95/p99 and the server-side split of a request's time
+(queue, decoding, onnxruntime, answer) read from ``/v2/models/{m}/stats``. ``--swap`` serves a model
+repository under ``--poll-seconds`` and, under load, drops in a new version, then a corrupt file and a
+file with perturbed weights: every answer must name the version that gave it and equal that version's
+file run offline; the two bad versions must be refused while the good one keeps serving.
+
 ``--workers 1,2`` instead compares server processes (each with ``--threads``) side by side;
 ``--drain`` sends SIGTERM in the middle of the load and counts answered, refused and reset requests,
 from keep-alive connections or, with ``--client urllib``, from a client that opens one connection per
@@ -117,12 +126,13 @@ class Connection:
         self.port = port
         self.reader = self.writer = None
 
-    async def request(self, method: str, path: str, body: bytes = b"", content_type: str = "text/plain") -> tuple[int, bytes]:
+    async def request(self, method: str, path: str, body: bytes = b"", content_type: str = "text/plain",
+                      headers: str = "") -> tuple[int, bytes]:
         """Raises ConnectionRefusedError when the server does not accept the connection, and
         Reset when a connection it accepted ends without an answer."""
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
-        head = (f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
+        head = (f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n{headers}"
                 f"Content-Length: {len(body)}\r\n\r\n").encode()
         try:
             self.writer.write(head + body)
@@ -142,8 +152,8 @@ class Connection:
             self.close()
         return status, payload
 
-    async def post(self, path: str, body: bytes, content_type: str) -> tuple[int, bytes]:
-        return await self.request("POST", path, body, content_type)
+    async def post(self, path: str, body: bytes, content_type: str, headers: str = "") -> tuple[int, bytes]:
+        return await self.request("POST", path, body, content_type, headers)
 
     def close(self) -> None:
         if self.writer is not None:
@@ -207,6 +217,17 @@ async def load(port: int, bodies: list[tuple[bytes, str]], expected: list, indic
     tally.wall += time.perf_counter() - start
 
 
+def in_process(model: OnnxModel, raw_inputs: list, indices, tally: Tally) -> None:
+    """The raw path a server cannot beat: preprocess + one session run + postprocess, in-process."""
+    start = time.perf_counter()
+    for i in indices:
+        t0 = time.perf_counter()
+        model.predict([raw_inputs[i % len(raw_inputs)]])
+        tally.latencies.append(time.perf_counter() - t0)
+        tally.sent += 1
+    tally.wall += time.perf_counter() - start
+
+
 def raw_and_server_c1(port: int, model: OnnxModel, raw_inputs: list, bodies: list[tuple[bytes, str]],
                       expected: list, n: int, rounds: int = 10) -> tuple[dict, dict]:
     """The raw path a server cannot beat (preprocess + one session run + postprocess, in-process) and the
@@ -216,13 +237,7 @@ def raw_and_server_c1(port: int, model: OnnxModel, raw_inputs: list, bodies: lis
     per_round = -(-n // rounds)
     for r in range(rounds):
         indices = range(r * per_round, (r + 1) * per_round)
-        start = time.perf_counter()
-        for i in indices:
-            t0 = time.perf_counter()
-            model.predict([raw_inputs[i % len(raw_inputs)]])
-            raw.latencies.append(time.perf_counter() - t0)
-            raw.sent += 1
-        raw.wall += time.perf_counter() - start
+        in_process(model, raw_inputs, indices, raw)
         asyncio.run(load(port, bodies, expected, indices, 1, server))
     return raw.result(1), server.result(1)
 
@@ -332,6 +347,246 @@ def drain_scenario(model: Path, common: list[str], bodies, expected, n: int, con
             "exit_code": exit_code, "answered_other": len(tally.latencies) - tally.ok}
 
 
+# --- the Open Inference Protocol, through tritonclient ----------------------------------------------
+def oip_inputs(model: OnnxModel, raw) -> list:
+    """One raw input as tritonclient's binary BYTES input (encoded image, UTF-8 text)."""
+    import tritonclient.http as triton
+
+    tensor = model.task.codec.encode_tensor([raw], model)
+    x = triton.InferInput(tensor.name, tensor.shape, tensor.datatype)
+    x.set_data_from_numpy(np.array(tensor.data, dtype=object), binary_data=True)
+    return [x]
+
+
+def oip_expected(model: OnnxModel, raw) -> dict[str, np.ndarray]:
+    """The output tensors the file gives ``raw`` offline (the codec's default parameters)."""
+    codec = model.task.codec
+    batch = model.preprocess([raw])
+    predictions = model.task.postprocess(model.outputs(batch), batch, model.info)
+    params = codec.params() if codec.params else None
+    return {name: np.asarray(t.data) for name, t in codec.to_tensors(predictions, params, model.info).items()}
+
+
+def same_tensors(result, expected: dict[str, np.ndarray]) -> bool:
+    return all(np.shape(result.as_numpy(k)) == v.shape and np.allclose(result.as_numpy(k), v, atol=1e-4)
+               for k, v in expected.items())
+
+
+def oip_bodies(model: OnnxModel, raw) -> dict[str, tuple[bytes, str, str]]:
+    """/v2 request bodies for one input, as tritonclient makes them: binary BYTES, and JSON tensors
+    (the preprocessed FP32 tensor of an image model; the texts of a text model): (body, type, headers)."""
+    import tritonclient.http as triton
+    from ftdeploy.tasks.base import feeds
+
+    client = triton.InferenceServerClient
+    body, length = client.generate_request_body(oip_inputs(model, raw))
+    spec = model.task.codec.tensor_inputs(model)[0]
+    if spec.datatype == "BYTES":
+        x = triton.InferInput(spec.name, [1], "BYTES")
+        x.set_data_from_numpy(np.array(model.task.codec.encode_tensor([raw], model).data, dtype=object), binary_data=False)
+    else:
+        array = next(iter(feeds(model.preprocess([raw]), model.input_names).values()))
+        x = triton.InferInput(spec.name, list(array.shape), "FP32")
+        x.set_data_from_numpy(array, binary_data=False)
+    json_body, _ = client.generate_request_body([x], [triton.InferRequestedOutput(o.name, binary_data=False)
+                                                      for o in model.task.codec.tensor_outputs(model.info)])
+    return {"binary": (body, "application/octet-stream", f"Inference-Header-Content-Length: {length}\r\n"),
+            "json": (json_body, "application/json", "")}
+
+
+def overhead_c1(port: int, model: OnnxModel, raw_inputs: list, bodies, n: int, rounds: int = 10) -> dict:
+    """At concurrency 1, on the same inputs in alternating rounds: the raw in-process call, /v1, and /v2
+    with binary and with JSON tensors, all sent by the same minimal HTTP client."""
+    v2 = [oip_bodies(model, r) for r in raw_inputs[:200]]
+    tallies = {k: Tally() for k in ("raw", "v1", "v2_binary", "v2_json")}
+    per_round = -(-n // rounds)
+
+    async def send(kind: str, indices) -> None:
+        conn = Connection(port)
+        tally = tallies[kind]
+        start = time.perf_counter()
+        for i in indices:
+            if kind == "v1":
+                body, ctype = bodies[i % len(bodies)]
+                path, headers = "/v1/predict", ""
+            else:
+                body, ctype, headers = v2[i % len(v2)]["binary" if kind == "v2_binary" else "json"]
+                path = "/v2/models/model/infer"
+            t0 = time.perf_counter()
+            status, _ = await conn.post(path, body, ctype, headers)
+            tally.latencies.append(time.perf_counter() - t0)
+            tally.sent += 1
+            tally.ok += status == 200
+            tally.errors += status != 200
+        tally.wall += time.perf_counter() - start
+        conn.close()
+
+    for r in range(rounds):
+        indices = range(r * per_round, (r + 1) * per_round)
+        in_process(model, raw_inputs, indices, tallies["raw"])
+        for kind in ("v1", "v2_binary", "v2_json"):
+            asyncio.run(send(kind, indices))
+    return {k: t.result(1) for k, t in tallies.items()}
+
+
+def stats_of(url: str, name: str = "model") -> dict:
+    return httpx.get(f"{url}/v2/models/{name}/stats").json()["model_stats"]
+
+
+def server_split(before: list, after: list) -> dict:
+    """Microseconds per request in each of the server's stages over a phase (every version's stats)."""
+    def totals(stats):
+        out: dict = {}
+        for s in stats:
+            for kind, v in s["inference_stats"].items():
+                count, ns = out.get(kind, (0, 0))
+                out[kind] = (count + v["count"], ns + v["ns"])
+        return out
+
+    a, b = totals(before), totals(after)
+    requests = b["success"][0] - a.get("success", (0, 0))[0]
+    return {f"{kind}_us": (b[kind][1] - a.get(kind, (0, 0))[1]) / max(1, requests) / 1000
+            for kind in ("queue", "compute_input", "compute_infer", "compute_output", "success")} | {"requests": requests}
+
+
+def tritonclient_load(url: str, model: OnnxModel, raw_inputs: list, expected: list, n: int, concurrency: int,
+                      on_answer=None) -> list[dict]:
+    """``n`` requests from ``concurrency`` threads, each with its own tritonclient HTTP client (binary
+    tensors, as it sends them by default). One record per request: start and end time, the version
+    that answered, failures and mismatches against ``expected`` (per version: {version: [tensors]})."""
+    import tritonclient.http as triton
+
+    inputs = [oip_inputs(model, r) for r in raw_inputs]
+    records: list[dict] = []
+    counter, lock = iter(range(n)), threading.Lock()
+
+    def worker() -> None:
+        client = triton.InferenceServerClient(url.removeprefix("http://"), network_timeout=120)
+        try:
+            while True:
+                with lock:
+                    i = next(counter, None)
+                if i is None:
+                    return
+                t0 = time.perf_counter()
+                try:
+                    result = client.infer("model", inputs[i % len(inputs)])
+                    version = result.get_response()["model_version"]
+                    answers = expected.get(version)
+                    record = {"start": t0, "end": time.perf_counter(), "version": version, "error": None,
+                              "match": answers is not None and same_tensors(result, answers[i % len(inputs)])}
+                except Exception as e:  # tritonclient raises its own and the socket's errors
+                    record = {"start": t0, "end": time.perf_counter(), "version": None, "error": str(e)[:200], "match": False}
+                with lock:
+                    records.append(record)
+                if on_answer:
+                    on_answer(len(records))
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return records
+
+
+def summarize(records: list[dict], concurrency: int) -> dict:
+    ms = np.asarray([(r["end"] - r["start"]) * 1000 for r in records if r["error"] is None])
+    wall = max(r["end"] for r in records) - min(r["start"] for r in records)
+    return {"requests": len(records), "concurrency": concurrency, "errors": sum(r["error"] is not None for r in records),
+            "mismatched_predictions": sum(r["error"] is None and not r["match"] for r in records),
+            "throughput": len(ms) / wall, **{f"p{q}_ms": float(np.percentile(ms, q)) for q in (50, 90, 95, 99)}}
+
+
+def oip_levels(model_path: Path, common: list[str], model: OnnxModel, raw_inputs, bodies, n: int, levels: list[int]) -> dict:
+    server = Server(model_path, *common)
+    try:
+        results = {"overhead_c1": overhead_c1(server.port, model, raw_inputs, bodies, max(200, n // 5))}
+        expected = {"1": [oip_expected(model, r) for r in raw_inputs]}
+        for c in levels:
+            before = stats_of(server.url)
+            records = tritonclient_load(server.url, model, raw_inputs, expected, n, c)
+            results[f"c{c}"] = {**summarize(records, c), "server_split": server_split(before, stats_of(server.url))}
+        return results
+    finally:
+        server.stop()
+
+
+def perturbed_copy(src: Path, dst: Path) -> None:
+    """A file whose largest weight tensor is scaled by 1.5: it loads and answers, wrongly."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(src))
+    largest = max(graph.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+    largest.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(largest) * 1.5, largest.name))
+    onnx.save(graph, str(dst))
+
+
+def drop_version(repo: Path, number: int, write) -> float:
+    """Stage a version beside the others and rename it into place; returns when it landed."""
+    staging = repo / "model" / f".staging-{number}"
+    staging.mkdir()
+    write(staging / "model.onnx")
+    staging.rename(repo / "model" / str(number))
+    return time.perf_counter()
+
+
+def swap_scenario(model_path: Path, common: list[str], model: OnnxModel, raw_inputs: list, n: int, concurrency: int,
+                  poll_seconds: float, workers: int) -> dict:
+    """A repository served with ``--poll-seconds``; under load, version 2 (the export's INT8 file when
+    there is one, else a copy) is dropped in at 30 % of the requests, a corrupt file as version 3 at
+    60 %, a perturbed one as version 4 at 75 %."""
+    import shutil
+    import tempfile
+
+    v2_source = model_path.parent / "model.int8.onnx"
+    v2_source = v2_source if v2_source.is_file() and v2_source != model_path else model_path
+    expected = {"1": [oip_expected(model, r) for r in raw_inputs],
+                "2": [oip_expected(OnnxModel(v2_source, 1), r) for r in raw_inputs]}
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = Path(tmp)
+        (repo / "model" / "1").mkdir(parents=True)
+        shutil.copy(model_path, repo / "model" / "1" / "model.onnx")
+        server = Server(repo, *common, "--poll-seconds", str(poll_seconds), "--workers", str(workers))
+        events: dict[str, float] = {}
+        plan = [(0.3, "v2", lambda: drop_version(repo, 2, lambda p: shutil.copy(v2_source, p))),
+                (0.6, "v3_corrupt", lambda: drop_version(repo, 3, lambda p: p.write_bytes(model_path.read_bytes()[:4096]))),
+                (0.75, "v4_perturbed", lambda: drop_version(repo, 4, lambda p: perturbed_copy(model_path, p)))]
+        lock = threading.Lock()
+
+        def on_answer(answered: int) -> None:
+            with lock:
+                for share, name, act in plan:
+                    if name not in events and answered >= share * n:
+                        events[name] = act()
+
+        try:
+            records = tritonclient_load(server.url, model, raw_inputs, expected, n, concurrency, on_answer)
+            time.sleep(2 * poll_seconds)  # a version dropped near the end has been read by now
+            index = httpx.get(f"{server.url}/v2/repository/index").json()
+        finally:
+            server.stop()
+    start = time.perf_counter()  # what a worker spends on a new version before it routes to it
+    loaded = OnnxModel(v2_source, 1)
+    loaded.check_answers()
+    loaded.predict(raw_inputs[:1])
+    load_s = time.perf_counter() - start
+    dropped = events["v2"]
+    late_v1 = [r["start"] - dropped for r in records if r["version"] == "1" and r["start"] > dropped]
+    first_v2 = min((r["end"] - dropped for r in records if r["version"] == "2"), default=None)
+    return {**summarize(records, concurrency), "poll_seconds": poll_seconds, "workers": workers,
+            "v2_file": v2_source.name,
+            "answers_by_version": {v: sum(r["version"] == v for r in records) for v in ("1", "2", "3", "4")},
+            "answers_naming_no_version": sum(r["error"] is None and r["version"] is None for r in records),
+            "first_v2_answer_after_drop_s": first_v2,
+            "last_v1_request_sent_after_drop_s": max(late_v1, default=0.0),
+            "load_and_check_s": load_s,
+            "repository_index": index}
+
+
 def main() -> None:
     try:  # the client shares the server's cores: its own event loop should cost as little as the server's
         import uvloop
@@ -354,6 +609,12 @@ def main() -> None:
                         help="--drain: keep-alive connections, or urllib's new connection per request")
     parser.add_argument("--signal-at", type=float, default=0.5,
                         help="--drain: SIGTERM once this share of the requests is answered")
+    parser.add_argument("--protocol", choices=("v1", "oip"), default="v1",
+                        help="oip: the Open Inference Protocol through tritonclient (see above)")
+    parser.add_argument("--concurrency-levels", default="1,4,16", help="--protocol oip: concurrency levels")
+    parser.add_argument("--swap", action="store_true", help="--protocol oip: version swaps under load (see above)")
+    parser.add_argument("--poll-seconds", type=float, default=1.0, help="--swap: the server's --poll-seconds")
+    parser.add_argument("--server-workers", type=int, default=2, help="--swap: the server's --workers")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
@@ -365,6 +626,51 @@ def main() -> None:
                ("refused", "refused", "d"), ("reset", "reset", "d"), ("mismatched_predictions", "wrong", "d"),
                ("near_threshold_excused", "near-ties", "d"),
                ("throughput", "req/s", ".1f"), ("p50_ms", "p50 ms", ".2f"), ("p99_ms", "p99 ms", ".2f")]
+    if args.protocol == "oip" and args.swap:
+        result = swap_scenario(args.model, common, model, raw_inputs, args.requests, args.concurrency, args.poll_seconds,
+                               args.server_workers)
+        summary = {"zero_failed": result["errors"] == 0 and result["mismatched_predictions"] == 0
+                   and result["answers_naming_no_version"] == 0,
+                   "switched_within_one_poll": result["last_v1_request_sent_after_drop_s"]
+                   <= args.poll_seconds + result["load_and_check_s"],
+                   "bad_versions_refused": result["answers_by_version"]["3"] == result["answers_by_version"]["4"] == 0
+                   and {r["version"] for r in result["repository_index"] if r["state"] == "UNAVAILABLE"} == {"3", "4"}}
+        print(format_table([{"run": f"swap under load, c{args.concurrency}, --workers {args.server_workers}", **result}],
+                           [c for c in columns if c[0] not in ("answered_200", "refused", "reset", "near_threshold_excused")]
+                           + [("p90_ms", "p90 ms", ".2f"), ("p95_ms", "p95 ms", ".2f")]))
+        print(f"\nanswers by version {result['answers_by_version']}; first v2 answer {result['first_v2_answer_after_drop_s']:.2f} s "
+              f"after the drop; last request answered by v1 was sent {result['last_v1_request_sent_after_drop_s']:.2f} s "
+              f"after it (--poll-seconds {args.poll_seconds}; loading and checking the file takes "
+              f"{result['load_and_check_s']:.2f} s)")
+        for row in result["repository_index"]:
+            print(f"  {row['name']} v{row['version']}: {row['state']} {row.get('reason', '')[:160]}")
+        print(", ".join(f"{k}: {v}" for k, v in summary.items()))
+        write_json(args, {"swap": result}, summary)
+        return
+    if args.protocol == "oip":
+        levels = [int(c) for c in args.concurrency_levels.split(",")]
+        results = oip_levels(args.model, common, model, raw_inputs, bodies, args.requests, levels)
+        over = results["overhead_c1"]
+        p50 = {k: v["p50_ms"] for k, v in over.items()}
+        summary = {"v2_binary_minus_v1_p50_ms": p50["v2_binary"] - p50["v1"],
+                   "v2_binary_minus_raw_p50_ms": p50["v2_binary"] - p50["raw"],
+                   "v2_json_minus_v1_p50_ms": p50["v2_json"] - p50["v1"],
+                   "zero_errors": all(results[f"c{c}"]["errors"] == 0 and results[f"c{c}"]["mismatched_predictions"] == 0
+                                      for c in levels)}
+        print(format_table([{"run": name, **r} for name, r in over.items()],
+                           [("run", "c1, one HTTP client", ""), ("requests", "requests", "d"), ("errors", "errors", "d"),
+                            ("p50_ms", "p50 ms", ".3f"), ("p99_ms", "p99 ms", ".3f")]))
+        rows = [{"run": f"tritonclient c{c}", **results[f"c{c}"], **results[f"c{c}"]["server_split"]} for c in levels]
+        print()
+        print(format_table(rows, [("run", "run", ""), ("requests", "requests", "d"), ("errors", "errors", "d"),
+                                  ("mismatched_predictions", "wrong", "d"), ("throughput", "req/s", ".1f"),
+                                  ("p50_ms", "p50 ms", ".2f"), ("p90_ms", "p90 ms", ".2f"), ("p95_ms", "p95 ms", ".2f"),
+                                  ("p99_ms", "p99 ms", ".2f"), ("queue_us", "queue us", ".0f"),
+                                  ("compute_input_us", "input us", ".0f"), ("compute_infer_us", "infer us", ".0f"),
+                                  ("compute_output_us", "output us", ".0f")]))
+        print("\n" + ", ".join(f"{k}: {v:+.3f}" if isinstance(v, float) else f"{k}: {v}" for k, v in summary.items()))
+        write_json(args, results, summary)
+        return
     if args.drain:
         result = drain_scenario(args.model, common, bodies, expected, args.requests, args.concurrency, args.drain_seconds,
                                 args.client, args.signal_at)

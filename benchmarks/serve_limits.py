@@ -3,7 +3,11 @@
 1. A chunked upload of ``--upload-mb`` MB (no Content-Length): the status it gets, how many bytes the
    server read before answering, and the server's resident memory (VmRSS, and its peak VmHWM, from
    /proc) before and after, against ``--max-request-bytes``.
-2. Small requests at concurrency 1, alone and then beside a client that keeps sending a 6000x6000
+2. Clients that send their whole body before they read the answer (urllib and ``requests``, as most
+   scripts use them): a ``--whole-mb`` MB multipart upload with a Content-Length, and chunked; the
+   status and JSON each gets (the server answers 413 and reads and discards the rest: a lingering
+   close) and the server's memory around them.
+3. Small requests at concurrency 1, alone and then beside a client that keeps sending a 6000x6000
    PNG of under 100 KB (36 M pixels: decoding it takes the better part of a second): their p50 and
    p99, alternating rounds of each so that the machine's drift hits both alike.
 
@@ -69,6 +73,48 @@ def chunked_upload(port: int, megabytes: int, chunk: int = 65536) -> dict:
     return {"status": status, "sent_mb_before_answer": sent / 2**20, "seconds": time.perf_counter() - start}
 
 
+def whole_body_clients(port: int, megabytes: int, pid: int) -> list[dict]:
+    """urllib and ``requests`` uploading ``megabytes`` MB of multipart before reading: what each reads back."""
+    import os
+    import urllib.error
+    import urllib.request
+
+    import requests
+
+    boundary = "b"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.png\"\r\n"
+            "Content-Type: image/png\r\n\r\n").encode() + os.urandom(megabytes * 2**20) + f"\r\n--{boundary}--\r\n".encode()
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    url = f"http://127.0.0.1:{port}/v1/predict"
+
+    def with_urllib():
+        try:
+            urllib.request.urlopen(urllib.request.Request(url, data=body, headers=headers), timeout=60)
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+        return 200, None
+
+    def with_requests(chunked: bool):
+        data = (body[i:i + 2**16] for i in range(0, len(body), 2**16)) if chunked else body
+        r = requests.post(url, data=data, headers=headers, timeout=60)
+        return r.status_code, r.json()
+
+    rows = []
+    for name, send in (("urllib, Content-Length", with_urllib), ("requests, Content-Length", lambda: with_requests(False)),
+                       ("requests, chunked", lambda: with_requests(True))):
+        before = memory_kb(pid)
+        start = time.perf_counter()
+        try:
+            status, answer = send()
+        except OSError as e:  # a reset: what clients got before the lingering close
+            status, answer = f"none ({type(e).__name__})", None
+        after = memory_kb(pid)
+        rows.append({"client": name, "status": status, "error_code": (answer or {}).get("error", {}).get("code"),
+                     "seconds": time.perf_counter() - start, "rss_growth_mb": (after["VmRSS"] - before["VmRSS"]) / 1024,
+                     "peak_rss_growth_mb": (after["VmHWM"] - before["VmHWM"]) / 1024})
+    return rows
+
+
 def huge_png() -> bytes:
     buf = io.BytesIO()
     Image.new("L", (6000, 6000), 128).save(buf, format="PNG", optimize=True)
@@ -127,6 +173,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path)
     parser.add_argument("--upload-mb", type=int, default=100)
+    parser.add_argument("--whole-mb", type=int, default=60, help="the uploads of clients that send everything first")
     parser.add_argument("--max-request-bytes", type=int, default=None, help="the server's (default: its own, 32 MiB)")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=3.0, help="per round and phase")
@@ -148,6 +195,11 @@ def main() -> None:
         print(f"chunked upload of {args.upload_mb} MB: HTTP {upload['status']} after {upload['sent_mb_before_answer']:.1f} MB "
               f"sent; server RSS {upload['rss_before_mb']:.0f} -> {upload['rss_after_mb']:.0f} MB, peak grew "
               f"{upload['peak_rss_growth_mb']:.1f} MB (limit {upload['limit_mb']:.0f} MB)")
+        whole = whole_body_clients(server.port, args.whole_mb, server.proc.pid)
+        print(format_table(whole, [("client", f"{args.whole_mb} MB multipart, sent whole", ""), ("status", "status", ""),
+                                   ("error_code", "error", ""), ("seconds", "s", ".2f"),
+                                   ("rss_growth_mb", "RSS growth MB", ".1f"),
+                                   ("peak_rss_growth_mb", "peak RSS growth MB", ".1f")]))
         images = digits_pngs()[:64]
         latency = beside_huge_images(server.port, images, huge_png(), args.rounds, args.seconds)
     finally:
@@ -159,7 +211,8 @@ def main() -> None:
           f"{latency['huge_png']['statuses']}, {latency['huge_png']['mean_seconds'] or 0:.2f} s each")
     if args.json:
         args.json.write_text(json.dumps({"model": str(args.model), "machine": machine_info(1), "command": " ".join(sys.argv),
-                                         "chunked_upload": upload, "c1_beside_huge_png": latency}, indent=2))
+                                         "chunked_upload": upload, "whole_body_clients": whole,
+                                         "c1_beside_huge_png": latency}, indent=2))
 
 
 if __name__ == "__main__":

@@ -300,16 +300,26 @@ def bench(model: Path = typer.Argument(..., help="an ONNX file"),
 
 
 @app.command()
-def serve(model: Path = typer.Argument(..., help="an ONNX file written by ftdeploy export"),
+def serve(model: Path = typer.Argument(..., help="an ONNX file written by ftdeploy export, or a model repository: "
+                                       "REPO/<model>/<version>/ holding model.int8.onnx or model.onnx"),
           host: str = typer.Option("127.0.0.1", "--host", help="interface to bind (0.0.0.0 to expose it)"),
           port: int = typer.Option(8000, "--port", min=1, max=65535),
           threads: Optional[int] = typer.Option(None, "--threads", min=1,
-                                                help="onnxruntime intra-op threads per worker [default: physical cores / workers]"),
+                                                help="onnxruntime intra-op threads per worker [default: the physical cores "
+                                                "this process may use (affinity, cgroup cpu.max) / workers]"),
           workers: str = typer.Option("1", "--workers", help="server processes sharing the port, each with its own "
                                       "session; 'auto' = physical cores / --threads"),
           provider: str = typer.Option("cpu", "--provider", help="onnxruntime execution provider: cpu, openvino "
                                        "(onnxruntime-openvino installed), or auto (the fastest measured for this file "
                                        "in its export directory, else cpu)"),
+          model_name: Optional[str] = typer.Option(None, "--model-name", help="the name one file is served under "
+                                                   "(/v1/models/NAME, /v2/models/NAME) [default: the file's name before "
+                                                   "its first dot]"),
+          version_policy: str = typer.Option("latest:1", "--version-policy", help="which versions of each model in a "
+                                             "repository are served: latest:N or all"),
+          poll_seconds: float = typer.Option(0.0, "--poll-seconds", min=0, help="read the repository again this often "
+                                             "and serve the new versions once they are complete, warmed and checked "
+                                             "(0: never)"),
           drain_seconds: float = typer.Option(5.0, "--drain-seconds", min=0, help="after SIGTERM, /readyz says 503 "
                                               "and requests are still answered this long, then the server stops"),
           max_batch_size: int = typer.Option(16, "--max-batch-size", min=1, help="micro-batch cap (1 turns batching off)"),
@@ -324,9 +334,9 @@ def serve(model: Path = typer.Argument(..., help="an ONNX file written by ftdepl
           request_timeout: float = typer.Option(30.0, "--request-timeout", min=0.001,
                                                 help="seconds a request may wait for its answer (then 504)"),
           warmup_runs: int = typer.Option(3, "--warmup-runs", min=1, help="inferences before /readyz turns ready")) -> None:
-    """Serve an ONNX file written by ftdeploy over HTTP (FastAPI + uvicorn); needs only the file."""
+    """Serve ONNX files written by ftdeploy over HTTP (FastAPI + uvicorn): /v1 and the Open Inference Protocol (/v2)."""
     from .machine import physical_cores
-    from .serve import Limits, ServeOptions, serve as run_server
+    from .serve import Limits, ServeOptions, intra_op_threads, serve as run_server
 
     if workers == "auto":
         count = max(1, physical_cores() // (threads or 1))
@@ -334,9 +344,11 @@ def serve(model: Path = typer.Argument(..., help="an ONNX file written by ftdepl
         count = int(workers)
     else:
         raise typer.BadParameter(f"{workers!r} is not a number of workers", param_hint="--workers")
-    run_server(ServeOptions(str(model), host, port, threads or max(1, physical_cores() // count), max_batch_size,
+    intra, why = intra_op_threads(threads, count)
+    run_server(ServeOptions(str(model), host, port, intra, max_batch_size,
                             max_wait_ms, Limits(max_image_bytes, max_image_pixels, max_images, max_request_bytes),
-                            warmup_runs, provider, drain_seconds, count, max_queue, request_timeout))
+                            warmup_runs, provider, drain_seconds, count, max_queue, request_timeout,
+                            version_policy, poll_seconds, model_name, why))
 
 
 # Recent typer vendors click under its own name; older ones use click itself. Catch whichever is live.

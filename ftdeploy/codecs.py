@@ -18,8 +18,10 @@ import binascii
 import io
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
+
+import numpy as np
 
 from .errors import BadInput
 
@@ -196,12 +198,90 @@ def texts_of(body: bytes, content_type: str, limits: Limits) -> list[str]:
 class Parsed:
     """A request after its cheap checks: the raw inputs, not yet decoded or preprocessed. ``decode``
     does the rest (decoding images, tokenizing); ``work`` is how much of it there is (pixels), so
-    the server can keep a huge image off its event loop."""
+    the server can keep a huge image off its event loop. A request that sent the model's input
+    tensor itself (the Open Inference Protocol) carries it as ``batch`` instead: nothing to decode."""
 
     raw: list
     decode: Callable[[Any], Any]  # raw item -> what the task's preprocess takes
     work: int = 0
     context: Any = None  # what the response needs of the request (e.g. original sizes)
+    batch: Any = None  # the model's inputs, as sent
+    notes: dict[str, Any] = field(default_factory=dict)  # what the answer should say of how it was made
+
+
+# --- tensors of the Open Inference Protocol (KServe V2), HTTP-free ---------------------------------
+DATATYPES = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
+             "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16,
+             "FP32": np.float32, "FP64": np.float64}  # and BYTES: a list of byte strings
+
+
+@dataclass
+class Tensor:
+    """One tensor of a request or an answer: numbers as a numpy array of ``shape``, BYTES as a flat list
+    of byte strings (encoded images, UTF-8 texts, JSON)."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    data: Any  # np.ndarray, or list[bytes] for BYTES
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """An input or output as model metadata declares it: -1 for a dynamic dimension (the batch first)."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    accepts: str = ""  # what else the input takes, for the docs (e.g. BYTES holding encoded images)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+def one_input(tensors: list[Tensor], specs: list[TensorSpec]) -> Tensor:
+    """The request's one input tensor, named as the model metadata names it; a BadInput otherwise."""
+    names = [spec.name for spec in specs]
+    if len(tensors) != 1 or tensors[0].name not in names:
+        got = ", ".join(t.name for t in tensors) or "none"
+        raise BadInput(400, "invalid_input", f"this model takes one input tensor named {' or '.join(names)!r}; got {got}")
+    return tensors[0]
+
+
+def batch_of(tensor: Tensor, limits: Limits) -> int:
+    """The batch size of an input tensor (its first dimension), held to ``limits.max_images``."""
+    if not tensor.shape or tensor.shape[0] < 1:
+        raise BadInput(400, "invalid_shape", f"input {tensor.name!r} has shape {tensor.shape}; its first dimension is "
+                       "the batch and must be at least 1")
+    if tensor.shape[0] > limits.max_images:
+        raise BadInput(413, "too_many_inputs", f"input {tensor.name!r} holds {tensor.shape[0]} inputs; the limit is "
+                       f"{limits.max_images} (--max-images)")
+    return tensor.shape[0]
+
+
+def byte_items(tensor: Tensor, limits: Limits, what: str) -> list[bytes]:
+    """The elements of a BYTES input of shape [N] or [N, 1]: one ``what`` each."""
+    if tensor.datatype != "BYTES":
+        raise BadInput(400, "invalid_datatype", f"input {tensor.name!r} must be BYTES ({what}); got {tensor.datatype}")
+    n = batch_of(tensor, limits)
+    if list(tensor.shape) not in ([n], [n, 1]):
+        raise BadInput(400, "invalid_shape", f"input {tensor.name!r} holds one {what} per element: shape [N] or "
+                       f"[N, 1]; got {tensor.shape}")
+    return list(tensor.data)
+
+
+def float_batch(tensor: Tensor, spec: TensorSpec, limits: Limits) -> np.ndarray:
+    """An FP32 input tensor, already preprocessed, checked against the declared shape (-1: any size)."""
+    if tensor.datatype != "FP32":
+        raise BadInput(400, "invalid_datatype", f"input {tensor.name!r} must be FP32 {list(spec.shape)} (preprocessed) "
+                       f"or {spec.accepts or 'as declared'}; got {tensor.datatype}")
+    batch_of(tensor, limits)
+    fits = len(tensor.shape) == len(spec.shape) and all(d == s or s == -1 for d, s in zip(tensor.shape, spec.shape))
+    if not fits:
+        raise BadInput(400, "invalid_shape", f"input {tensor.name!r} has shape {tensor.shape}; this model takes "
+                       f"{list(spec.shape)} (-1: any size)")
+    return np.ascontiguousarray(tensor.data, np.float32)
 
 
 class Codec:
@@ -250,6 +330,35 @@ class Codec:
 
     def respond(self, predictions: Any, params: Any, info: dict[str, Any]) -> dict[str, Any]:
         return self.responses.respond(predictions, params, info)
+
+    # --- the Open Inference Protocol --------------------------------------------------------------
+    def tensor_inputs(self, model) -> list[TensorSpec]:
+        """The inputs model metadata declares for an ``OnnxModel``."""
+        return self.requests.tensor_inputs(model)
+
+    def from_tensors(self, tensors: list[Tensor], model, limits: Limits) -> Parsed:
+        """A request's input tensors -> raw inputs to decode, or the model's inputs as sent (``batch``)."""
+        return self.requests.from_tensors(tensors, model, limits)
+
+    def tensor_outputs(self, info: dict[str, Any]) -> list[TensorSpec]:
+        return self.responses.tensor_outputs(info)
+
+    def encode_tensor(self, raw: list, model) -> Tensor:
+        """The client's side: raw inputs as the BYTES input tensor (encoded images, UTF-8 texts)."""
+        return self.requests.encode_tensor(raw, model)
+
+    def to_tensors(self, predictions: Any, params: Any, info: dict[str, Any]) -> dict[str, Tensor]:
+        """Predictions -> every output tensor the metadata declares, by name."""
+        return self.responses.to_tensors(predictions, params, info)
+
+    def classify(self, predictions: Any, output: str, k: int, info: dict[str, Any]) -> list[list[str]]:
+        """The classification extension: the ``k`` best ``"score:index:label"`` per input, or a BadInput
+        where the task's outputs are not one class score per label."""
+        classify = getattr(self.responses, "classify", None)
+        if classify is None:
+            raise BadInput(400, "classification_unsupported", f"output {output!r}: the classification extension "
+                           "needs one score per label and input; this model's outputs are not")
+        return classify(predictions, k, info)
 
     def compare(self, got: Any, expected: Any) -> tuple[bool, int]:
         """Whether a served answer is the one computed offline (:meth:`answer`, default parameters):

@@ -37,7 +37,9 @@ from .files import relative
 from .gates import Gates
 from .latency import FASTER, beside_reference, ort_runner, profile, provider_latency, session_policy, tile_batch
 from .machine import machine_info, physical_cores
-from .onnx_model import external_data, fuse_transformer, move_onnx, onnx_size, open_session, read_metadata, save_onnx, write_metadata
+from .errors import FtdeployError
+from .onnx_model import (ANSWER_MARGIN, OnnxModel, ANSWERED_SAMPLES, encode_answers, external_data, fuse_transformer, model_metadata,
+                         move_onnx, onnx_size, open_session, read_metadata, save_onnx, update_metadata, write_metadata)
 from .records import (DatasetRecord, ExportReport, GatesRecord, ParityRecord, SourceRecord, VariantRecord,
                       latency_fields)
 from .report import write_report
@@ -81,6 +83,7 @@ def export(run_dir: str | Path, output_dir: str | Path | None = None, cfg: Expor
         if cfg.optimization != "none":
             save_onnx(onnx.load(str(raw)), out / UNOPTIMIZED)
     report, gates = validate(candidate, run, cfg, out, model, data)
+    store_answers(candidate, model, run, report.variants["fp32"].parity)
     final = out / (SHIPPED if gates.passed else REJECTED)
     (out / (REJECTED if gates.passed else SHIPPED)).unlink(missing_ok=True)  # an older export's verdict
     move_onnx(candidate, final)
@@ -92,6 +95,18 @@ def export(run_dir: str | Path, output_dir: str | Path | None = None, cfg: Expor
     write_manifest(out, manifest("export", run.path, config=cfg))
     gates.raise_if_failed(str(out / "report.json"))
     return out
+
+
+def store_answers(path: Path, model, run: Run, parity: ParityRecord) -> None:
+    """Store beside the file's sample inputs the answers PyTorch FP32 gives them, and how far the file
+    may be from them: the parity gate's allowed error from float64 plus PyTorch float32's own (the
+    answers are float32's), with room for another CPU's rounding. Serving and ``ftdeploy validate``
+    hold the file to them (:meth:`~ftdeploy.onnx_model.OnnxModel.check_answers`)."""
+    metadata = model_metadata(onnx.load(str(path), load_external_data=False))
+    samples = run.task.decode_samples(metadata["samples"], run.preprocessing)[:ANSWERED_SAMPLES]
+    answers = torch_predictor(model, run.input_names)(samples)
+    tolerance = ANSWER_MARGIN * (parity.allowed_error + parity.torch_fp32_error)
+    update_metadata(path, {"sample_answers": encode_answers(answers, tolerance, "PyTorch FP32 at export")})
 
 
 def transformer_fusions(raw: Path, candidate: Path, metadata: dict[str, Any], options: dict[str, Any], bench,
@@ -242,6 +257,11 @@ def revalidate(onnx_path: str | Path, run_dir: str | Path, output_dir: str | Pat
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     report, gates = validate(Path(onnx_path), load_run(run_dir), cfg, out)
+    try:  # the file's own check, as serving runs it: its answers to its samples against the stored ones
+        log.info("self-check: %s", OnnxModel(onnx_path, cfg.threads).check_answers())
+    except FtdeployError as e:
+        gates.check(False, f"self-check: {e.message}")
+        report.gates = GatesRecord(**gates.as_dict())
     write_report(report, out)
     gates.raise_if_failed(str(out / "report.json"))
     return report

@@ -167,6 +167,44 @@ def session_outputs(session, names: list[str], batch, one_by_one: bool = False) 
     return session.run(None, feeds(batch, names))
 
 
+ANSWERED_SAMPLES = 4  # sample inputs whose answers the file stores (a detector's raw outputs are large)
+ANSWER_MARGIN = 2.0  # another CPU rounds float32 (and INT8 requantization) its own way: room for that
+
+
+def encode_answers(outputs: list[np.ndarray], tolerance: float, reference: str) -> dict[str, object]:
+    """The answers a file's first sample inputs should get (metadata ``sample_answers``): every raw
+    output as float32, and the largest absolute difference allowed from them."""
+    import base64
+
+    return {"reference": reference, "tolerance": float(tolerance), "samples": int(len(outputs[0])),
+            "outputs": [{"shape": list(o.shape), "float32": base64.b64encode(np.ascontiguousarray(o, np.float32).tobytes()).decode()}
+                        for o in outputs]}
+
+
+INT8_ANSWER_RTOL = 0.05  # of the largest answer: CPUs without VNNI requantize INT8 differently (saturation)
+
+
+def store_own_answers(path: str | Path, reference: str) -> None:
+    """Store a file's own answers to its sample inputs (an INT8 file is held to what it answered when
+    it was chosen, not to FP32's), within INT8_ANSWER_RTOL of its largest answer, or the FP32
+    tolerance it inherited when that is larger."""
+    model = OnnxModel(path, 1)
+    samples = model.samples()
+    if samples is None:
+        return
+    answers = model.outputs(samples[:ANSWERED_SAMPLES])
+    inherited = float((model.metadata.get("sample_answers") or {}).get("tolerance", 0.0))
+    tolerance = max(inherited, INT8_ANSWER_RTOL * max(float(np.abs(a).max()) for a in answers))
+    del model  # the session holds the file open
+    update_metadata(path, {"sample_answers": encode_answers(answers, tolerance, reference)})
+
+
+def decode_answers(stored: dict) -> list[np.ndarray]:
+    import base64
+
+    return [np.frombuffer(base64.b64decode(o["float32"]), np.float32).reshape(o["shape"]) for o in stored["outputs"]]
+
+
 def batch_dependent(session) -> bool:
     return bool(read_metadata(session).get("batch_dependent"))
 
@@ -206,6 +244,32 @@ class OnnxModel:
         if not encoded:
             return None
         return self.task.decode_samples(encoded, self.preprocessing)
+
+    def check_answers(self) -> dict[str, object]:
+        """The file checks itself: its outputs on its own sample inputs against the answers stored
+        beside them (an FP32 file: PyTorch FP32's at export; an INT8 file: its own at quantize), within
+        the tolerance stored with them. A file with damaged weights loads and answers, and fails
+        here. Raises FtdeployError on a mismatch; a file written before answers were stored passes
+        with ``checked: False``."""
+        stored = self.metadata.get("sample_answers")
+        samples = self.samples()
+        if not stored or samples is None:
+            return {"checked": False, "reason": "the file stores no answers to its sample inputs (exported before they were)"}
+        expected = decode_answers(stored)
+        got = self.outputs(samples[:stored["samples"]])
+        if len(got) != len(expected) or any(g.shape != e.shape for g, e in zip(got, expected)):
+            raise FtdeployError(f"{self.path} answers its sample inputs with outputs of shapes "
+                                f"{[list(g.shape) for g in got]}, not the stored {[list(e.shape) for e in expected]}",
+                                "export the model again; this file is not the one its answers were stored for")
+        diff = max(float(np.abs(g.astype(np.float64) - e).max()) for g, e in zip(got, expected))
+        result = {"checked": True, "samples": stored["samples"], "reference": stored["reference"],
+                  "max_abs_diff": diff, "tolerance": stored["tolerance"]}
+        if not diff <= stored["tolerance"]:  # NaN fails too
+            raise FtdeployError(f"{self.path} fails its own check: its outputs on its {stored['samples']} sample inputs are "
+                                f"{diff:.3g} from the stored answers ({stored['reference']}), more than the tolerance "
+                                f"{stored['tolerance']:.3g}: its weights or graph differ from what was validated",
+                                "export (or quantize) it again from its run; do not serve this file")
+        return result
 
     def predict(self, raw: list):
         """The task's predictions for raw inputs, preprocessed exactly as in training (a classifier:

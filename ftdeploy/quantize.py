@@ -38,7 +38,7 @@ from .files import relative, resolve
 from .latency import FASTER, Comparison, Speedup, beside_reference, ort_runner, profile, provider_latency, tile_batch
 from .machine import cpu_flags, physical_cores
 from .onnx_model import (TWO_GB, batch_dependent, copy_onnx, fuse_transformer, model_metadata, move_onnx, onnx_size,
-                         open_session, save_onnx, update_metadata, write_metadata)
+                         open_session, save_onnx, store_own_answers, update_metadata, write_metadata)
 from .records import Attempt as AttemptRecord
 from .records import ExportReport, QuantizationRecord, VariantRecord, latency_fields
 from .report import write_report
@@ -504,6 +504,7 @@ def quantize(export_dir: str | Path, output_dir: str | Path | None = None, cfg: 
     record.shipped, record.not_shipped_reason = reason is None, reason
     if candidate.is_file():
         final = out / (INT8 if reason is None else INT8_REJECTED)
+        store_own_answers(candidate, "this INT8 file at quantize")
         move_onnx(candidate, final)
         record.file = final.name
         if reason is None:

@@ -524,3 +524,56 @@ def test_parity_excuses_a_lattice_of_equal_boxes_that_nms_shifts_but_counts_a_re
                            (full(([0, 0, 10, 10], 0.9), ([90, 90, 99, 99], 0.8)), 1)):
         explained, lacking = near_ties(a, c, match(a, c, 0.9), decoder, 1e-6, 1e-6)
         assert (lacking, lacking - explained) == (2, unexplained)
+
+
+def test_tritonclient_drives_a_detector_in_original_pixels_and_in_the_tensors_own(detector_export):
+    import httpx
+    import tritonclient.http as triton
+
+    from ftdeploy.onnx_model import OnnxModel
+    from ftdeploy.serve import create_app
+    from oip import ThreadedServer, drive
+
+    model = OnnxModel(detector_export / "model.onnx", 1)
+    side = model.preprocessing.input_size  # one tile, unscaled: the tensor and the image give the same boxes
+    pixels = np.random.default_rng(5).integers(90, 150, (side, side, 3), dtype=np.uint8)
+    pixels[21:41, 13:33] = detdata.COLOURS["red"]
+    blob = png(Image.fromarray(pixels))
+    tile = model.preprocess([Image.fromarray(pixels)]).arrays
+    outputs = ["boxes", "scores", "labels", "num_detections"]
+
+    def inputs(binary):
+        if binary:
+            x = triton.InferInput("images", [1], "BYTES")
+            x.set_data_from_numpy(np.array([blob], dtype=object), binary_data=True)  # encoded images are not UTF-8
+        else:
+            x = triton.InferInput("images", list(tile.shape), "FP32")
+            x.set_data_from_numpy(tile, binary_data=False)
+        return [x]
+
+    server = ThreadedServer(create_app(detector_export / "model.onnx", threads=2))
+    try:
+        got = drive(server, "model", inputs, outputs)
+        v1 = httpx.post(f"http://{server.url}/v1/predict", files={"file": ("x.png", blob, "image/png")}).json()["detections"]
+        n = int(got["num_detections"][0])
+        assert n == len(v1) > 0 and got["boxes"].shape[:2] == (1, n)
+        classes = model.classes
+        assert [classes[i] for i in got["labels"][0][:n]] == [d["label"] for d in v1]
+        assert np.allclose(got["scores"][0][:n], [d["score"] for d in v1], atol=1e-6)
+        assert np.allclose(got["boxes"][0][:n], [d["box"] for d in v1], atol=0.01)  # /v1 rounds to 0.01 px
+        # a preprocessed tensor (one 96x224 tile, no scaling): boxes in the tensor's own pixels, and said so
+        tensor = np.zeros((1, 3, 96, 224), np.float32)
+        client = triton.InferenceServerClient(server.url)
+        x = triton.InferInput("images", list(tensor.shape), "FP32")
+        x.set_data_from_numpy(tensor)
+        result = client.infer("model", [x])
+        assert "tensor" in result.get_response()["parameters"]["box_pixels"]
+        odd = httpx.post(f"http://{server.url}/v2/models/model/infer", json={"inputs": [
+            {"name": "images", "shape": [1, 3, 50, 50], "datatype": "FP32", "data": [0.0] * 7500}]})
+        assert odd.status_code == 400 and "multiple of 32" in odd.json()["error"]
+        refused = client.infer  # classification asks for one score per label and input: a detector has none
+        with pytest.raises(Exception, match="classification"):
+            refused("model", inputs(True), outputs=[triton.InferRequestedOutput("scores", class_count=2)])
+        client.close()
+    finally:
+        server.close()

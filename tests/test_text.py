@@ -302,3 +302,33 @@ def test_a_dynamic_int8_file_answers_each_text_as_if_it_ran_alone(text_export, t
     alone = np.concatenate([clf.session.run(None, batch[i:i + 1].feeds(clf.input_names))[0] for i in range(3)])
     np.testing.assert_array_equal(clf.outputs(batch)[0], alone)
     np.testing.assert_array_equal(onnx_predictor(open_session(int8, 1))(batch)[0], alone)
+
+
+def test_tritonclient_drives_a_text_classifier_and_its_classification_equals_v1_top_k(text_export):
+    import httpx
+    import numpy as np
+    import tritonclient.http as triton
+
+    from ftdeploy.serve import create_app
+    from oip import ThreadedServer, classification, drive
+
+    texts = ["a great and warm film", "the plot was dull, épuisant 🎬"]
+
+    def inputs(binary):
+        x = triton.InferInput("text", [len(texts)], "BYTES")
+        x.set_data_from_numpy(np.array([t.encode() for t in texts], dtype=object), binary_data=binary)
+        return [x]
+
+    server = ThreadedServer(create_app(text_export / "model.onnx", threads=1))
+    try:
+        probs = drive(server, "model", inputs, ["probabilities"])["probabilities"]
+        v1 = httpx.post(f"http://{server.url}/v1/predict?k=2", json={"texts": texts}).json()["predictions"]
+        assert np.allclose(probs, [[t["probability"] for t in sorted(p["top_k"], key=lambda t: t["index"])] for p in v1],
+                           atol=1e-6)
+        top = classification(server, "model", inputs, "probabilities", 2)
+        assert top == [[(t["probability"], t["index"], t["label"]) for t in p["top_k"]] for p in v1]
+        empty = httpx.post(f"http://{server.url}/v2/models/model/infer", json={"inputs": [
+            {"name": "text", "shape": [1], "datatype": "BYTES", "data": [" "]}]})
+        assert empty.status_code == 400 and "empty" in empty.json()["error"]
+    finally:
+        server.close()

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..codecs import Codec
+from ..codecs import Codec, Tensor, TensorSpec
 from ..figures import fmt, inline_png, pyplot, table
 from .base import Decisions, Outputs, Scores, output_errors, row_errors, softmax
 
@@ -129,6 +129,20 @@ class TopKResponses:
         top = np.argsort(-probs, axis=-1)[:, :k]
         return {"predictions": [{"top_k": [{"label": classes[i], "index": int(i), "probability": float(p[i])}
                                            for i in row]} for row, p in zip(top, probs)]}
+
+    def tensor_outputs(self, info: dict[str, Any]) -> list[TensorSpec]:
+        return [TensorSpec("probabilities", "FP32", (-1, len(info["classes"])))]
+
+    def to_tensors(self, probs: np.ndarray, params: TopK, info: dict[str, Any]) -> dict[str, Tensor]:
+        """The probabilities ``/v1/predict`` serves (with the file's temperature), every label."""
+        return {"probabilities": Tensor("probabilities", "FP32", list(probs.shape), probs.astype(np.float32))}
+
+    def classify(self, probs: np.ndarray, k: int, info: dict[str, Any]) -> list[list[str]]:
+        """Triton's classification strings, ``"score:index:label"``, best first. The score is the
+        probability ``/v1/predict`` answers (the file's temperature applied), written in full
+        (``repr`` of the float /v1 serves; Triton prints 6 decimals)."""
+        answer = self.respond(probs, TopK(k=k), info)
+        return [[f"{float(t['probability'])!r}:{t['index']}:{t['label']}" for t in p["top_k"]] for p in answer["predictions"]]
 
 
 def classifier_codec(requests) -> Codec:

@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image, ImageFilter
 
-from ..codecs import Parsed, decode_image, image_blobs, open_image
+from ..codecs import Parsed, Tensor, TensorSpec, byte_items, decode_image, float_batch, image_blobs, one_input, open_image
 from ..errors import FtdeployError
 from ..preprocessing import Preprocessing, normalize, prepare, preprocess, resolve_preprocessing
 from ..registry import Registry
@@ -26,7 +26,13 @@ IMAGE_CORRUPTIONS = ["gaussian_noise", "blur", "brightness", "contrast", "jpeg",
 
 
 class ImageRequests:
-    """Images in a request -> opened images (headers checked); decoded on demand."""
+    """Images in a request -> opened images (headers checked); decoded on demand. Under the Open
+    Inference Protocol the model's input takes either the FP32 tensor itself, already preprocessed
+    (``tensor_batch`` makes the task's batch of it), or BYTES holding encoded images, decoded and
+    preprocessed by the file's own preprocessing (OpenVINO Model Server's convention)."""
+
+    def __init__(self, tensor_batch: Callable[[np.ndarray], Any] = lambda array: array, square: bool = True):
+        self.tensor_batch, self.square = tensor_batch, square
 
     accepts = ('Send images as a multipart upload (one or more files), JSON {"images": ["<base64>", ...]} '
                "or a raw image body.")
@@ -45,16 +51,37 @@ class ImageRequests:
     def warmup(self, spec: Preprocessing) -> list:
         return [Image.new("RGB", (spec.input_size, spec.input_size))]
 
+    def tensor_inputs(self, model) -> list[TensorSpec]:
+        name, shape = model.input_names[0], model.session.get_inputs()[0].shape
+        fixed = [d if isinstance(d, int) and self.square else -1 for d in shape[1:]]
+        return [TensorSpec(name, "FP32", (-1, *fixed), accepts="BYTES [N] holding encoded images (PNG, JPEG...)")]
+
+    def from_tensors(self, tensors: list[Tensor], model, limits) -> Parsed:
+        spec = self.tensor_inputs(model)[0]
+        tensor = one_input(tensors, [spec])
+        if tensor.datatype == "BYTES":
+            opened = [open_image(b, limits) for b in byte_items(tensor, limits, "encoded image")]
+            return Parsed(opened, decode_image, sum(img.width * img.height for img in opened),
+                          notes={"input": "encoded images, preprocessed by the file"})
+        array = float_batch(tensor, spec, limits)
+        return Parsed([], decode_image, batch=self.tensor_batch(array), notes={"input": "a preprocessed tensor"})
+
+    def encode_tensor(self, raw: list, model) -> Tensor:
+        """The client's side: images as PNG files in a BYTES tensor."""
+        return Tensor(model.input_names[0], "BYTES", [len(raw)], [png_bytes(img) for img in raw])
+
     def encode(self, raw: list) -> tuple[bytes, str]:
         """The client's side: images as a multipart upload of PNG files."""
         boundary = "ftdeploy-images"
-        parts = []
-        for i, img in enumerate(raw):
-            buf = io.BytesIO()
-            img.save(buf, format="PNG")
-            parts.append(f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{i}.png\"\r\n"
-                         f"Content-Type: image/png\r\n\r\n".encode() + buf.getvalue() + b"\r\n")
+        parts = [f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{i}.png\"\r\n"
+                 f"Content-Type: image/png\r\n\r\n".encode() + png_bytes(img) + b"\r\n" for i, img in enumerate(raw)]
         return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 class ImageInputs:

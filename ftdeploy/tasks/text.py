@@ -15,8 +15,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..codecs import Parsed, texts_of
-from ..errors import ConfigError, DependencyError, FtdeployError
+from ..codecs import Parsed, Tensor, TensorSpec, byte_items, one_input, texts_of
+from ..errors import BadInput, ConfigError, DependencyError, FtdeployError
 from ..figures import escape, saliency_agreement_table
 from ..registry import Registry
 from .base import Outputs, Task, softmax, tile
@@ -350,6 +350,25 @@ class TextRequests:
 
     def warmup(self, spec) -> list:
         return ["warm up"]
+
+    def tensor_inputs(self, model) -> list[TensorSpec]:
+        return [TensorSpec("text", "BYTES", (-1,), accepts="one UTF-8 text per element")]
+
+    def from_tensors(self, tensors: list[Tensor], model, limits) -> Parsed:
+        tensor = one_input(tensors, self.tensor_inputs(model))
+        texts = []
+        for i, item in enumerate(byte_items(tensor, limits, "UTF-8 text")):
+            try:
+                texts.append(item.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise BadInput(400, "invalid_encoding", f"text {i} is not UTF-8 ({e.reason} at byte {e.start})") from None
+            if not texts[-1].strip():
+                raise BadInput(400, "empty_text", f"text {i} is empty")
+        return Parsed(texts, lambda text: text)
+
+    def encode_tensor(self, raw: list[str], model) -> Tensor:
+        """The client's side: texts as UTF-8 in a BYTES tensor."""
+        return Tensor("text", "BYTES", [len(raw)], [t.encode() for t in raw])
 
     def encode(self, raw: list[str]) -> tuple[bytes, str]:
         """The client's side: texts as JSON."""

@@ -16,7 +16,8 @@ from typing import Any, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from ...codecs import Codec
+from ...codecs import Codec, Tensor, TensorSpec
+from ...errors import BadInput
 from ..base import Decisions, Outputs, Scores, Task
 from . import data  # noqa: F401  (registers the deepforest, coco, voc and yolo datasets)
 from .boxes import OUTPUTS, Detections, batched_nms, box_iou, decode, topk_cuts
@@ -124,6 +125,35 @@ class DetectionResponses:
         return True, near
 
 
+    def tensor_outputs(self, info: dict[str, Any]) -> list[TensorSpec]:
+        return [TensorSpec("boxes", "FP32", (-1, -1, 4)), TensorSpec("scores", "FP32", (-1, -1)),
+                TensorSpec("labels", "INT64", (-1, -1)), TensorSpec("num_detections", "INT32", (-1,))]
+
+    def to_tensors(self, predictions: list[Detections], params: DetectionParams, info: dict[str, Any]) -> dict[str, Tensor]:
+        """The detections ``/v1/predict`` answers (``score_threshold``, ``max_detections``), padded to the
+        most any image has: boxes x1, y1, x2, y2 (zeros past ``num_detections``), scores (zeros) and
+        label indices into the file's classes (-1)."""
+        kept = [np.flatnonzero(d.scores >= params.score_threshold)[:params.max_detections] for d in predictions]
+        n, most = len(predictions), max((len(k) for k in kept), default=0)
+        boxes, scores = np.zeros((n, most, 4), np.float32), np.zeros((n, most), np.float32)
+        labels = np.full((n, most), -1, np.int64)
+        for i, (d, k) in enumerate(zip(predictions, kept)):
+            boxes[i, :len(k)], scores[i, :len(k)], labels[i, :len(k)] = d.boxes[k], d.scores[k], d.labels[k]
+        counts = np.asarray([len(k) for k in kept], np.int32)
+        return {name: Tensor(name, dtype, list(a.shape), a) for name, dtype, a in (
+            ("boxes", "FP32", boxes), ("scores", "FP32", scores), ("labels", "INT64", labels),
+            ("num_detections", "INT32", counts))}
+
+
+def _tiles(array: np.ndarray) -> DetectionBatch:
+    """A preprocessed tensor sent as it is: each image one tile, boxes answered in its pixels."""
+    n, _, height, width = array.shape
+    if height % STRIDE or width % STRIDE:
+        raise BadInput(400, "invalid_shape", f"a detector's input tensor must be a multiple of {STRIDE} pixels high and "
+                       f"wide; got {height}x{width} (send BYTES holding the encoded image to have it tiled)")
+    return DetectionBatch.of_tiles(array, np.tile([width, height], (n, 1)))
+
+
 def _as_detections(answered: list[dict[str, Any]], labels: dict[str, int]) -> Detections:
     """Answered detections as arrays, their labels numbered by ``labels``."""
     return Detections(np.asarray([d["box"] for d in answered], np.float32).reshape(-1, 4),
@@ -134,7 +164,15 @@ def _as_detections(answered: list[dict[str, Any]], labels: dict[str, int]) -> De
 def _codec() -> Codec:
     from ..image import ImageRequests
 
-    return Codec(ImageRequests(), DetectionResponses())
+    class DetectionRequests(ImageRequests):
+        def from_tensors(self, tensors: list[Tensor], model, limits):
+            """As for any image model; the answer says which pixels its boxes are in."""
+            parsed = super().from_tensors(tensors, model, limits)
+            parsed.notes["box_pixels"] = ("the input tensor's (no tiling, no scaling)" if parsed.batch is not None
+                                          else "the original image's")
+            return parsed
+
+    return Codec(DetectionRequests(_tiles, square=False), DetectionResponses())
 
 
 class ObjectDetection(Task):
