@@ -348,13 +348,18 @@ def drain_scenario(model: Path, common: list[str], bodies, expected, n: int, con
 
 
 # --- the Open Inference Protocol, through tritonclient ----------------------------------------------
-def oip_inputs(model: OnnxModel, raw) -> list:
-    """One raw input as tritonclient's binary BYTES input (encoded image, UTF-8 text)."""
+def oip_inputs(model: OnnxModel, raw, binary: bool = True) -> list:
+    """One raw input as tritonclient's BYTES input (encoded image, UTF-8 text): binary, or JSON where
+    the bytes are text (an encoded image is not)."""
     import tritonclient.http as triton
 
     tensor = model.task.codec.encode_tensor([raw], model)
     x = triton.InferInput(tensor.name, tensor.shape, tensor.datatype)
-    x.set_data_from_numpy(np.array(tensor.data, dtype=object), binary_data=True)
+    try:
+        as_text = not binary and all(item.decode("utf-8") is not None for item in tensor.data)
+    except UnicodeDecodeError:
+        as_text = False
+    x.set_data_from_numpy(np.array(tensor.data, dtype=object), binary_data=not as_text)
     return [x]
 
 
@@ -500,10 +505,70 @@ def summarize(records: list[dict], concurrency: int) -> dict:
             "throughput": len(ms) / wall, **{f"p{q}_ms": float(np.percentile(ms, q)) for q in (50, 90, 95, 99)}}
 
 
+def protocol_calls(url: str, model: OnnxModel, raw, v1_body: tuple[bytes, str]) -> dict[str, str]:
+    """Every call of the protocol through tritonclient, once: "ok" or what went wrong. The
+    classification extension (where the task answers one score per label) must equal /v1's top-k."""
+    import tritonclient.http as triton
+    from tritonclient.utils import InferenceServerException
+
+    client = triton.InferenceServerClient(url.removeprefix("http://"))
+    outputs = [o.name for o in model.task.codec.tensor_outputs(model.info)]
+    checks = {
+        "is_server_live": lambda: client.is_server_live(),
+        "is_server_ready": lambda: client.is_server_ready(),
+        "is_model_ready": lambda: client.is_model_ready("model") and client.is_model_ready("model", "1"),
+        "get_server_metadata": lambda: "binary_tensor_data" in client.get_server_metadata()["extensions"],
+        "get_model_metadata": lambda: [o["name"] for o in client.get_model_metadata("model")["outputs"]] == outputs,
+        "get_model_config": lambda: client.get_model_config("model")["platform"] == "onnxruntime_onnx",
+        "get_model_repository_index": lambda: client.get_model_repository_index()[0]["state"] == "READY",
+        "infer_binary": lambda: same_tensors(client.infer("model", oip_inputs(model, raw)), oip_expected(model, raw)),
+        "infer_json": lambda: same_tensors(client.infer("model", oip_inputs(model, raw, binary=False), outputs=[
+            triton.InferRequestedOutput(o, binary_data=False) for o in outputs]), oip_expected(model, raw)),
+        "infer_version_1": lambda: client.infer("model", oip_inputs(model, raw), model_version="1"
+                                                ).get_response()["model_version"] == "1",
+        "get_inference_statistics": lambda: client.get_inference_statistics("model")["model_stats"][0][
+            "inference_stats"]["success"]["count"] > 0,
+    }
+
+    def wrong_name() -> bool:
+        inputs = oip_inputs(model, raw)
+        inputs[0]._name = "not_an_input"
+        try:
+            client.infer("model", inputs)
+        except InferenceServerException as e:
+            return e.status() == "400" and client.is_server_live()
+        return False
+
+    def classification() -> bool | str:
+        try:
+            result = client.infer("model", oip_inputs(model, raw), outputs=[triton.InferRequestedOutput(outputs[0], class_count=3)])
+        except InferenceServerException as e:
+            return "not applicable (a 400: this task's outputs are not one score per label)" if e.status() == "400" else str(e)
+        answer = json.loads(httpx.post(f"{url}/v1/predict?k=3", content=v1_body[0],
+                                       headers={"content-type": v1_body[1]}).content)["predictions"][0]["top_k"]
+        return [s.decode() for s in result.as_numpy(outputs[0])[0]] == [
+            f"{t['probability']!r}:{t['index']}:{t['label']}" for t in answer]
+
+    checks["infer_wrong_input_name_400"] = wrong_name
+    checks["classification_equals_v1_top_k"] = classification
+    found = {}
+    try:
+        for name, check in checks.items():
+            try:
+                ok = check()
+                found[name] = "ok" if ok is True else (ok if isinstance(ok, str) else "failed")
+            except Exception as e:  # the report names the call and what it raised
+                found[name] = f"{type(e).__name__}: {e}"[:200]
+    finally:
+        client.close()
+    return found
+
+
 def oip_levels(model_path: Path, common: list[str], model: OnnxModel, raw_inputs, bodies, n: int, levels: list[int]) -> dict:
     server = Server(model_path, *common)
     try:
-        results = {"overhead_c1": overhead_c1(server.port, model, raw_inputs, bodies, max(200, n // 5))}
+        results = {"protocol_calls": protocol_calls(server.url, model, raw_inputs[0], bodies[0])}
+        results["overhead_c1"] = overhead_c1(server.port, model, raw_inputs, bodies, max(200, n // 5))
         expected = {"1": [oip_expected(model, r) for r in raw_inputs]}
         for c in levels:
             before = stats_of(server.url)
@@ -657,6 +722,8 @@ def main() -> None:
                    "v2_json_minus_v1_p50_ms": p50["v2_json"] - p50["v1"],
                    "zero_errors": all(results[f"c{c}"]["errors"] == 0 and results[f"c{c}"]["mismatched_predictions"] == 0
                                       for c in levels)}
+        print("tritonclient, every call: " + ", ".join(f"{k}: {v}" for k, v in results["protocol_calls"].items()) + "\n")
+        summary["every_call_ok"] = all(v == "ok" or v.startswith("not applicable") for v in results["protocol_calls"].values())
         print(format_table([{"run": name, **r} for name, r in over.items()],
                            [("run", "c1, one HTTP client", ""), ("requests", "requests", "d"), ("errors", "errors", "d"),
                             ("p50_ms", "p50 ms", ".3f"), ("p99_ms", "p99 ms", ".3f")]))

@@ -29,10 +29,12 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from load_test import Server, digits_pngs  # noqa: E402
+from load_test import Server, requests_for  # noqa: E402
 
 from ftdeploy.latency import format_table  # noqa: E402
 from ftdeploy.machine import machine_info  # noqa: E402
+from ftdeploy.onnx_model import OnnxModel  # noqa: E402
+from ftdeploy.tasks.image import png_bytes  # noqa: E402
 
 
 def memory_kb(pid: int) -> dict[str, int]:
@@ -200,7 +202,7 @@ def main() -> None:
                                    ("error_code", "error", ""), ("seconds", "s", ".2f"),
                                    ("rss_growth_mb", "RSS growth MB", ".1f"),
                                    ("peak_rss_growth_mb", "peak RSS growth MB", ".1f")]))
-        images = digits_pngs()[:64]
+        images = [png_bytes(img) for img in requests_for(OnnxModel(args.model, 1), args.model, 64)[0]]
         latency = beside_huge_images(server.port, images, huge_png(), args.rounds, args.seconds)
     finally:
         server.stop()

@@ -173,6 +173,11 @@ def parse_params(params, query) -> Any:
         raise RequestError(422, "invalid_parameter", problems) from None
 
 
+def markdown(text: str) -> str:
+    """Text for /docs, which renders Markdown: ``<base64>`` would vanish as an HTML tag."""
+    return text.replace("<", "&lt;")
+
+
 def intra_op_threads(asked: int | None, workers: int = 1) -> tuple[int, str]:
     """onnxruntime intra-op threads per worker, and why: ``--threads``, else the physical cores this
     process may use (its affinity mask and its cgroup's CPU quota, whichever is smaller: onnxruntime
@@ -265,7 +270,7 @@ def create_app(model_path: str | Path, threads: int | None = None, max_batch_siz
                       for v in repository.serving())
     app = FastAPI(title="ftdeploy model server", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description=f"Serving {names}. /v1: this project's API; /v2: the Open Inference Protocol "
-                              f"(KServe V2, as Triton speaks it). {first.task.codec.accepts}")
+                              f"(KServe V2, as Triton speaks it). {markdown(first.task.codec.accepts)}")
     app.state.repository, app.state.lifecycle = repository, state  # for callers who embed the app
     app.add_middleware(RequestMetrics, metrics=metrics, lifecycle=state)
     app.add_middleware(LingeringClose)
@@ -293,12 +298,12 @@ def create_app(model_path: str | Path, threads: int | None = None, max_batch_siz
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return failure(request, exc.status_code, code, str(exc.detail), exc.headers)
 
-    @app.get("/healthz")
+    @app.get("/healthz", tags=["server"])
     async def healthz():
         """Alive: the process answers."""
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", tags=["server"])
     async def readyz():
         """Ready: every model's versions are loaded and have answered their warm-up requests, the
         server is not draining (after SIGTERM it answers 503 here at once, and still answers
@@ -307,18 +312,18 @@ def create_app(model_path: str | Path, threads: int | None = None, max_batch_siz
         return JSONResponse({"ready": ready, "draining": state.draining, "failed": state.failed},
                             status_code=200 if ready else 503)
 
-    @app.get("/v1/model")
+    @app.get("/v1/model", tags=["v1"])
     async def model_info():
         """The only model's served version (several models: each one's, by name)."""
         if len(repository.models) == 1:
             return repository.get(repository.only()).info
         return {"models": {name: repository.get(name).info for name in repository.models if repository.models[name]}}
 
-    @app.get("/v1/models/{name}")
+    @app.get("/v1/models/{name}", tags=["v1"])
     async def named_model_info(name: str):
         return repository.get(name).info
 
-    @app.get("/metrics", response_class=PlainTextResponse)
+    @app.get("/metrics", response_class=PlainTextResponse, tags=["server"])
     async def prometheus():
         """Prometheus metrics, of every worker process."""
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
@@ -341,11 +346,13 @@ def create_app(model_path: str | Path, threads: int | None = None, max_batch_siz
         return JSONResponse(codec.respond(predictions, params, model.info),
                             headers={"x-model-name": served.model, "x-model-version": served.name})
 
-    @app.post("/v1/predict", description=f"The repository's only model. {codec.accepts}", **predict_doc)
+    @app.post("/v1/predict", description=f"The repository's only model. {markdown(codec.accepts)}", tags=["v1"],
+              **predict_doc)
     async def predict_only(request: Request):
         return await predict(request, repository.only())
 
-    @app.post("/v1/models/{name}/predict", description=f"The latest version of a named model. {codec.accepts}", **predict_doc)
+    @app.post("/v1/models/{name}/predict", description=f"The latest version of a named model. {markdown(codec.accepts)}",
+              tags=["v1"], **predict_doc)
     async def predict_named(request: Request, name: str):
         return await predict(request, name)
 

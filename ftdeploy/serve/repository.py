@@ -132,6 +132,7 @@ class Repository:
     seen: dict[tuple[str, int], tuple] = field(default_factory=dict)  # signatures of versions not loaded yet
     sources: dict[str, Path] = field(default_factory=dict)  # one-file mode: the file, by model name
     poller: asyncio.Task | None = None
+    unloading: set = field(default_factory=set)  # the drain-and-stop tasks of versions let go (held: asyncio keeps weak ones)
 
     @classmethod
     def open(cls, path: str | Path, load, activate, policy: VersionPolicy, model_name: str | None = None,
@@ -231,6 +232,7 @@ class Repository:
             await asyncio.gather(self.poller, return_exceptions=True)
         for version in self.serving():
             await version.batcher.stop()
+        await asyncio.gather(*self.unloading, return_exceptions=True)
 
     async def _poll_forever(self) -> None:
         while True:
@@ -277,4 +279,6 @@ class Repository:
     def _unload(self, version: Version) -> None:
         version.unloading = True
         log.info("unloading %s version %d (policy %s)", version.model, version.number, self.policy)
-        asyncio.get_running_loop().create_task(version.drain_and_stop())
+        task = asyncio.get_running_loop().create_task(version.drain_and_stop())
+        self.unloading.add(task)
+        task.add_done_callback(self.unloading.discard)
