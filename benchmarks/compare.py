@@ -1,6 +1,8 @@
 """ftdeploy beside what users would pick instead: one FP32 ONNX file per model, every contender on it.
 
-For each model, fine-tuned on the embedded digits (image models), the Rotten Tomatoes snippets
+For each model, fine-tuned on the embedded digits (image models; ``--data fashion_mnist``: Fashion-MNIST,
+``configs/fashion.yaml``, where compression costs accuracy; ResNet-18 from scratch and the pretrained
+Lite0 at one input size, both with the pruned and optimize rows), the Rotten Tomatoes snippets
 (``minilm``: all-MiniLM-L6-v2, ``configs/text.yaml``) or the aerial tree crowns (``trees``: the
 MobileNetV2-FPN-FCOS detector of ``configs/trees.yaml``, judged on mAP@.5) and exported by ftdeploy, every contender works
 on the same FP32 file (``model.unoptimized.onnx``: the checked export before onnxruntime's own
@@ -95,6 +97,17 @@ MODELS = {
     "trees": [],  # configs/trees.yaml as it is
 }
 CONFIGS = {"minilm": "text.yaml", "trees": "trees.yaml"}  # the config overrides apply to (default: digits.yaml)
+# --data fashion_mnist: configs/fashion.yaml with these overrides. One input size for both models, a seeded
+# training subset and few epochs so that the whole run (both models, every contender, pruning and optimize)
+# fits in 90 minutes on 2 cores; the official 10,000 test images are optimize's test split.
+FASHION = {
+    "efficientnet_lite0": ["preprocessing.input_size=32", "preprocessing.resize_size=32",
+                           "data.max_train_samples=12000", "train.epochs=2"],
+    "resnet18": ["model.name=torchvision:resnet18", "model.weights=none", "preprocessing.input_size=32",
+                 "preprocessing.resize_size=32", "data.max_train_samples=12000", "train.epochs=2", "train.lr=0.001"],
+}
+# both models get the pruned and optimize rows on Fashion-MNIST, at the same levels and recovery epochs
+FASHION_OPTIMIZE = {"levels": [0.5, 0.35, 0.25], "finetune_epochs": 1}
 IMAGE_PEERS = ("ort_dynamic_default", "ort_static_default", "optimum_preset", "olive_static_default", "openvino_fp32",
                "openvino_nncf_int8", "grid_best")
 PEERS = {"minilm": ("ort_fp32_fused", "ort_dynamic_default", "optimum_dynamic_preset", "openvino_fp32",
@@ -412,11 +425,13 @@ def ort_openvino_ep(python: Path, files: dict[str, Path], data: EvalData, thread
     return out
 
 
-def fine_tuned(name: str, workdir: Path, quick: bool):
-    run_dir = workdir / name
+def fine_tuned(name: str, workdir: Path, quick: bool, data: str = "digits"):
+    run_dir = workdir / (name if data == "digits" else f"{data}-{name}")
+    fashion = data == "fashion_mnist"
     # --quick: one epoch, the TorchScript exporter (seconds where dynamo takes ten), short export timing
-    cfg = load_config(REPO / "configs" / CONFIGS.get(name, "digits.yaml"),
-                      [*MODELS[name], *(["data.test_fraction=0.2"] if name in PRUNED else []),  # optimize's test split
+    cfg = load_config(REPO / "configs" / ("fashion.yaml" if fashion else CONFIGS.get(name, "digits.yaml")),
+                      [*(FASHION[name] if fashion else MODELS[name]),
+                       *(["data.test_fraction=0.2"] if name in PRUNED and not fashion else []),  # optimize's test split
                        *(["train.epochs=1", "export.exporter=torchscript", "export.latency_seconds=0.2"]
                                         if quick else []),
                        "train.progress=false", "train.checkpoint=false"])
@@ -469,7 +484,7 @@ def contenders_for(name: str, run_dir: Path, cfg, work: Path, data: EvalData, ar
     int8 = export_dir / "model.int8.onnx"
     out["ftdeploy_int8"] = (onnx_contender(int8, True, q.seconds, chosen=q.chosen)
                             if int8.is_file() else Contender("onnxruntime", True, error=q.not_shipped_reason))
-    if name in PRUNED:
+    if name in PRUNED or args.data == "fashion_mnist":
         macs = PRUNED_MACS.get(name, 0.5)
         pruned = run_dir.with_name(f"{name}-pruned{round(100 * macs)}")
         if not (pruned / "manifest.json").is_file():
@@ -479,16 +494,17 @@ def contenders_for(name: str, run_dir: Path, cfg, work: Path, data: EvalData, ar
         pruned_int8 = pruned_export / "model.int8.onnx"
         out["ftdeploy_pruned_int8"] = (onnx_contender(pruned_int8, True) if pruned_int8.is_file() else Contender(
             "onnxruntime", True, error=load_export(pruned_export).report.quantization.not_shipped_reason))
-        out["ftdeploy_optimize"] = attempt(lambda: ftdeploy_optimize(name, run_dir, qcfg), "onnxruntime", True)
+        settings = FASHION_OPTIMIZE if args.data == "fashion_mnist" else OPTIMIZE[name]
+        out["ftdeploy_optimize"] = attempt(lambda: ftdeploy_optimize(name, run_dir, qcfg, settings), "onnxruntime", True)
     return out
 
 
-def ftdeploy_optimize(name: str, run_dir: Path, qcfg: QuantizeConfig) -> Contender:
+def ftdeploy_optimize(name: str, run_dir: Path, qcfg: QuantizeConfig, settings: dict[str, Any]) -> Contender:
     """``ftdeploy optimize`` on the run within the model's budget (resumed where its directory holds
     finished points): the file it chose, and its figure on the test split the search never saw."""
-    out = run_dir.with_name(f"{name}-optimize")
+    out = run_dir.with_name(f"{run_dir.name}-optimize")
     optimize(run_dir, out, OptimizeConfig(max_metric_drop=OPTIMIZE_BUDGETS.get(name, OPTIMIZE_BUDGET), quantize=qcfg,
-                                          **OPTIMIZE[name]))
+                                          **settings))
     path, choice = optimize_choice(out, OPTIMIZE_BUDGETS.get(name, OPTIMIZE_BUDGET))
     return onnx_contender(path, choice.pop("int8"), choice.pop("optimize_seconds"), **choice)
 
@@ -591,7 +607,12 @@ def search_decisions(export_dir: Path, qcfg: QuantizeConfig, work: Path) -> dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="resnet18,efficientnet_lite0,mobilenet_v3_large")
+    parser.add_argument("--models", default=None,
+                        help="default: resnet18,efficientnet_lite0,mobilenet_v3_large (digits); resnet18,efficientnet_lite0 "
+                        "(fashion_mnist)")
+    parser.add_argument("--data", choices=("digits", "fashion_mnist"), default="digits",
+                        help="the image models' data: the embedded digits, or Fashion-MNIST (configs/fashion.yaml; "
+                        "apt-get install dataset-fashion-mnist), where compression costs accuracy")
     parser.add_argument("--quick", action="store_true", help="the tiny model, one epoch, short timing")
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--workdir", type=Path, default=None, help="runs (default: OUTPUT/runs)")
@@ -602,14 +623,18 @@ def main() -> None:
     if args.replot:
         return write_outputs(json.loads((args.output / "compare.json").read_text()), args.output)
     args.skip = set(filter(None, args.skip.split(",")))
-    models = ["tiny"] if args.quick else args.models.split(",")
+    default = "resnet18,efficientnet_lite0" if args.data == "fashion_mnist" else "resnet18,efficientnet_lite0,mobilenet_v3_large"
+    models = ["tiny"] if args.quick else (args.models or default).split(",")
+    unknown = [m for m in models if args.data == "fashion_mnist" and m not in FASHION]
+    if unknown:
+        parser.error(f"--data fashion_mnist compares {', '.join(FASHION)}; not {', '.join(unknown)}")
     seconds = 0.2 if args.quick else args.seconds
     args.output.mkdir(parents=True, exist_ok=True)
     workdir = args.workdir or args.output / "runs"
     # --quick checks the script's plumbing: one INT8 configuration per search, short timing
     qcfg = QuantizeConfig(max_metric_drop=BUDGET_POINTS, **({"latency_seconds": 0.2, "search": False} if args.quick
                                                               else {"latency_seconds": 2.0}))
-    results: dict[str, Any] = {"command": "python " + " ".join(sys.argv), "machine": machine_info(),
+    results: dict[str, Any] = {"command": "python " + " ".join(sys.argv), "data": args.data, "machine": machine_info(),
                                "session": session_policy(physical_cores()),
                                "versions": versions(), "budget_points": BUDGET_POINTS, "models": {}}
     for name in models:
@@ -624,7 +649,7 @@ def main() -> None:
 
 def compare_model(name: str, workdir: Path, args, qcfg: QuantizeConfig, seconds: float) -> dict[str, Any]:
     """One model: its fine-tune, FP32 file, every contender on it, the search run twice."""
-    run_dir, cfg = fine_tuned(name, workdir, args.quick)
+    run_dir, cfg = fine_tuned(name, workdir, args.quick, "digits" if args.quick else args.data)
     qcfg = qcfg.model_copy(update={"max_metric_drop": BUDGETS.get(name, BUDGET_POINTS)})
     work = args.output / "work" / name
     work.mkdir(parents=True, exist_ok=True)
@@ -635,7 +660,8 @@ def compare_model(name: str, workdir: Path, args, qcfg: QuantizeConfig, seconds:
     ep_files = {"ort_openvino_ep_fp32": export_dir / "model.unoptimized.onnx"}
     if (export_dir / "model.int8.onnx").is_file():
         ep_files["ort_openvino_ep_int8"] = export_dir / "model.int8.onnx"
-    ep_keys = ["ort_openvino_ep_fp32", "ort_openvino_ep_int8"] + (["ftdeploy_optimize_openvino"] if name in PRUNED else [])
+    ep_keys = ["ort_openvino_ep_fp32", "ort_openvino_ep_int8"] + (["ftdeploy_optimize_openvino"]
+                                                                  if name in PRUNED and args.data == "digits" else [])
     ep = {k: {"error": SKIPPED, "outputs": None} for k in ep_keys if k in args.skip}
     try:
         if len(ep) < len(ep_keys):
@@ -704,8 +730,8 @@ def write_outputs(results: dict[str, Any], out: Path) -> None:
     (out / "compare.json").write_text(json.dumps(results, indent=2, default=str))
     lines = ["# ftdeploy beside the alternatives", "",
              f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, ISA "
-             f"{', '.join(results['machine']['isa'])}. Budget {results['budget_points']} points of each task's metric unless a model "
-             "says otherwise.", "",
+             f"{', '.join(results['machine']['isa'])}. Image data: {results.get('data', 'digits')}. Budget "
+             f"{results['budget_points']} points of each task's metric unless a model says otherwise.", "",
              f"Command: `{results.get('command')}`", ""]
     for name, m in results["models"].items():
         if "error" in m:

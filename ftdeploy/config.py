@@ -26,7 +26,7 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    name: str = Field("digits", description="dataset registry name: digits, imagefolder, synthetic, torchvision:<Class> "
+    name: str = Field("digits", description="dataset registry name: digits, fashion_mnist, imagefolder, synthetic, torchvision:<Class> "
                       "(images); rotten_tomatoes, csv, jsonl (text)")
     root: Path | None = Field(None, description="folder of the data (imagefolder: root/<class>/*.png; torchvision: "
                               "download dir; csv/jsonl: the file)")
@@ -34,7 +34,8 @@ class DataConfig(Section):
     val_fraction: float = Field(0.2, gt=0, lt=1, description="share held out for validation when there is no val split")
     split_seed: int = Field(0, description="seed of the stratified train/val split")
     test_fraction: float = Field(0.0, ge=0, lt=1, description="share of the validation split held out as a test "
-                                 "split that no stage evaluates on (ftdeploy optimize judges its choice there)")
+                                 "split that no stage evaluates on (ftdeploy optimize judges its choice there); a dataset "
+                                 "that brings its own test split (fashion_mnist) uses that one instead")
     on_corrupt: Literal["error", "skip"] = Field("error", description="unreadable image or text row: stop with its "
                                                  "name, or skip and count it")
     text_column: str = Field("text", description="csv/jsonl: the column holding the text")
@@ -43,7 +44,10 @@ class DataConfig(Section):
     download: bool = Field(False, description="torchvision datasets: download when missing (needs network)")
     batch_size: int = Field(32, ge=1)
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
-    augment: bool = Field(False, description="random resized crop + horizontal flip (natural images only)")
+    augment: bool = Field(False, description="augment the training images (see augmentation)")
+    augmentation: Literal["crop_flip", "flip_translate"] = Field(
+        "crop_flip", description="with augment: crop_flip (random resized crop + horizontal flip: natural images), "
+        "flip_translate (horizontal flip + shifts of up to 10 %: centred objects such as Fashion-MNIST's)")
     # synthetic data (tests): sizes of the generated set
     num_classes: int = Field(4, ge=2, description="synthetic: number of classes")
     num_samples: int = Field(64, ge=2, description="synthetic: number of images")

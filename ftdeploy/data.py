@@ -45,9 +45,10 @@ class ImageDataset:
     all of it, 5 s of quantize's 40 on digits at 128 px)."""
 
     def __init__(self, load: Callable[[int], Image.Image], labels: list[int], spec: Preprocessing,
-                 augment: bool = False, cache: bool = False):
+                 augment: bool | str = False, cache: bool = False):
+        """``augment``: False, True (crop_flip) or the name of an augmentation (``data.augmentation``)."""
         self.load, self.labels, self.spec = load, list(labels), spec
-        self.augment = _augmentation(spec) if augment else None
+        self.augment = _augmentation(spec, augment if isinstance(augment, str) else "crop_flip") if augment else None
         self.cached: dict[int, np.ndarray] | None = {} if cache and not augment else None
 
     def __len__(self) -> int:
@@ -119,11 +120,17 @@ class DatasetImages:
         return self.dataset[i][0]
 
 
-def _augmentation(spec: Preprocessing):
+def _augmentation(spec: Preprocessing, kind: str = "crop_flip"):
     from torchvision.transforms import v2
 
+    if kind == "flip_translate":  # the object stays whole and centred-ish, as every image of the set shows it
+        return v2.Compose([v2.RandomHorizontalFlip(), v2.RandomAffine(degrees=0, translate=(0.1, 0.1))])
     return v2.Compose([v2.RandomResizedCrop(spec.input_size, scale=(0.35, 1.0), antialias=True),
                        v2.RandomHorizontalFlip()])
+
+
+def _augment_of(cfg: DataConfig) -> bool | str:
+    return cfg.augmentation if cfg.augment else False
 
 
 class TextDataset:
@@ -198,10 +205,67 @@ def _split_in_memory(images: list[Image.Image], labels: list[int], classes: list
                      spec: Preprocessing) -> DatasetSplits:
     train_idx, val_idx = stratified_split(labels, cfg.val_fraction, cfg.split_seed)
 
-    def part(idx: list[int], augment: bool) -> ImageDataset:
+    def part(idx: list[int], augment: bool | str) -> ImageDataset:
         return ImageDataset(InMemoryImages(images, idx), [labels[i] for i in idx], spec, augment=augment, cache=True)
 
-    return DatasetSplits(part(train_idx, cfg.augment), part(val_idx, False), classes, cfg.name)
+    return DatasetSplits(part(train_idx, _augment_of(cfg)), part(val_idx, False), classes, cfg.name)
+
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # where Debian's dataset-fashion-mnist puts it
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"),
+             0x0E: np.dtype(">f8")}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An idx file (MNIST's format), gzipped or not: two zero bytes, a type code, the number of
+    dimensions, each dimension as a big-endian int32, then the data."""
+    import gzip
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path} cannot be read ({e})", "download the idx files again") from None
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] not in IDX_TYPES:
+        raise DataError(f"{path} is not an idx file (its header is {data[:4].hex() or 'empty'})",
+                        "pass the idx files of MNIST or Fashion-MNIST (train-images-idx3-ubyte.gz, ...)")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    dtype = np.dtype(IDX_TYPES[data[2]])
+    start, count = 4 + 4 * ndim, int(np.prod(dims))
+    if len(data) - start != count * dtype.itemsize:
+        raise DataError(f"{path}: {len(data) - start} bytes of data for dimensions {dims} ({count * dtype.itemsize} "
+                        "expected): the file is truncated", "download the idx files again")
+    return np.frombuffer(data, dtype, count, start).reshape(dims)
+
+
+@datasets.register("fashion_mnist")
+def fashion_mnist(cfg: DataConfig, spec: Preprocessing) -> DatasetSplits:
+    """Fashion-MNIST: 70,000 28×28 grayscale photos of clothing, 10 classes, read from its four idx
+    ``.gz`` files where Debian's ``dataset-fashion-mnist`` puts them (or ``data.root``). Validation is a
+    stratified share of the 60,000 training images (``data.val_fraction``); the official 10,000 test
+    images are the test split that no stage sees."""
+    root = Path(cfg.root) if cfg.root else FASHION_MNIST
+    names = {split: (f"{split}-images-idx3-ubyte.gz", f"{split}-labels-idx1-ubyte.gz") for split in ("train", "t10k")}
+    missing = [n for pair in names.values() for n in pair if not (root / n).is_file()]
+    if missing:
+        raise DataError(f"Fashion-MNIST is not in {root} (missing {', '.join(missing)})",
+                        "apt-get install dataset-fashion-mnist (it puts the four idx .gz files in "
+                        f"{FASHION_MNIST}), or set data.root to a folder that holds them")
+    arrays = {split: (read_idx(root / a), read_idx(root / b)) for split, (a, b) in names.items()}
+    for split, (images, labels) in arrays.items():
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels) or labels.max(initial=0) >= 10:
+            raise DataError(f"{root}: the {split} idx files hold images {list(images.shape)} and labels {list(labels.shape)}",
+                            "pass Fashion-MNIST's idx files: N x 28 x 28 images and N labels in 0..9")
+    images = [Image.fromarray(a, mode="L") for a in arrays["train"][0]]
+    labels = arrays["train"][1].astype(int).tolist()
+    splits = _split_in_memory(images, labels, FASHION_CLASSES, cfg, spec)
+    test_images = [Image.fromarray(a, mode="L") for a in arrays["t10k"][0]]
+    splits.test = ImageDataset(InMemoryImages(test_images, list(range(len(test_images)))),
+                               arrays["t10k"][1].astype(int).tolist(), spec, cache=True)
+    return splits
 
 
 @datasets.register("digits")
@@ -293,7 +357,7 @@ def imagefolder(cfg: DataConfig, spec: Preprocessing) -> DatasetSplits:
         train_idx, val_idx = stratified_split(labels, cfg.val_fraction, cfg.split_seed)
         val_paths, val_labels = [paths[i] for i in val_idx], [labels[i] for i in val_idx]
     train_paths = [paths[i] for i in train_idx]
-    train = ImageDataset(ImageFiles(train_paths), [labels[i] for i in train_idx], spec, cfg.augment)
+    train = ImageDataset(ImageFiles(train_paths), [labels[i] for i in train_idx], spec, _augment_of(cfg))
     val = ImageDataset(ImageFiles(val_paths), val_labels, spec)
     return DatasetSplits(train, val, classes, cfg.name, skipped)
 
@@ -335,7 +399,7 @@ def torchvision_dataset(cfg: DataConfig, spec: Preprocessing) -> DatasetSplits:
     def part(ds, augment: bool) -> ImageDataset:
         return ImageDataset(DatasetImages(ds), [int(t) for t in _targets(ds)], spec, augment=augment)
 
-    return DatasetSplits(part(train_set, cfg.augment), part(val_set, False), classes, cfg.name)
+    return DatasetSplits(part(train_set, _augment_of(cfg)), part(val_set, False), classes, cfg.name)
 
 
 def _targets(ds) -> list:

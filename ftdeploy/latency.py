@@ -84,6 +84,25 @@ def measure(fn: Callable[[], object], batch_size: int, warmup: int = 5, min_iter
 
 
 FASTER = ("faster", "faster, below min_speedup")  # the verdicts of a speedup outside the noise floor
+# A search times each candidate beside its own measurement of the reference file. One whose reference ran
+# more than REFERENCE_DRIFT from the search's median reference is measured again, up to RETAKES times, and
+# flagged when still off: a neighbour's memory traffic slows a large FP32 file more than a small INT8 one,
+# the A/A twin slows with it, and the ratio flatters the candidate outside any noise floor.
+REFERENCE_DRIFT = 0.20
+RETAKES = 2
+
+
+def drifted(reference_p50: float | None, median: float) -> float | None:
+    """How far a reference measurement ran from the median reference (relative), when beyond
+    REFERENCE_DRIFT; else None.
+
+    >>> drifted(6.6, 4.4), drifted(4.6, 4.4)
+    (0.5, None)
+    """
+    if not reference_p50 or not median:
+        return None
+    off = reference_p50 / median - 1
+    return round(off, 6) if abs(off) > REFERENCE_DRIFT else None
 
 
 @dataclass

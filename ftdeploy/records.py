@@ -259,6 +259,9 @@ class Attempt(Record):
     metric_drop_points: float | None = None
     passed: bool = False
     note: str = ""
+    reference_p50_ms: float | None = None  # the FP32 file's p50 in the rounds this configuration was timed in
+    retakes: int = 0  # measured again: its reference ran far from the search's median reference
+    reference_drift: float | None = None  # set when still off after the retakes: its reference / the median - 1
 
 
 class QuantizationRecord(Record):
@@ -470,7 +473,9 @@ class Point(Record):
     reference_p50_ms: float | None = None
     speedup: Json
     noise_floor: float
-    first: Json | None = None  # the first measurement, when the final round measured it again
+    first: Json | None = None  # the first measurement, when it was measured again (a retake, the final round)
+    retakes: int = 0  # measured again because its reference ran far from the search's median reference
+    reference_drift: float | None = None  # set when still off after the retakes: its reference / the median - 1
 
 
 class PointsRecord(Versioned):
@@ -496,6 +501,7 @@ class ParetoRecord(Versioned):
     points: list[Point]
     front: list[Point]
     final_round: list[str] = Field(default_factory=list)
+    median_reference_p50_ms: float | None = None  # of every point's reference measurement: what drift is judged against
     chosen: Point | None = None
     test: HeldOutRecord | None = None
     stopped: str | None = None

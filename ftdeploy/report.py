@@ -107,13 +107,19 @@ def int8_section(q: dict[str, Any]) -> list[str]:
             f"when it loses at most {q['max_metric_drop']} points of {q['metric']} and the low end of its speedup "
             f"clears {q['min_speedup']}x outside the noise floor. The configurations within the budget "
             "that were faster in their first measurement are timed again, together and twice as long (the final "
-            "round); they are judged on that, and their first figure is kept beside it."
+            "round); they are judged on that, and their first figure is kept beside it. A configuration whose FP32 "
+            "ran more than 20 % from the median FP32 of the search is measured again (up to twice) and marked ⚠ "
+            "when still off."
             + (f" The final measurement is judged on the noise of the chosen file's own two measurements: "
                f"±{q['noise_floor_judged']:.3f}." if q.get("noise_floor_judged") is not None else ""), "", shipped, "",
-            format_table([{**t, "first": (t.get("first_pass") or {}).get("median")} for t in q["tried"]],
+            format_table([{**t, "first": (t.get("first_pass") or {}).get("median"),
+                           "fp32_ms": f"{t['reference_p50_ms']:.2f}" + (" ⚠" if t.get("reference_drift") is not None else "")
+                           + (f" ({t['retakes']} retakes)" if t.get("retakes") else "") if t.get("reference_p50_ms") else ""}
+                          for t in q["tried"]],
                          [("name", "configuration tried", ""), ("graph", "graph", ""),
                           ("metric_drop_points", f"{q['metric']} drop (pts)", "+.2f"),
-                          ("latency_ms", "p50 ms @1", ".2f"), ("first", "first pass", ".2f"), ("speedup", "vs fp32", ".2f"),
+                          ("latency_ms", "p50 ms @1", ".2f"), ("fp32_ms", "fp32 p50 ms beside it", ""),
+                          ("first", "first pass", ".2f"), ("speedup", "vs fp32", ".2f"),
                           ("speedup_low", "low", ".2f"), ("speedup_high", "high", ".2f"),
                           ("verdict", "verdict", ""), ("passed", "passed", "")])]
 
@@ -177,7 +183,8 @@ def usability_html(record: UsabilityRecord, task_sections: list[str], run: str) 
     label = data.get("metric_label") or metric
     status = ('<span class="badge pass">budgets passed</span>' if data["passed"]
               else '<span class="badge fail">budgets failed</span>')
-    parts = [f"<h1>Usability report</h1><p class='meta'>{escape(data['source'])} (run "
+    source = "the files of this export directory" if data["source"] in (".", "") else data["source"]
+    parts = [f"<h1>Usability report</h1><p class='meta'>{escape(source)} (run "
              f"{escape(run)}); {data['dataset']['num_samples']} validation "
              f"{data['dataset']['unit']} of {escape(data['dataset']['name'])}; "
              f"{escape(m['cpu'])}, {m['threads']} thread(s), onnxruntime {m['onnxruntime']}.</p><p>{status}</p>"]

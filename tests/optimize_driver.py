@@ -27,14 +27,20 @@ def set_figures(path, reference, provider, bench, threads, seconds):
             "speedup": {"median": 4.0 / ms, "low": 4.0 / ms, "high": 4.0 / ms, "rounds": []}}
 
 
+def set_together(files, reference, bench, threads, seconds):
+    """The final round's measurement, with the same set latencies."""
+    return {name: set_figures(path, reference, provider, bench, threads, seconds) for name, (path, provider) in files.items()}
+
+
 def search(run, out) -> None:
-    """The search with set latencies (the caller replaces ``measure_point``, as below or by monkeypatch)."""
+    """The search with set latencies (the caller replaces ``measure_point`` and ``measure_together``, as
+    below or by monkeypatch)."""
     stage.optimize(run, out, OptimizeConfig.model_validate(SETTINGS))
 
 
 if __name__ == "__main__":
     run, out, slow_level = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
-    stage.measure_point = set_figures
+    stage.measure_point, stage.measure_together = set_figures, set_together
     build = stage.build_level
 
     def slow(run_dir, out_dir, level, cfg):

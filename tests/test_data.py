@@ -139,3 +139,28 @@ def test_every_dataset_pickles_for_spawned_dataloader_workers(tmp_path):
             assert again.labels == ds.labels
             if not cfg.augment:
                 assert np.array_equal(again[0][0], ds[0][0])
+
+
+def test_fashion_mnist_reads_its_idx_files_and_brings_its_own_test_split(tmp_path):
+    """Idx files made here (the suite never needs Debian's package)."""
+    from ftdeploy.data import FASHION_CLASSES
+
+    rng = np.random.default_rng(0)
+    train_images, train_labels = rng.integers(0, 255, (40, 28, 28)), np.arange(40) % 10
+    test_images, test_labels = rng.integers(0, 255, (10, 28, 28)), np.arange(10)[::-1]
+    for name, array in (("train-images-idx3-ubyte.gz", train_images), ("train-labels-idx1-ubyte.gz", train_labels),
+                        ("t10k-images-idx3-ubyte.gz", test_images), ("t10k-labels-idx1-ubyte.gz", test_labels)):
+        write_idx(tmp_path / name, array)
+    spec = Preprocessing(28, 28, 1, (0.5,), (0.5,))
+    cfg = DataConfig(name="fashion_mnist", root=tmp_path, val_fraction=0.25, test_fraction=0.5)
+    splits = build_datasets(cfg, spec)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (30, 10, 10)  # its own test split, not val's
+    assert splits.classes == FASHION_CLASSES and splits.test.labels == test_labels.tolist()
+    first = (test_images[0] / 255 - 0.5) / 0.5
+    assert np.allclose(splits.test[0][0][0], first, atol=1e-6)  # the official test images, as they are
+    assert sorted(splits.train.labels + splits.val.labels) == sorted(train_labels.tolist())
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8b not gzip")
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte.gz"):
+        build_datasets(cfg, spec)
+    with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
+        build_datasets(cfg.model_copy(update={"root": tmp_path / "empty"}), spec)

@@ -459,3 +459,42 @@ def test_quantize_on_images_does_not_import_torch(tiny_export, tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "torch imported: False"
     assert json.loads((tmp_path / "q" / "report.json").read_text())["quantization"]["search"] == "preset only"
+
+
+def test_a_configuration_timed_beside_a_drifting_fp32_is_measured_again_then_flagged():
+    """Each configuration is timed beside its own measurement of FP32. One whose FP32 ran more than 20 %
+    from the median of those is measured again (up to twice) and judged on the retake; one still off
+    is flagged in the record."""
+    from pathlib import Path
+
+    from ftdeploy.latency import Comparison, LatencyStats, Speedup
+    from ftdeploy.quantize import Attempt, retake_drifting
+
+    class Drifting:
+        def __init__(self, references):
+            self.references, self.latest, self.calls = references, None, []
+
+        def speedups(self, candidates, reference, longer=1.0):
+            (name,) = candidates
+            self.calls.append(name)
+            ref = self.references[name].pop(0)
+            self.latest = Comparison({"reference": LatencyStats(1, 5, ref, ref, ref, ref, 1000 / ref)}, {"reference": [ref]})
+            return {name: (Speedup(ref / 1.0, ref / 1.1, ref / 0.9, [ref]), 1.0)}, 0.02
+
+    def attempt(name, reference_ms, speedup):
+        return Attempt(name, "static", [], None, speedup=speedup, speedup_low=speedup, speedup_high=speedup,
+                       verdict="faster", reference_p50_ms=reference_ms, path=Path(name))
+
+    def judge(a, speedup, latency_ms, noise):
+        a.speedup, a.latency_ms = speedup.median, latency_ms
+
+    tried = [attempt("a", 4.0, 4.0), attempt("b", 4.2, 4.2), attempt("c", 6.6, 6.6), attempt("d", 6.4, 6.4),
+             attempt("e", 4.1, 4.1)]
+    evaluator = Drifting({"c": [4.3], "d": [6.2, 6.0]})  # c comes back at the first retake; d stays off
+    retake_drifting(tried, Path("fp32.onnx"), evaluator, judge, progress=lambda line: None)
+    c, d = tried[2], tried[3]
+    assert evaluator.calls == ["c", "d", "d"]
+    assert (c.retakes, c.reference_drift, c.speedup, c.first_pass["median"]) == (1, None, 4.3, 6.6)
+    assert d.retakes == 2 and round(d.reference_drift, 2) == 0.43  # 6.0 against the median 4.2
+    assert all(a.retakes == 0 and a.reference_drift is None for a in (tried[0], tried[1], tried[4]))
+    assert c.record().retakes == 1 and d.record().reference_drift is not None
