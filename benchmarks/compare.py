@@ -486,7 +486,7 @@ def contenders_for(name: str, run_dir: Path, cfg, work: Path, data: EvalData, ar
                             if int8.is_file() else Contender("onnxruntime", True, error=q.not_shipped_reason))
     if name in PRUNED or args.data == "fashion_mnist":
         macs = PRUNED_MACS.get(name, 0.5)
-        pruned = run_dir.with_name(f"{name}-pruned{round(100 * macs)}")
+        pruned = run_dir.with_name(f"{run_dir.name}-pruned{round(100 * macs)}")
         if not (pruned / "manifest.json").is_file():
             prune(run_dir, pruned, PruneConfig(target_macs=macs, finetune_epochs=1 if args.quick else 2, distill_alpha=0.5))
         pruned_export = exported(pruned, cfg, qcfg)
