@@ -1,11 +1,13 @@
-"""Text classification speed, one run: PyTorch eager, ORT FP32, INT8 and (optionally) a pruned
-model's FP32 and INT8, all at batch 1 on real validation sentences, timed side by side under the
-latency protocol (alternating blocks, per-round ratios, an A/A session for the noise floor), at
-three shapes: padded to 128 tokens, padded to 32, and each sentence at its own length. Accuracy of
-every variant on the same validation sentences.
+"""Text model speed (a text classifier or a token classifier), one run: PyTorch eager, ORT FP32, INT8
+and (optionally) a pruned model's FP32 and INT8, all at batch 1 on real validation texts, timed side
+by side under the latency protocol (alternating blocks, per-round ratios, an A/A session for the
+noise floor), padded to each of ``--lengths`` tokens and at each text's own length. The task's metric
+of every variant on the same validation texts (with its interval, where the task gives one).
 
     ftdeploy run --config configs/text.yaml          # runs/text/export: model.onnx (+ model.int8.onnx)
     python benchmarks/text_speed.py runs/text/export [--pruned runs/text-pruned/export] --json out.json
+    ftdeploy run --config configs/ner.yaml
+    python benchmarks/text_speed.py runs/ner/export --lengths 64 --json out.json
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ def main() -> None:
     parser.add_argument("--pruned", type=Path, default=None, help="the export directory of a pruned run")
     parser.add_argument("--sentences", type=int, default=64, help="sentences cycled through in the timing")
     parser.add_argument("--seconds", type=float, default=6.0, help="timed seconds per variant and shape")
+    parser.add_argument("--lengths", default="128,32", help="token counts the texts are padded (or cut) to, besides their own")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
@@ -59,9 +62,14 @@ def main() -> None:
     sessions["ort fp32 A/A"] = open_session(files["ort fp32"], threads)
     predictors.update({name: onnx_predictor(s) for name, s in sessions.items()})
 
-    accuracies = {name: data.score(data.outputs(p, 32)).value for name, p in predictors.items() if "A/A" not in name}
-    shapes = {"128 tokens": data.inputs.at_length(128), "32 tokens": data.inputs.at_length(32), "unpadded": data.inputs}
-    results: dict = {"accuracy": accuracies, "shapes": {}}
+    scores = {name: data.score(data.outputs(p, 32)) for name, p in predictors.items() if "A/A" not in name}
+    metrics = {name: s.value for name, s in scores.items()}
+    intervals = {name: [s.values[f"{s.primary}_low"], s.values[f"{s.primary}_high"]] for name, s in scores.items()
+                 if f"{s.primary}_low" in s.values}
+    label = data.task.metric_label
+    lengths = [int(n) for n in args.lengths.split(",") if n]
+    shapes = {**{f"{n} tokens": data.inputs.at_length(n) for n in lengths}, "unpadded": data.inputs}
+    results: dict = {"metric": data.task.metric, "values": metrics, "intervals": intervals, "shapes": {}}
     for shape, inputs in shapes.items():
         sentences = inputs[:args.sentences]
         fns = {"torch eager": Cycle(lambda b: (lambda: predictors["torch eager"](b)), sentences)}
@@ -78,18 +86,21 @@ def main() -> None:
                           "verdict_vs_ort_fp32": vs_fp32.verdict(noise)}
         results["shapes"][shape] = {"noise_floor": noise, "variants": rows}
         print(f"\n{shape} (batch 1, {len(sentences)} sentences cycled; A/A noise floor ±{noise:.3f})")
-        print(format_table([{"variant": n, "acc": 100 * accuracies[n], "p50": r["p50_ms"],
+        print(format_table([{"variant": n, "acc": 100 * metrics[n], "p50": r["p50_ms"],
                              "x_fp32": r["vs_ort_fp32"]["median"], "lo": r["vs_ort_fp32"]["low"],
                              "hi": r["vs_ort_fp32"]["high"], "x_torch": r["vs_torch"]["median"]}
                             for n, r in rows.items()],
-                           [("variant", "variant", ""), ("acc", "val acc %", ".2f"), ("p50", "p50 ms", ".2f"),
+                           [("variant", "variant", ""), ("acc", f"val {label} %", ".2f"), ("p50", "p50 ms", ".2f"),
                             ("x_fp32", "x ORT FP32", ".2f"), ("lo", "low", ".2f"), ("hi", "high", ".2f"),
                             ("x_torch", "x torch eager", ".2f")]))
+    for name, (low, high) in intervals.items():
+        print(f"{name}: val {label} {100 * metrics[name]:.2f} % (95 % interval {100 * low:.2f}-{100 * high:.2f})")
     info = machine_info(threads)
-    print(f"\nmachine: {info['cpu']}, {threads} threads, isa {info['isa']}; {len(data)} validation sentences")
+    print(f"\nmachine: {info['cpu']}, {threads} threads, isa {info['isa']}; {len(data)} validation rows")
     if args.json:
         args.json.write_text(json.dumps({"machine": info, "command": "python benchmarks/text_speed.py "
-                                         + " ".join(str(a) for a in [args.export] + (["--pruned", args.pruned] if args.pruned else [])),
+                                         + " ".join(str(a) for a in [args.export, "--lengths", args.lengths]
+                                                    + (["--pruned", args.pruned] if args.pruned else [])),
                                          "results": results}, indent=2))
 
 

@@ -85,7 +85,10 @@ class PreprocessingConfig(Section):
     std: tuple[float, ...] | None = None
     interpolation: Literal["nearest", "bilinear", "bicubic"] | None = Field(
         None, description="resize filter (default: the one the weights were trained with)")
-    max_length: int = Field(128, ge=4, description="text: tokens a text is truncated to (special tokens included)")
+    max_length: int = Field(128, ge=4, description="text: tokens a text is truncated to (special tokens included); "
+                            "token classification: tokens per window of a longer text")
+    stride: int | None = Field(None, ge=0, description="token classification: tokens two neighbouring windows of a "
+                               "long text share (default: a quarter of max_length)")
     tile_overlap: int | None = Field(None, ge=0, description="detection: pixels two neighbouring tiles share when an "
                                      "image larger than input_size (the tile side) is cut into tiles (default: a "
                                      "sixth of the tile)")

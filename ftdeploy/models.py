@@ -367,6 +367,26 @@ class TextClassifier(nn.Module):
         return self.classifier(self.dropout(pooled))
 
 
+class TokenClassifier(nn.Module):
+    """A Hugging Face encoder, dropout and a linear layer on every token: a logit per token and tag."""
+
+    def __init__(self, encoder: nn.Module, num_classes: int, dropout: float = 0.1):
+        super().__init__()
+        self.encoder = encoder
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(encoder.config.hidden_size, num_classes)
+        self.uses_token_types = getattr(encoder.config, "type_vocab_size", 0) > 0
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        extra = {"token_type_ids": token_type_ids} if self.uses_token_types and token_type_ids is not None else {}
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
+        return self.classifier(self.dropout(hidden))
+
+
+HF_HEADS = {"sentence": TextClassifier, "tokens": TokenClassifier}
+
+
 def hf_directory(arch: str) -> Path:
     """``hf:all-MiniLM-L6-v2`` (a packaged encoder) or ``hf:/path/to/dir`` (any local HF directory)."""
     if arch in HF_PACKAGES:
@@ -385,10 +405,14 @@ def hf_directory(arch: str) -> Path:
 
 @families.register("hf")
 def hf_model(arch: str, weights: str, recorded: dict, options: dict) -> BuiltModel:
-    """A text classifier on a Hugging Face encoder. Weights ``DEFAULT``: the directory's own
+    """A text classifier on a Hugging Face encoder (option ``head``: ``sentence``, one answer per text, or
+    ``tokens``, one per token, for token classification). Weights ``DEFAULT``: the directory's own
     (pretrained); ``none``: fresh weights of its architecture (or of the one a run recorded, which
     then needs no directory at all)."""
-    _known_options(options, [], f"hf:{arch}")
+    _known_options(options, ["head"], f"hf:{arch}")
+    head = options.get("head", recorded.get("hf_head", "sentence"))
+    if head not in HF_HEADS:
+        raise ModelError(f"unknown head {head!r} for hf:{arch}", f"model.options.head is one of {', '.join(HF_HEADS)}")
     try:
         from transformers import AutoConfig, AutoModel
     except ImportError:
@@ -412,9 +436,9 @@ def hf_model(arch: str, weights: str, recorded: dict, options: dict) -> BuiltMod
         except (OSError, ValueError) as e:
             raise ModelError(f"cannot load the encoder in {directory}: {e}") from None
         tokenizer = (directory / "tokenizer.json").read_text() if (directory / "tokenizer.json").is_file() else None
-    model = TextClassifier(encoder, 2)
+    model = HF_HEADS[head](encoder, 2)
     names = ["input_ids", "attention_mask"] + (["token_type_ids"] if model.uses_token_types else [])
-    architecture = {"hf_config": encoder.config.to_dict(), "input_names": names}
+    architecture = {"hf_config": encoder.config.to_dict(), "input_names": names, "hf_head": head}
     return BuiltModel(model, "classifier", {"tokenizer": tokenizer}, architecture=architecture)
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from .errors import FtdeployError
 from .files import atomic_path
 from .tasks import feeds, get_task
+from .tasks.base import padded_concat
 
 PREFIX = "ftdeploy."
 TWO_GB = 2**31 - 2**24  # protobuf's hard limit, less a margin for the graph itself
@@ -160,11 +161,13 @@ def session_outputs(session, names: list[str], batch, one_by_one: bool = False) 
     """Every output of ``session`` on ``batch`` (raw outputs, in the file's output order);
     ``one_by_one`` runs each example alone: a file quantized dynamically computes its activation
     scales from the whole batch (padding included), so its answer for one example would depend on
-    the examples run beside it."""
+    the examples run beside it. Outputs whose shape follows the example's own (a logit per token) are
+    padded with zeros to the largest."""
     if one_by_one and len(batch) > 1:
         runs = [session.run(None, feeds(batch[i:i + 1], names)) for i in range(len(batch))]
-        return [np.concatenate([r[k] for r in runs]) for k in range(len(runs[0]))]
+        return [padded_concat([r[k] for r in runs]) for k in range(len(runs[0]))]
     return session.run(None, feeds(batch, names))
+
 
 
 ANSWERED_SAMPLES = 4  # sample inputs whose answers the file stores (a detector's raw outputs are large)

@@ -205,9 +205,9 @@ def report(export_dir: str | Path, cfg: ReportConfig | None = None) -> Path:
     for v in variants:
         outputs[v.name] = task.outputs(v.make(threads), clean, 64)
         results[v.name] = UsabilityVariant(kind=v.kind, path=relative(v.path, out.parent),
-                                           scores=suite.score(outputs[v.name]).values,
-                                           performance=suite.performance(outputs[v.name]),
-                                           calibration=suite.calibration(outputs[v.name]),
+                                           scores=suite.score(outputs[v.name], clean).values,
+                                           performance=suite.performance(outputs[v.name], clean),
+                                           calibration=suite.calibration(outputs[v.name], clean),
                                            size_bytes=onnx_size(v.path) if v.kind == "onnx" else None)
         bar.update()
     robustness(variants, task, suite, cfg, threads, results, bar)
@@ -248,7 +248,7 @@ def robustness(variants: list[Variant], task: Task, suite: UsabilitySuite, cfg: 
         for severity in cfg.severities:
             inputs = suite.inputs(corruption, severity)
             for v in variants:
-                value = suite.score(task.outputs(predictors[v.name], inputs, 64)).get(metric)
+                value = suite.score(task.outputs(predictors[v.name], inputs, 64), inputs).get(metric)
                 by_variant[v.name].setdefault(corruption, {})[str(severity)] = value
                 bar.update()
     for v in variants:

@@ -14,12 +14,13 @@ FILLER = ["the", "film", "movie", "was", "a", "story", "and", "acting", "plot", 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def write_tokenizer(path: Path) -> None:
+def write_tokenizer(path: Path, words: list[str] | None = None) -> int:
     from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
     from tokenizers.models import WordPiece
 
     letters = "abcdefghijklmnopqrstuvwxyz"
-    tokens = dict.fromkeys(SPECIAL + sorted(POSITIVE + NEGATIVE + FILLER) + list(letters) + [f"##{c}" for c in letters])
+    words = words if words is not None else POSITIVE + NEGATIVE + FILLER
+    tokens = dict.fromkeys(SPECIAL + sorted(words) + list(letters) + [f"##{c}" for c in letters])
     vocab = {t: i for i, t in enumerate(tokens)}  # ids 0..n-1: every letter spelling any typo stays in range
     tok = Tokenizer(WordPiece(vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
@@ -31,13 +32,14 @@ def write_tokenizer(path: Path) -> None:
     return len(vocab)
 
 
-def make_tiny_bert(directory: Path) -> Path:
-    """A Hugging Face directory: config.json, model.safetensors, tokenizer.json."""
+def make_tiny_bert(directory: Path, words: list[str] | None = None) -> Path:
+    """A Hugging Face directory: config.json, model.safetensors, tokenizer.json (whose vocabulary is
+    ``words``, the reviews' by default, and every letter)."""
     import torch
     from transformers import BertConfig, BertModel
 
     directory.mkdir(parents=True, exist_ok=True)
-    vocab_size = write_tokenizer(directory / "tokenizer.json")
+    vocab_size = write_tokenizer(directory / "tokenizer.json", words)
     torch.manual_seed(0)
     config = BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=64)

@@ -171,13 +171,13 @@ class PeakSuite:
         rng = np.random.default_rng(severity)
         return corruptions.get(corruption)(self.signals.signals, severity, rng).astype(np.float32)
 
-    def score(self, outputs) -> Scores:
+    def score(self, outputs, inputs) -> Scores:
         return self.task.evaluate(outputs, None, self.signals.positions)
 
-    def performance(self, outputs) -> dict[str, Any]:
+    def performance(self, outputs, inputs) -> dict[str, Any]:
         return point_f1(peaks(sigmoid(outputs[0]), 0.5), self.signals.positions)
 
-    def calibration(self, outputs) -> dict[str, Any]:
+    def calibration(self, outputs, inputs) -> dict[str, Any]:
         probs, truth = sigmoid(outputs[0]).ravel(), np.zeros(outputs[0].shape)
         for row, where in enumerate(self.signals.positions):
             truth[row, where] = 1

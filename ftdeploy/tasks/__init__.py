@@ -12,7 +12,7 @@ from the user's own code).
 >>> get_task("text")
 Traceback (most recent call last):
 ...
-ftdeploy.errors.ConfigError: unknown task 'text' (known: image_classification, object_detection, text_classification)
+ftdeploy.errors.ConfigError: unknown task 'text' (known: image_classification, object_detection, text_classification, token_classification)
 """
 
 from __future__ import annotations
@@ -23,11 +23,13 @@ from .base import Decisions, Outputs, Scores, Task, UsabilitySuite, feeds, tile
 from .detection import ObjectDetection
 from .image import ImageClassification
 from .text import TextClassification
+from .tokens import TokenClassification
 
 tasks: Registry[Task] = Registry("task", ConfigError)
 tasks.register(ImageClassification.name)(ImageClassification())
 tasks.register(TextClassification.name)(TextClassification())
 tasks.register(ObjectDetection.name)(ObjectDetection())
+tasks.register(TokenClassification.name)(TokenClassification())
 
 
 # what files and directories written before tasks existed hold

@@ -60,6 +60,16 @@ def concat(batches: list) -> Any:
     return type(batches[0]).concat(batches)
 
 
+def padded_concat(arrays: list[np.ndarray]) -> np.ndarray:
+    """Arrays concatenated on the first axis, each padded with zeros to the largest on the others.
+
+    >>> padded_concat([np.ones((1, 2)), np.ones((1, 3))]).tolist()
+    [[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]]
+    """
+    shape = np.max([a.shape[1:] for a in arrays], axis=0)
+    return np.concatenate([np.pad(a, [(0, 0)] + [(0, int(s - d)) for s, d in zip(shape, a.shape[1:])]) for a in arrays])
+
+
 def slice_outputs(outputs: Outputs, start: int, stop: int) -> Outputs:
     """The raw outputs of examples ``start:stop`` of a batch (the batch axis is every output's first)."""
     return [o[start:stop] for o in outputs]
@@ -131,19 +141,20 @@ def row_errors(reference: Outputs, candidate: Outputs) -> np.ndarray:
 
 class UsabilitySuite(Protocol):
     """What the usability report asks of a task: validation inputs (clean and corrupted, seeded),
-    the task's own judgement of a variant's outputs, saliency through any predictor, the latency
-    grid, and the HTML sections that show the task's own figures (:mod:`ftdeploy.figures`)."""
+    the task's own judgement of a variant's outputs on those inputs (a corruption may change the
+    targets with the inputs: word dropout drops a word's tag), saliency through any predictor, the
+    latency grid, and the HTML sections that show the task's own figures (:mod:`ftdeploy.figures`)."""
 
     corruptions: Any  # a Registry of corruptions of the raw input
     corrupted: str  # where corruptions are applied, for the report
 
     def inputs(self, corruption: str = "identity", severity: int = 1) -> Any: ...
 
-    def score(self, outputs: Outputs) -> Scores: ...
+    def score(self, outputs: Outputs, inputs: Any) -> Scores: ...
 
-    def performance(self, outputs: Outputs) -> dict[str, Any]: ...
+    def performance(self, outputs: Outputs, inputs: Any) -> dict[str, Any]: ...
 
-    def calibration(self, outputs: Outputs) -> dict[str, Any]: ...  # "ece" always; "temperature" when fitted
+    def calibration(self, outputs: Outputs, inputs: Any) -> dict[str, Any]: ...  # "ece" always; "temperature" when fitted
 
     def saliency_samples(self, reference: Outputs, n: int) -> list[int]: ...
 

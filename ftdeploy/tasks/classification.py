@@ -217,13 +217,13 @@ class ClassifierSuite:
     labels: np.ndarray
     classes: list[str]
 
-    def score(self, outputs: Outputs) -> Scores:
+    def score(self, outputs: Outputs, inputs: Any = None) -> Scores:
         return self.task.evaluate(outputs, None, self.labels)
 
-    def performance(self, outputs: Outputs) -> dict[str, Any]:
+    def performance(self, outputs: Outputs, inputs: Any = None) -> dict[str, Any]:
         return task_performance(logits_of(outputs), self.labels, self.classes)
 
-    def calibration(self, outputs: Outputs) -> dict[str, Any]:
+    def calibration(self, outputs: Outputs, inputs: Any = None) -> dict[str, Any]:
         return calibration(logits_of(outputs), self.labels)
 
     def saliency_samples(self, reference: Outputs, n: int) -> list[int]:

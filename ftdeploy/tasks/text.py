@@ -292,17 +292,18 @@ class Texts(ClassifierSuite):
         return [*super().sections(data), token_saliency_section(data)]
 
 
-def token_saliency_section(data: dict[str, Any]) -> str:
+def token_saliency_section(data: dict[str, Any], explained: str = "FP32's predicted class",
+                           chosen: str = " (misclassified ones among them, when there are any)") -> str:
     """Each explained sentence once per variant, its tokens shaded by how much hiding them lowers the
-    probability of FP32's prediction (and, for PyTorch, by integrated gradients)."""
+    probability of FP32's prediction (``explained``; and, for PyTorch, by integrated gradients)."""
     v, inputs = data["variants"], data["saliency_inputs"]
     method = next(iter(v.values()))["saliency"]
     out = [f"<h2>Interpretability</h2><p>Token occlusion through each variant's own predictor: each token in turn "
            f"replaced by <code>{escape(method['mask_token'])}</code>; the shade is how much the probability of "
-           f"FP32's predicted class drops (red: the token supports it). Agreement is the Spearman rank correlation "
-           f"with FP32's scores, averaged over the {len(inputs['samples'])} sentences (misclassified ones among "
-           f"them, when there are any). The PyTorch model's last row shows integrated gradients on the word "
-           f"embeddings.</p>", saliency_agreement_table(v, "sentence")]
+           f"{explained} drops (red: the token supports it). Agreement is the Spearman rank correlation "
+           f"with FP32's scores, averaged over the {len(inputs['samples'])} sentences{chosen}. The PyTorch "
+           f"model's last row shows integrated gradients on the word embeddings.</p>",
+           saliency_agreement_table(v, "sentence")]
 
     def shaded(tokens: list[str], scores: list[float]) -> str:
         top = max((abs(x) for x in scores), default=0.0) or 1.0

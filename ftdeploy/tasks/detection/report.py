@@ -59,10 +59,10 @@ class DetectionSuite:
     def predictions(self, outputs: Outputs) -> list[Detections]:
         return self.task.postprocess(outputs, self.inputs(), self.info)
 
-    def score(self, outputs: Outputs) -> Scores:
+    def score(self, outputs: Outputs, inputs: Any = None) -> Scores:
         return self.task.score(self.predictions(outputs), self.targets)
 
-    def performance(self, outputs: Outputs) -> dict[str, Any]:
+    def performance(self, outputs: Outputs, inputs: Any = None) -> dict[str, Any]:
         from .metric import evaluate, per_class, pr_curve, scores
 
         predictions = self.predictions(outputs)
@@ -72,7 +72,7 @@ class DetectionSuite:
         return {**scores(coco), "ap50_per_class": per_class(coco, self.classes), "pr_curve": pr_curve(coco),
                 "objects": int(sum(len(t["labels"]) for t in self.targets)), "gallery": gallery}
 
-    def calibration(self, outputs: Outputs) -> dict[str, Any]:
+    def calibration(self, outputs: Outputs, inputs: Any = None) -> dict[str, Any]:
         """Detections binned by score: the share that are true positives (IoU .5) against their mean score;
         the detection ECE weighs each bin's gap by its share of the detections."""
         predictions = self.predictions(outputs)
