@@ -175,11 +175,12 @@ def reader(data: EvalData, file: Path) -> CalibrationReader:
     return CalibrationReader(data.calibration, input_names(file))
 
 
-def ort_fp32_fused(file: Path, work: Path, report: dict[str, Any]) -> Contender:
+def ort_fp32_fused(file: Path, work: Path, report) -> Contender:
     """onnxruntime's transformer fusions on the FP32 file, always applied (ftdeploy's model.onnx keeps
-    them only where its export measured them faster), with the options the export derived."""
+    them only where its export measured them faster), with the options the export derived (``report``:
+    the export's typed report)."""
     out = work / "ort_fused.onnx"
-    options = report["variants"]["fp32"]["fusions"]["options"]
+    options = report.variants["fp32"].fusions["options"]
     save_onnx(fuse_transformer(file, options)[0], out)
     return onnx_contender(out, False, fusions=options)
 
@@ -741,7 +742,9 @@ def write_outputs(results: dict[str, Any], out: Path) -> None:
     (out / "compare.json").write_text(json.dumps(results, indent=2, default=str))
     lines = ["# ftdeploy beside the alternatives", "",
              f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, ISA "
-             f"{', '.join(results['machine']['isa'])}. Image data: {results.get('data', 'digits')}. Budget "
+             f"{', '.join(results['machine']['isa'])}."
+             + (f" Image data: {results.get('data', 'digits')}." if set(results["models"]) - set(CONFIGS) else "")
+             + " Budget "
              f"{results['budget_points']} points of each task's metric unless a model says otherwise.", "",
              f"Command: `{results.get('command')}`", ""]
     for name, m in results["models"].items():

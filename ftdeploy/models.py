@@ -358,30 +358,26 @@ class TextClassifier(nn.Module):
         self.classifier = nn.Linear(encoder.config.hidden_size, num_classes)
         self.uses_token_types = getattr(encoder.config, "type_vocab_size", 0) > 0
 
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               token_type_ids: torch.Tensor | None) -> torch.Tensor:
+        """The encoder's last hidden states, [batch, tokens, hidden]."""
+        extra = {"token_type_ids": token_type_ids} if self.uses_token_types and token_type_ids is not None else {}
+        return self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        extra = {"token_type_ids": token_type_ids} if self.uses_token_types and token_type_ids is not None else {}
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
+        hidden = self.hidden(input_ids, attention_mask, token_type_ids)
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
         return self.classifier(self.dropout(pooled))
 
 
-class TokenClassifier(nn.Module):
-    """A Hugging Face encoder, dropout and a linear layer on every token: a logit per token and tag."""
-
-    def __init__(self, encoder: nn.Module, num_classes: int, dropout: float = 0.1):
-        super().__init__()
-        self.encoder = encoder
-        self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(encoder.config.hidden_size, num_classes)
-        self.uses_token_types = getattr(encoder.config, "type_vocab_size", 0) > 0
+class TokenClassifier(TextClassifier):
+    """The same encoder, dropout and linear layer on every token: a logit per token and tag."""
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        extra = {"token_type_ids": token_type_ids} if self.uses_token_types and token_type_ids is not None else {}
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
-        return self.classifier(self.dropout(hidden))
+        return self.classifier(self.dropout(self.hidden(input_ids, attention_mask, token_type_ids)))
 
 
 HF_HEADS = {"sentence": TextClassifier, "tokens": TokenClassifier}

@@ -56,7 +56,7 @@ def ner_export(ner_run, tmp_path_factory):
 def spec_of(bert, max_length=24, stride=None):
     from ftdeploy.tasks.tokens.spans import TokenPreprocessing
 
-    return TokenPreprocessing((bert / "tokenizer.json").read_text(), max_length, stride)
+    return TokenPreprocessing((bert / "tokenizer.json").read_text(), max_length, stride=stride)
 
 
 def test_a_long_text_is_read_in_windows_where_every_word_is_read_once(ner_bert):
@@ -77,6 +77,17 @@ def test_a_long_text_is_read_in_windows_where_every_word_is_read_once(ner_bert):
                 assert w.ids[position] == full.ids[token]
         if len(windows) > 1:  # neighbours share `stride` tokens
             assert (windows[0].ids[-4:-1] == windows[1].ids[1:4]).all()
+
+
+def test_a_stride_of_more_than_half_a_window_is_refused_with_the_most_it_may_be(ner_bert):
+    from ftdeploy.config import PreprocessingConfig
+    from ftdeploy.errors import ConfigError
+    from ftdeploy.tasks import get_task
+
+    task, tokenizer = get_task("token_classification"), {"tokenizer": (ner_bert / "tokenizer.json").read_text()}
+    with pytest.raises(ConfigError, match="at most 12"):
+        task.resolve_preprocessor(PreprocessingConfig(max_length=24, stride=20), tokenizer)
+    assert task.resolve_preprocessor(PreprocessingConfig(max_length=24), tokenizer).to_dict()["stride"] == 6
 
 
 def test_the_decoding_rule_is_what_seqeval_counts_once_stray_tags_are_repaired():
@@ -143,7 +154,7 @@ def test_words_keep_every_entity_of_tokens_the_pre_tokenizer_splits(ner_bert, tm
     from ftdeploy.config import DataConfig
     from ftdeploy.data import build_datasets
 
-    path = write(tmp_path / "t.conll", "".join(f"rt\tO\n@anna_khan\tB-per\nlove\tO\nnew-york\tB-loc\n\n" for _ in range(4)))
+    path = write(tmp_path / "t.conll", "rt\tO\n@anna_khan\tB-per\nlove\tO\nnew-york\tB-loc\n\n" * 4)
     splits = build_datasets(DataConfig(name="conll", root=path, val_fraction=0.5), spec_of(ner_bert))
     window, gold = splits.val[0]
     words = [window.text.text[a:b] for a, b in window.text.spans]
@@ -350,3 +361,21 @@ def test_a_dynamic_int8_token_classifier_answers_each_text_alone_at_its_own_leng
         np.testing.assert_array_equal(together[i, :len(alone)], alone)
         assert not together[i, len(alone):].any()
     assert model.task.codec.answer(model, texts)["predictions"][0] == model.task.codec.answer(model, texts[:1])
+
+
+def test_ner_serving_needs_neither_torch_nor_transformers_nor_seqeval(ner_export, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    blocked = tmp_path / "blocked"
+    for name in ("torch", "transformers", "seqeval"):
+        (blocked / name).mkdir(parents=True)
+        (blocked / name / "__init__.py").write_text(f"raise ImportError('{name} is not installed here')\n")
+    code = ("import sys; from ftdeploy.serve import create_app; from ftdeploy.onnx_model import OnnxModel; "
+            f"m = OnnxModel({str(ner_export / 'model.onnx')!r}, threads=1); create_app(m.path, threads=1); "
+            "print([e['text'] for e in m.task.codec.answer(m, ['lunch with Anna Smith in paris'])['entities']], "
+            "*[name in sys.modules for name in ('torch', 'transformers', 'seqeval')])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(blocked)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-3:] == ["False", "False", "False"] and "'paris']" in done.stdout

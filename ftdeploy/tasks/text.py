@@ -49,9 +49,13 @@ class TextPreprocessing:
                 raise DependencyError("text models need the tokenizers package", "pip install tokenizers") from None
             tok = Tokenizer.from_str(self.tokenizer)
             tok.no_padding()
-            tok.enable_truncation(self.max_length)
+            self.cut(tok)
             self._compiled = tok
         return self._compiled
+
+    def cut(self, tok) -> None:
+        """How long texts are cut: truncated to ``max_length``."""
+        tok.enable_truncation(self.max_length)
 
     @property
     def pad_id(self) -> int:
@@ -228,9 +232,13 @@ class Texts(ClassifierSuite):
     def mask_token(self) -> str:
         return "[MASK]" if self.spec.compiled.token_to_id("[MASK]") is not None else "[UNK]"
 
-    def occlusion(self, predict, clean: Tokens, i: int, target: int) -> np.ndarray:
-        """Drop of the ``target`` probability when each token in turn is replaced by the mask token
-        (the special tokens around the text are left alone: 0)."""
+    def probability(self, outputs: Outputs, target: int) -> np.ndarray:
+        """The probability of what saliency explains, per row of ``outputs``: the class ``target``."""
+        return softmax(logits_of(outputs))[:, target]
+
+    def occlusion(self, predict, clean: Tokens, i: int, target: Any) -> np.ndarray:
+        """Drop of the ``target`` probability (:meth:`probability`) when each token in turn is replaced
+        by the mask token (the special tokens around the text are left alone: 0)."""
         ids = clean.ids[i]
         mask_id = self.spec.compiled.token_to_id(self.mask_token) or 0
         variants = []
@@ -238,12 +246,12 @@ class Texts(ClassifierSuite):
             occluded = ids.copy()
             occluded[j] = mask_id
             variants.append(occluded)
-        base = softmax(logits_of(predict(clean[[i]])))[0, target]
+        base = self.probability(predict(clean[[i]]), target)[0]
         if not variants:
             return np.zeros(len(ids))
         occluded = Tokens(variants, [clean.type_ids[i]] * len(variants), clean.pad_id)
-        probs = softmax(np.concatenate([logits_of(predict(occluded[j:j + 32])) for j in range(0, len(occluded), 32)]))
-        return np.concatenate([[0.0], base - probs[:, target], [0.0]])
+        probs = np.concatenate([self.probability(predict(occluded[j:j + 32]), target) for j in range(0, len(occluded), 32)])
+        return np.concatenate([[0.0], base - probs, [0.0]])
 
     def integrated_gradients(self, model, clean: Tokens, i: int, target: int, steps: int = 32) -> np.ndarray:
         """Integrated gradients on the word embeddings (from all-zero embeddings; positions and token
@@ -391,7 +399,7 @@ class TextInputs:
     def resolve_preprocessor(self, cfg, defaults: dict[str, Any]) -> TextPreprocessing:
         tokenizer = defaults.get("tokenizer")
         if tokenizer is None:
-            raise ConfigError("text_classification needs a model that ships a tokenizer.json",
+            raise ConfigError(f"{self.name} needs a model that ships a tokenizer.json",
                               "use model.name=hf:<dir> with a Hugging Face directory holding tokenizer.json")
         return TextPreprocessing(tokenizer, cfg.max_length)
 

@@ -160,10 +160,13 @@ class TokenClassification(TextInputs, Task):
 
     # --- inputs -------------------------------------------------------------------------------
     def resolve_preprocessor(self, cfg, defaults: dict[str, Any]) -> TokenPreprocessing:
-        return TokenPreprocessing(super().resolve_preprocessor(cfg, defaults).tokenizer, cfg.max_length, cfg.stride)
+        if cfg.stride is not None and cfg.stride > cfg.max_length // 2:
+            raise ConfigError(f"preprocessing.stride {cfg.stride} is more than half of max_length {cfg.max_length}: "
+                              "windows would advance by a few tokens", f"set it to at most {cfg.max_length // 2}")
+        return TokenPreprocessing(super().resolve_preprocessor(cfg, defaults).tokenizer, cfg.max_length, stride=cfg.stride)
 
     def preprocessor_from_dict(self, d: dict[str, Any]) -> TokenPreprocessing:
-        return TokenPreprocessing(d["tokenizer"], int(d.get("max_length", 128)), d.get("stride"))
+        return TokenPreprocessing(d["tokenizer"], int(d.get("max_length", 128)), stride=d.get("stride"))
 
     def preprocess(self, raw: list, spec: TokenPreprocessing) -> Windows:
         return spec.encode(raw)

@@ -18,7 +18,7 @@ from ...figures import escape, fmt, inline_png, pyplot, table
 from ...registry import Registry
 from ..base import Outputs, Scores, softmax
 from ..classification import calibration, calibration_section
-from ..text import Texts, Tokens, text_corruptions, token_saliency_section
+from ..text import Texts, text_corruptions, token_saliency_section
 from .data import Sentence, TokenDataset
 from .metric import entity_scores
 from .spans import TokenPreprocessing, Windows, entities
@@ -177,23 +177,14 @@ class TokenSuite:
     def mask_token(self) -> str:
         return Texts.mask_token.fget(self)
 
+    def probability(self, outputs: Outputs, target: dict[str, Any]) -> np.ndarray:
+        """The probability of the chosen entity's first word's tag, per row of ``outputs``."""
+        return softmax(outputs[0][:, target["position"]])[:, target["tag"]]
+
     def occlusion(self, predict, clean: Windows, i: int, target: dict[str, Any]) -> np.ndarray:
-        """Drop of the entity's first word's tag probability when each token in turn is replaced by the
-        mask token (the special tokens around the text are left alone: 0)."""
-        ids = clean.ids[i]
-        mask_id = self.spec.compiled.token_to_id(self.mask_token) or 0
-        variants = []
-        for j in range(1, len(ids) - 1):
-            occluded = ids.copy()
-            occluded[j] = mask_id
-            variants.append(occluded)
-        pos, tag = target["position"], target["tag"]
-        base = softmax(predict(clean[[i]])[0][0, pos])[tag]
-        if not variants:
-            return np.zeros(len(ids))
-        rows = Tokens(variants, None, clean.pad_id)
-        probs = np.concatenate([softmax(predict(rows[j:j + 32])[0][:, pos])[:, tag] for j in range(0, len(rows), 32)])
-        return np.concatenate([[0.0], base - probs, [0.0]])
+        """Drop of that probability when each token in turn is replaced by the mask token (as for a
+        text classifier)."""
+        return Texts.occlusion(self, predict, clean, i, target)
 
     def integrated_gradients(self, model, clean: Windows, i: int, target: dict[str, Any], steps: int = 32) -> np.ndarray:
         """Integrated gradients of the tag's logit on the word embeddings (see the text classifier's)."""

@@ -28,8 +28,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ...errors import DependencyError
-from ..text import Tokens
+from ..text import TextPreprocessing, Tokens
 
 IGNORED = -100  # the label of positions that carry none (special tokens, later subwords): cross-entropy skips it
 
@@ -104,14 +103,11 @@ class Windows(Tokens):
 
 
 @dataclass
-class TokenPreprocessing:
+class TokenPreprocessing(TextPreprocessing):
     """A tokenizer (the text of its ``tokenizer.json``), the window length and the tokens two
     neighbouring windows share."""
 
-    tokenizer: str
-    max_length: int = 128
-    stride: int | None = None  # default: a quarter of the window
-    _compiled: Any = field(default=None, repr=False, compare=False)
+    stride: int | None = field(default=None, kw_only=True)  # default: a quarter of the window
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": "tokens", "max_length": self.max_length, "stride": self.overlap, "tokenizer": self.tokenizer}
@@ -120,27 +116,9 @@ class TokenPreprocessing:
     def overlap(self) -> int:
         return self.stride if self.stride is not None else self.max_length // 4
 
-    @property
-    def compiled(self):
-        """The tokenizer without padding or truncation (windows do the cutting)."""
-        if self._compiled is None:
-            try:
-                from tokenizers import Tokenizer
-            except ImportError:
-                raise DependencyError("token classifiers need the tokenizers package", "pip install tokenizers") from None
-            tok = Tokenizer.from_str(self.tokenizer)
-            tok.no_padding()
-            tok.no_truncation()
-            self._compiled = tok
-        return self._compiled
-
-    @property
-    def pad_id(self) -> int:
-        for token in ("[PAD]", "<pad>"):
-            i = self.compiled.token_to_id(token)
-            if i is not None:
-                return i
-        return 0
+    def cut(self, tok) -> None:
+        """Nothing is truncated: windows do the cutting."""
+        tok.no_truncation()
 
     def words(self, raw: str | Sequence[str]) -> tuple[Text, Any]:
         """A text (or the user's tokens, joined by spaces) as its words, and its encoding."""
