@@ -15,49 +15,12 @@ from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, Field, ValidationError, field_validator, model_validator
 
+from .data import DataConfig
 from .errors import ConfigError
+from .section import Section
 from .tasks import tasks
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class DataConfig(Section):
-    name: str = Field("digits", description="dataset registry name: digits, fashion_mnist, imagefolder, synthetic, torchvision:<Class> "
-                      "(images); rotten_tomatoes, csv, jsonl (text)")
-    root: Path | None = Field(None, description="folder of the data (imagefolder: root/<class>/*.png; torchvision: "
-                              "download dir; csv/jsonl: the file)")
-    val_root: Path | None = Field(None, description="imagefolder: a separate validation folder instead of a split")
-    val_fraction: float = Field(0.2, gt=0, lt=1, description="share held out for validation when there is no val split")
-    split_seed: int = Field(0, description="seed of the stratified train/val split")
-    test_fraction: float = Field(0.0, ge=0, lt=1, description="share of the validation split held out as a test "
-                                 "split that no stage evaluates on (ftdeploy optimize judges its choice there); a dataset "
-                                 "that brings its own test split (fashion_mnist) uses that one instead")
-    on_corrupt: Literal["error", "skip"] = Field("error", description="unreadable image or text row: stop with its "
-                                                 "name, or skip and count it")
-    text_column: str = Field("text", description="csv/jsonl: the column holding the text")
-    label_column: str = Field("label", description="csv/jsonl: the column holding the label")
-    max_train_samples: int | None = Field(None, ge=1, description="train on a seeded subset of this many examples")
-    download: bool = Field(False, description="torchvision datasets: download when missing (needs network)")
-    batch_size: int = Field(32, ge=1)
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
-    augment: bool = Field(False, description="augment the training images (see augmentation)")
-    augmentation: Literal["crop_flip", "flip_translate"] = Field(
-        "crop_flip", description="with augment: crop_flip (random resized crop + horizontal flip: natural images), "
-        "flip_translate (horizontal flip + shifts of up to 10 %: centred objects such as Fashion-MNIST's)")
-    # synthetic data (tests): sizes of the generated set
-    num_classes: int = Field(4, ge=2, description="synthetic: number of classes")
-    num_samples: int = Field(64, ge=2, description="synthetic: number of images")
-    image_size: int = Field(16, ge=4, description="synthetic: side of the generated images")
-
-    def resolved(self) -> "DataConfig":
-        """The same data with its folders as absolute paths: a run stores where its data lives, which
-        does not change when the run is read from another working directory or moved."""
-        return self.model_copy(update={k: getattr(self, k).absolute() for k in ("root", "val_root")
-                                       if getattr(self, k) is not None})
 
 
 class ModelConfig(Section):

@@ -8,7 +8,9 @@ C×H×W preprocessed by :func:`ftdeploy.preprocessing.preprocess` (the same func
 or a text's token ids and token type ids from the run's tokenizer. The run's task stacks and
 collates them (:mod:`ftdeploy.tasks`). Torch-free (numpy and Pillow; torchvision only for its
 datasets and for augmentation), so that quantize, which reads data but no PyTorch model, does not
-import torch (2-9 s of its quick path on images). A DataLoader takes these datasets as they are.
+import torch (2-9 s of its quick path on images). A DataLoader takes these datasets as they are. The data section of a config
+(:class:`DataConfig`) is defined here, below the config, which reads the tasks that register their
+datasets here.
 """
 
 from __future__ import annotations
@@ -22,17 +24,52 @@ import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Literal
 
 import numpy as np
 from PIL import Image
+from pydantic import Field
 
 from .errors import DataError
 from .preprocessing import Preprocessing, preprocess, to_mode
 from .registry import Registry
+from .section import Section
 
-if TYPE_CHECKING:  # the config's type only: tasks register datasets here, and the config reads the tasks
-    from .config import DataConfig
+
+class DataConfig(Section):
+    name: str = Field("digits", description="dataset registry name: digits, fashion_mnist, imagefolder, synthetic, torchvision:<Class> "
+                      "(images); rotten_tomatoes, csv, jsonl (text); deepforest, coco, voc, yolo (detection); wnut16, "
+                      "conll, tagged_jsonl (token classification)")
+    root: Path | None = Field(None, description="folder of the data (imagefolder: root/<class>/*.png; torchvision: "
+                              "download dir; csv/jsonl: the file)")
+    val_root: Path | None = Field(None, description="imagefolder: a separate validation folder instead of a split")
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="share held out for validation when there is no val split")
+    split_seed: int = Field(0, description="seed of the stratified train/val split")
+    test_fraction: float = Field(0.0, ge=0, lt=1, description="share of the validation split held out as a test "
+                                 "split that no stage evaluates on (ftdeploy optimize judges its choice there); a dataset "
+                                 "that brings its own test split (fashion_mnist) uses that one instead")
+    on_corrupt: Literal["error", "skip"] = Field("error", description="unreadable image or text row: stop with its "
+                                                 "name, or skip and count it")
+    text_column: str = Field("text", description="csv/jsonl: the column holding the text")
+    label_column: str = Field("label", description="csv/jsonl: the column holding the label")
+    max_train_samples: int | None = Field(None, ge=1, description="train on a seeded subset of this many examples")
+    download: bool = Field(False, description="torchvision datasets: download when missing (needs network)")
+    batch_size: int = Field(32, ge=1)
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    augment: bool = Field(False, description="augment the training images (see augmentation)")
+    augmentation: Literal["crop_flip", "flip_translate"] = Field(
+        "crop_flip", description="with augment: crop_flip (random resized crop + horizontal flip: natural images), "
+        "flip_translate (horizontal flip + shifts of up to 10 %: centred objects such as Fashion-MNIST's)")
+    # synthetic data (tests): sizes of the generated set
+    num_classes: int = Field(4, ge=2, description="synthetic: number of classes")
+    num_samples: int = Field(64, ge=2, description="synthetic: number of images")
+    image_size: int = Field(16, ge=4, description="synthetic: side of the generated images")
+
+    def resolved(self) -> "DataConfig":
+        """The same data with its folders as absolute paths: a run stores where its data lives, which
+        does not change when the run is read from another working directory or moved."""
+        return self.model_copy(update={k: getattr(self, k).absolute() for k in ("root", "val_root")
+                                       if getattr(self, k) is not None})
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 

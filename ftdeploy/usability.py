@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -69,6 +70,7 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 MEMORY_PROBE = """
 import sys, numpy as np
 kind, path, threads, shape = sys.argv[1], sys.argv[2], int(sys.argv[3]), [int(v) for v in sys.argv[4].split(",")]
+answer = sys.argv[5]  # the file the parent reads the peak from (kB)
 
 def status(key):
     for line in open("/proc/self/status"):
@@ -96,16 +98,19 @@ else:
     kinds = [a.dtype for a in run.task.example_inputs(run.preprocessing, run.input_names)]
     with torch.inference_mode():
         model(*(torch.ones(shape, dtype=torch.long) if k == np.int64 else torch.zeros(shape) for k in kinds))
-print(status("VmHWM") - before)
+with open(answer, "w") as f:
+    f.write(str(status("VmHWM") - before))
 """
 
 
 def peak_memory_mb(kind: str, path: Path, threads: int, shape: tuple[int, ...]) -> float | None:
     """Peak resident memory a fresh process gains by loading the model and running one batch (Linux's
     /proc peak counter; None where it cannot be read)."""
-    result = subprocess.run([sys.executable, "-c", MEMORY_PROBE, kind, str(path), str(threads),
-                             ",".join(map(str, shape))], capture_output=True, text=True, timeout=300)
-    return int(result.stdout.strip()) / 1024 if result.returncode == 0 and result.stdout.strip() else None
+    with tempfile.TemporaryDirectory() as tmp:
+        answer = Path(tmp) / "peak_kb"
+        result = subprocess.run([sys.executable, "-c", MEMORY_PROBE, kind, str(path), str(threads),
+                                 ",".join(map(str, shape)), str(answer)], capture_output=True, text=True, timeout=300)
+        return int(answer.read_text()) / 1024 if result.returncode == 0 and answer.is_file() else None
 
 
 @dataclass
