@@ -42,7 +42,7 @@ def media_type(content_type: str) -> str:
     return content_type.split(";")[0].strip().lower()
 
 
-def parse_json(body: bytes) -> Any:
+def parse_json(body: bytes | str) -> Any:
     try:
         return json.loads(body)
     except ValueError as e:
@@ -171,16 +171,20 @@ def texts_of(body: bytes, content_type: str, limits: Limits) -> list[str]:
         raise BadInput(415, "unsupported_media_type", f"content type {ctype or '(none)'!r} is not accepted; send "
                        'application/json {"text": ...} or {"texts": [...]}, or a text/plain body')
     decoded = utf8(body)
-    if ctype == "text/plain":
-        texts = [decoded]
-    else:
-        payload = parse_json(decoded.encode())
-        if isinstance(payload, dict) and len(payload) == 1 and "text" in payload:
-            texts = [payload["text"]]
-        elif isinstance(payload, dict) and len(payload) == 1 and isinstance(payload.get("texts"), list):
-            texts = payload["texts"]
-        else:
-            raise BadInput(400, "invalid_json", 'JSON bodies must be {"text": "..."} or {"texts": ["...", ...]}')
+    return checked_texts([decoded] if ctype == "text/plain" else json_texts(parse_json(decoded)), limits)
+
+
+def json_texts(payload: Any) -> list:
+    """The texts of a parsed JSON body, ``{"text": ...}`` or ``{"texts": [...]}`` (not checked yet)."""
+    if isinstance(payload, dict) and len(payload) == 1 and "text" in payload:
+        return [payload["text"]]
+    if isinstance(payload, dict) and len(payload) == 1 and isinstance(payload.get("texts"), list):
+        return payload["texts"]
+    raise BadInput(400, "invalid_json", 'JSON bodies must be {"text": "..."} or {"texts": ["...", ...]}')
+
+
+def checked_texts(texts: list, limits: Limits) -> list[str]:
+    """Texts of a request held to the limits: at least one, at most ``max_images``, each a non-empty string."""
     if not texts:
         raise BadInput(400, "no_texts", "the request holds no text")
     if len(texts) > limits.max_images:

@@ -72,6 +72,11 @@ class TextPreprocessing:
                       [np.asarray(e.type_ids, np.int64) for e in encodings], self.pad_id)
 
 
+def picked(index, n: int) -> list[int]:
+    """The rows a slice or an index array picks out of ``n``."""
+    return list(range(n))[index] if isinstance(index, slice) else [int(i) for i in np.asarray(index).reshape(-1)]
+
+
 class Tokens:
     """Token ids of many texts, unpadded. Sliced and indexed like an array; :meth:`feeds` pads them
     to the longest in the batch (or to ``length``) with an attention mask.
@@ -97,10 +102,7 @@ class Tokens:
         return cls([i for b in batches for i in b.ids], [t for b in batches for t in b.type_ids], batches[0].pad_id)
 
     def __getitem__(self, index) -> "Tokens":
-        if isinstance(index, slice):
-            pick = list(range(len(self.ids)))[index]
-        else:
-            pick = [int(i) for i in np.asarray(index).reshape(-1)]
+        pick = picked(index, len(self.ids))
         return Tokens([self.ids[i] for i in pick], [self.type_ids[i] for i in pick], self.pad_id, self.length)
 
     def lengths(self) -> list[int]:

@@ -13,19 +13,19 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from ...codecs import Codec, Parsed, Tensor, TensorSpec, parse_json, utf8
+from ...codecs import Codec, Parsed, Tensor, TensorSpec, checked_texts, json_texts, media_type, parse_json, utf8
 from ...errors import BadInput, ConfigError
 from ..base import Decisions, Outputs, Scores, Task, padded_concat, softmax
 from ..text import TextInputs, TextRequests
 from . import data  # noqa: F401  (registers the wnut16, conll and tagged_jsonl datasets)
-from .metric import entity_scores
+from .metric import entity_scores, entity_types, gold_and_predicted
 from .report import TOKEN_CORRUPTIONS
-from .spans import IGNORED, Text, TokenPreprocessing, Windows, entities
+from .spans import IGNORED, Text, TokenPreprocessing, Windows, entities, word_logits
 
 BENCH_LENGTH = 64  # tokens latency is declared at: tweets are short (WNUT-16's longest is 39 words)
 
@@ -56,11 +56,6 @@ class Tagged:
                 entity["tokens"] = self.text.token_indices(start, end)
             out.append(entity)
         return out
-
-
-def word_logits(logits: np.ndarray, inputs: Windows) -> list[np.ndarray]:
-    """Per row, the logits at the first subword of each word it reads."""
-    return [logits[row, w.heads] for row, w in enumerate(inputs.windows)]
 
 
 def tag_words(outputs: Outputs, inputs: Windows, info: dict[str, Any]) -> list[Tagged]:
@@ -129,9 +124,11 @@ class TokenRequests(TextRequests):
         "text/plain": {"schema": {"type": "string"}, "example": "Empire State Building in New York"}}}
 
     def parse(self, body: bytes, content_type: str, limits) -> Parsed:
-        payload = parse_json(utf8(body).encode()) if "json" in content_type.lower() else None
-        if not (isinstance(payload, dict) and "tokens" in payload):
+        if media_type(content_type) != "application/json":
             return super().parse(body, content_type, limits)
+        payload = parse_json(utf8(body))  # read once: texts or pre-split tokens
+        if not (isinstance(payload, dict) and "tokens" in payload):
+            return Parsed(checked_texts(json_texts(payload), limits), lambda text: text)
         tokens = payload["tokens"]
         many = isinstance(tokens, list) and tokens and all(isinstance(t, list) for t in tokens)
         groups = tokens if many else [tokens]
@@ -242,7 +239,7 @@ class TokenClassification(TextInputs, Task):
 
     def score(self, predictions: list[Tagged], targets: list[np.ndarray]) -> Scores:
         gold, predicted = gold_and_predicted(predictions, targets)
-        s = entity_scores(gold, predicted, types(predictions[0].classes) if predictions else None)
+        s = entity_scores(gold, predicted, entity_types(predictions[0].classes) if predictions else None)
         values = {k: v for k, v in s.items() if isinstance(v, float)}
         values.update({f"f1:{t}": x["f1"] for t, x in s["per_type"].items()})
         return Scores(self.metric, values)
@@ -277,12 +274,3 @@ class TokenClassification(TextInputs, Task):
 
         return TokenSuite.of(self, splits.val, spec, limit, info)
 
-
-def types(classes: Sequence[str]) -> list[str]:
-    return sorted({c[2:] for c in classes if c != "O"})
-
-
-def gold_and_predicted(predictions: list[Tagged], targets: list[np.ndarray]) -> tuple[list[list[str]], list[list[str]]]:
-    """Word tags per text: the gold ones (the targets of each text's rows) and the predicted ones."""
-    gold = [[p.classes[k] for r in p.rows for k in targets[r]] for p in predictions]
-    return gold, [p.tags for p in predictions]

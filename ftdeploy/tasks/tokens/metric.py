@@ -12,7 +12,7 @@ Predicted tags are first :func:`~.spans.repaired`, so seqeval counts the entitie
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -82,3 +82,14 @@ def entity_scores(gold: list[list[str]], predicted: list[list[str]], types: list
                            "f1": float(f1_of(totals[k])), "support": int(totals[k, 2])} for k, t in enumerate(types)}
     out["entities"] = int(totals[-1, 2])
     return out
+
+
+def entity_types(classes: Sequence[str]) -> list[str]:
+    """The entity types of IOB2 tag names, sorted."""
+    return sorted({c[2:] for c in classes if c != "O"})
+
+
+def gold_and_predicted(predictions: list, targets: list[np.ndarray]) -> tuple[list[list[str]], list[list[str]]]:
+    """Word tags per text: the gold ones (the targets of each text's rows) and the predicted ones."""
+    gold = [[p.classes[k] for r in p.rows for k in targets[r]] for p in predictions]
+    return gold, [p.tags for p in predictions]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import string
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Callable
 
 import numpy as np
@@ -20,8 +21,8 @@ from ..base import Outputs, Scores, softmax
 from ..classification import calibration, calibration_section
 from ..text import Texts, text_corruptions, token_saliency_section
 from .data import Sentence, TokenDataset
-from .metric import entity_scores
-from .spans import TokenPreprocessing, Windows, entities
+from .metric import entity_scores, entity_types, gold_and_predicted
+from .spans import TokenPreprocessing, Windows, entities, word_logits
 
 SHOWN = 12  # validation texts drawn with their spans
 NONE = "(none)"
@@ -116,6 +117,11 @@ class TokenSuite:
         batch.targets = [gold for _, gold in data.items]
         return batch
 
+    @cached_property
+    def clean(self) -> Windows:
+        """The uncorrupted inputs, made once for saliency (which asks for them per explained text)."""
+        return self.inputs()
+
     def score(self, outputs: Outputs, inputs: Windows) -> Scores:
         return self.task.evaluate(outputs, inputs, inputs.targets, self.info)
 
@@ -125,11 +131,9 @@ class TokenSuite:
     def performance(self, outputs: Outputs, inputs: Windows) -> dict[str, Any]:
         """Per type precision, recall and F1; a confusion of gold entities against the predicted ones of
         the same span (``(none)``: missed, or predicted where there is none); the first texts' spans."""
-        from . import gold_and_predicted, types
-
         tagged = self._tagged(outputs, inputs)
         gold, predicted = gold_and_predicted(tagged, inputs.targets)
-        kinds = types(self.classes)
+        kinds = entity_types(self.classes)
         s = entity_scores(gold, predicted, kinds)
         names = kinds + [NONE]
         confusion = np.zeros((len(names), len(names)), int)
@@ -146,15 +150,13 @@ class TokenSuite:
 
     def calibration(self, outputs: Outputs, inputs: Windows) -> dict[str, Any]:
         """Calibration of the word tags (the logits at each word's first subword), as for a classifier."""
-        from . import word_logits
-
         logits = np.concatenate(word_logits(outputs[0], inputs))
         return calibration(logits, np.concatenate(inputs.targets))
 
     # --- saliency -------------------------------------------------------------------------------
     def saliency_samples(self, reference: Outputs, n: int) -> list[int]:
         """The first ``n`` rows where the reference (FP32) finds an entity."""
-        clean = self.inputs()
+        clean = self.clean
         return [r for r in range(len(clean)) if self._entity(reference, clean, r) is not None][:n]
 
     def _entity(self, reference: Outputs, clean: Windows, row: int):
@@ -168,7 +170,7 @@ class TokenSuite:
 
     def target(self, reference: Outputs, i: int) -> dict[str, Any]:
         """The reference's most confident entity in row ``i``: saliency explains its first word's tag."""
-        return self._entity(reference, self.inputs(), i)
+        return self._entity(reference, self.clean, i)
 
     def saliency_method(self, clean) -> dict[str, Any]:
         return {"method": "token occlusion of a chosen entity's tag", "mask_token": self.mask_token}
@@ -203,7 +205,7 @@ class TokenSuite:
         return Texts.integrated_gradients(self, Picked(model), clean, i, tag, steps)
 
     def explained(self, samples: list[int], reference: Outputs) -> dict[str, Any]:
-        clean = self.inputs()
+        clean = self.clean
         chosen = [self._entity(reference, clean, i) for i in samples]
         texts = [clean.windows[i].text for i in samples]
         words = [[t.text[a:b] for a, b in t.spans] for t in texts]

@@ -28,7 +28,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..text import TextPreprocessing, Tokens
+from ..text import TextPreprocessing, Tokens, picked
 
 IGNORED = -100  # the label of positions that carry none (special tokens, later subwords): cross-entropy skips it
 
@@ -90,9 +90,7 @@ class Windows(Tokens):
         return cls([w for b in batches for w in b.windows], batches[0].pad_id)
 
     def __getitem__(self, index) -> "Windows":
-        pick = list(range(len(self.windows)))[index] if isinstance(index, slice) else [
-            int(i) for i in np.asarray(index).reshape(-1)]
-        return Windows([self.windows[i] for i in pick], self.pad_id, self.length)
+        return Windows([self.windows[i] for i in picked(index, len(self.windows))], self.pad_id, self.length)
 
     def texts(self) -> list[tuple[Text, list[int]]]:
         """Each text of the batch (in order of its first row) with its rows."""
@@ -194,3 +192,8 @@ def repaired(tags: Sequence[str]) -> list[str]:
         kind = name if prefix in ("B", "I") else None
         out.append(tag)
     return out
+
+
+def word_logits(logits: np.ndarray, inputs: Windows) -> list[np.ndarray]:
+    """Per row, the logits at the first subword of each word it reads."""
+    return [logits[row, w.heads] for row, w in enumerate(inputs.windows)]
